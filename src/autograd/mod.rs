@@ -1,0 +1,304 @@
+//! A small tape-based reverse-mode autograd over the [`Backend`] ops.
+//!
+//! A [`Graph`] either records (training: every op pushes a backward closure holding what it needs)
+//! or does not (inference: ops just compute, intermediates are freed as soon as the last `Var`
+//! holding them drops — no tape, no saved activations). Model code is written once against `Graph`.
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use crate::backend::{Backend, Fir, UpFirDn};
+use crate::error::{Error, Result};
+use crate::tensor::{same_shape, Tensor};
+
+/// A value in a graph, with the id of its tape node when it takes part in differentiation.
+#[derive(Clone)]
+pub struct Var<B: Backend> {
+    pub value: Tensor<B>,
+    node: Option<usize>,
+}
+
+impl<B: Backend> Var<B> {
+    pub fn shape(&self) -> &[usize] {
+        self.value.shape()
+    }
+    /// True when gradients flow through this value.
+    pub fn tracked(&self) -> bool {
+        self.node.is_some()
+    }
+}
+
+type BackwardFn<B> = Box<dyn Fn(&B, &Tensor<B>) -> Result<Vec<Option<Tensor<B>>>>>;
+
+struct Node<B: Backend> {
+    inputs: Vec<Option<usize>>,
+    backward: Option<BackwardFn<B>>, // None for leaves (parameters)
+}
+
+/// Gradients after `Graph::backward`, by parameter name.
+pub struct Gradients<B: Backend> {
+    pub by_name: HashMap<String, Tensor<B>>,
+}
+
+pub struct Graph<B: Backend> {
+    backend: B,
+    recording: bool,
+    nodes: RefCell<Vec<Node<B>>>,
+    params: RefCell<HashMap<String, usize>>,
+}
+
+impl<B: Backend> Graph<B> {
+    /// A graph that keeps no tape: for inference.
+    pub fn inference(backend: &B) -> Self {
+        Self::new(backend, false)
+    }
+    /// A graph that records every op for `backward`: for training and gradient checks.
+    pub fn training(backend: &B) -> Self {
+        Self::new(backend, true)
+    }
+    fn new(backend: &B, recording: bool) -> Self {
+        Graph {
+            backend: backend.clone(),
+            recording,
+            nodes: RefCell::new(Vec::new()),
+            params: RefCell::new(HashMap::new()),
+        }
+    }
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+    pub fn is_recording(&self) -> bool {
+        self.recording
+    }
+
+    /// A constant input (never differentiated).
+    pub fn constant(&self, t: Tensor<B>) -> Var<B> {
+        Var { value: t, node: None }
+    }
+
+    /// A named trainable parameter: a leaf whose gradient `backward` reports under `name`.
+    /// Asking twice for the same name returns the same leaf.
+    pub fn param(&self, name: &str, t: &Tensor<B>) -> Var<B> {
+        if !self.recording {
+            return Var { value: t.clone(), node: None };
+        }
+        if let Some(&id) = self.params.borrow().get(name) {
+            return Var { value: t.clone(), node: Some(id) };
+        }
+        let id = self.push(Vec::new(), None);
+        self.params.borrow_mut().insert(name.to_string(), id);
+        Var { value: t.clone(), node: Some(id) }
+    }
+
+    fn push(&self, inputs: Vec<Option<usize>>, backward: Option<BackwardFn<B>>) -> usize {
+        let mut nodes = self.nodes.borrow_mut();
+        nodes.push(Node { inputs, backward });
+        nodes.len() - 1
+    }
+
+    /// Record an op's result. `backward` maps dL/d(out) to dL/d(input_k) for each input (None where
+    /// an input needs no gradient). Nothing is recorded when no input is tracked.
+    fn record(
+        &self,
+        value: Tensor<B>,
+        inputs: &[&Var<B>],
+        backward: impl Fn(&B, &Tensor<B>) -> Result<Vec<Option<Tensor<B>>>> + 'static,
+    ) -> Var<B> {
+        if !self.recording || inputs.iter().all(|v| v.node.is_none()) {
+            return Var { value, node: None };
+        }
+        let ids = inputs.iter().map(|v| v.node).collect();
+        let id = self.push(ids, Some(Box::new(backward)));
+        Var { value, node: Some(id) }
+    }
+
+    /// Reverse pass from a scalar-per-sample or scalar output `out`, seeded with `seed`
+    /// (dL/d(out), same shape as out). Returns the gradient of every parameter reached.
+    pub fn backward(&self, out: &Var<B>, seed: Tensor<B>) -> Result<Gradients<B>> {
+        let root = out.node.ok_or_else(|| Error::Other("backward: output is not tracked".into()))?;
+        same_shape("backward seed", out.shape(), seed.shape())?;
+        let nodes = self.nodes.borrow();
+        let mut grads: Vec<Option<Tensor<B>>> = vec![None; root + 1];
+        grads[root] = Some(seed);
+        for id in (0..=root).rev() {
+            let Some(g) = grads[id].take() else { continue };
+            let node = &nodes[id];
+            let Some(bw) = &node.backward else {
+                grads[id] = Some(g); // leaf: keep
+                continue;
+            };
+            let input_grads = bw(&self.backend, &g)?;
+            for (inp, ig) in node.inputs.iter().zip(input_grads) {
+                if let (Some(i), Some(ig)) = (inp, ig) {
+                    grads[*i] = Some(match grads[*i].take() {
+                        Some(acc) => self.backend.add(&acc, &ig)?,
+                        None => ig,
+                    });
+                }
+            }
+        }
+        let mut by_name = HashMap::new();
+        for (name, &id) in self.params.borrow().iter() {
+            if let Some(g) = grads.get(id).and_then(|g| g.clone()) {
+                by_name.insert(name.clone(), g);
+            }
+        }
+        Ok(Gradients { by_name })
+    }
+
+    // ---- ops (each with its backward rule) -----------------------------------------------------
+
+    pub fn add(&self, a: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        let y = self.backend.add(&a.value, &b.value)?;
+        Ok(self.record(y, &[a, b], |_, g| Ok(vec![Some(g.clone()), Some(g.clone())])))
+    }
+
+    /// alpha·a + beta·b.
+    pub fn axpby(&self, alpha: f64, a: &Var<B>, beta: f64, b: &Var<B>) -> Result<Var<B>> {
+        let y = self.backend.axpby(alpha, &a.value, beta, &b.value)?;
+        Ok(self.record(y, &[a, b], move |be, g| {
+            Ok(vec![Some(be.affine(g, alpha, 0.0)?), Some(be.affine(g, beta, 0.0)?)])
+        }))
+    }
+
+    pub fn scale(&self, x: &Var<B>, s: f64) -> Result<Var<B>> {
+        let y = self.backend.affine(&x.value, s, 0.0)?;
+        Ok(self.record(y, &[x], move |be, g| Ok(vec![Some(be.affine(g, s, 0.0)?)])))
+    }
+
+    /// scale·x + shift.
+    pub fn affine(&self, x: &Var<B>, scale: f64, shift: f64) -> Result<Var<B>> {
+        let y = self.backend.affine(&x.value, scale, shift)?;
+        Ok(self.record(y, &[x], move |be, g| Ok(vec![Some(be.affine(g, scale, 0.0)?)])))
+    }
+
+    pub fn mul(&self, a: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        let y = self.backend.mul(&a.value, &b.value)?;
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        let (ta, tb) = (a.tracked(), b.tracked());
+        Ok(self.record(y, &[a, b], move |be, g| {
+            Ok(vec![
+                if ta { Some(be.mul(g, &bv)?) } else { None },
+                if tb { Some(be.mul(g, &av)?) } else { None },
+            ])
+        }))
+    }
+
+    /// x[n,...]·s[n] with a constant per-sample scalar s.
+    pub fn scale_per_sample(&self, x: &Var<B>, s: &Tensor<B>) -> Result<Var<B>> {
+        let y = self.backend.scale_per_sample(&x.value, s)?;
+        let s = s.clone();
+        Ok(self.record(y, &[x], move |be, g| Ok(vec![Some(be.scale_per_sample(g, &s)?)])))
+    }
+
+    pub fn silu(&self, x: &Var<B>) -> Result<Var<B>> {
+        let y = self.backend.silu(&x.value)?;
+        let xv = x.value.clone();
+        Ok(self.record(y, &[x], move |be, g| Ok(vec![Some(be.silu_backward(&xv, g)?)])))
+    }
+
+    /// x[N,C,H,W] + b[N,C] broadcast over space.
+    pub fn add_channel_bias(&self, x: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        let y = self.backend.add_channel_bias(&x.value, &b.value)?;
+        Ok(self.record(y, &[x, b], |be, g| Ok(vec![Some(g.clone()), Some(be.sum_spatial(g)?)])))
+    }
+
+    /// Per-sample Σx² → [N].
+    pub fn sum_squares_per_sample(&self, x: &Var<B>) -> Result<Var<B>> {
+        let y = self.backend.sum_squares_per_sample(&x.value)?;
+        let xv = x.value.clone();
+        Ok(self.record(y, &[x], move |be, g| {
+            // d/dx Σx² = 2x, times the per-sample upstream gradient.
+            Ok(vec![Some(be.scale_per_sample(&be.affine(&xv, 2.0, 0.0)?, g)?)])
+        }))
+    }
+
+    pub fn concat_channels(&self, xs: &[&Var<B>]) -> Result<Var<B>> {
+        let vals: Vec<&Tensor<B>> = xs.iter().map(|v| &v.value).collect();
+        let y = self.backend.concat_channels(&vals)?;
+        let sizes: Vec<usize> = xs.iter().map(|v| v.shape()[1]).collect();
+        Ok(self.record(y, xs, move |be, g| {
+            let mut start = 0;
+            let mut out = Vec::with_capacity(sizes.len());
+            for &c in &sizes {
+                out.push(Some(be.slice_channels(g, start, c)?));
+                start += c;
+            }
+            Ok(out)
+        }))
+    }
+
+    pub fn interleave_channels(&self, x: &Var<B>, y: &Var<B>) -> Result<Var<B>> {
+        if x.tracked() || y.tracked() {
+            return Err(Error::Other("interleave_channels: inputs are not differentiable".into()));
+        }
+        Ok(self.constant(self.backend.interleave_channels(&x.value, &y.value)?))
+    }
+
+    pub fn linear(&self, x: &Var<B>, w: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        let y = self.backend.linear(&x.value, &w.value, Some(&b.value))?;
+        let (xv, wv) = (x.value.clone(), w.value.clone());
+        Ok(self.record(y, &[x, w, b], move |be, g| {
+            let gr = be.linear_backward(&xv, &wv, g)?;
+            Ok(vec![Some(gr.dx), Some(gr.dw), Some(gr.db)])
+        }))
+    }
+
+    pub fn nin(&self, x: &Var<B>, w: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        let y = self.backend.nin(&x.value, &w.value, &b.value)?;
+        let (xv, wv) = (x.value.clone(), w.value.clone());
+        Ok(self.record(y, &[x, w, b], move |be, g| {
+            let gr = be.nin_backward(&xv, &wv, g)?;
+            Ok(vec![Some(gr.dx), Some(gr.dw), Some(gr.db)])
+        }))
+    }
+
+    pub fn conv2d(&self, x: &Var<B>, w: &Var<B>, b: &Var<B>, stride: usize, pad: usize) -> Result<Var<B>> {
+        let y = self.backend.conv2d(&x.value, &w.value, Some(&b.value), stride, pad)?;
+        let (xv, wv) = (x.value.clone(), w.value.clone());
+        Ok(self.record(y, &[x, w, b], move |be, g| {
+            let gr = be.conv2d_backward(&xv, &wv, g, stride, pad)?;
+            Ok(vec![Some(gr.dx), Some(gr.dw), Some(gr.db)])
+        }))
+    }
+
+    pub fn group_norm(
+        &self,
+        x: &Var<B>,
+        gamma: &Var<B>,
+        beta: &Var<B>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Var<B>> {
+        let y = self.backend.group_norm(&x.value, &gamma.value, &beta.value, groups, eps, silu)?;
+        let (xv, gv, bv) = (x.value.clone(), gamma.value.clone(), beta.value.clone());
+        Ok(self.record(y, &[x, gamma, beta], move |be, g| {
+            let gr = be.group_norm_backward(&xv, &gv, &bv, g, groups, eps, silu)?;
+            Ok(vec![Some(gr.dx), Some(gr.dw), Some(gr.db)])
+        }))
+    }
+
+    pub fn attention(&self, q: &Var<B>, k: &Var<B>, v: &Var<B>) -> Result<Var<B>> {
+        let y = self.backend.attention(&q.value, &k.value, &v.value)?;
+        let (qv, kv, vv) = (q.value.clone(), k.value.clone(), v.value.clone());
+        Ok(self.record(y, &[q, k, v], move |be, g| {
+            let (dq, dk, dv) = be.attention_backward(&qv, &kv, &vv, g)?;
+            Ok(vec![Some(dq), Some(dk), Some(dv)])
+        }))
+    }
+
+    pub fn upfirdn2d(&self, x: &Var<B>, fir: &Fir, geom: UpFirDn) -> Result<Var<B>> {
+        let y = self.backend.upfirdn2d(&x.value, fir, geom)?;
+        let (shape, fir) = (x.shape().to_vec(), fir.clone());
+        Ok(self.record(y, &[x], move |be, g| Ok(vec![Some(be.upfirdn2d_backward(g, &shape, &fir, geom)?)])))
+    }
+
+    /// Inverted dropout with a mask drawn from (seed, offset); identity when p = 0.
+    pub fn dropout(&self, x: &Var<B>, p: f64, seed: u64, offset: u64) -> Result<Var<B>> {
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let mask = self.constant(self.backend.dropout_mask(x.shape(), p, seed, offset)?);
+        self.mul(x, &mask)
+    }
+}

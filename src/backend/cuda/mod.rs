@@ -1,0 +1,1 @@
+//! CUDA backend (see issue: CUDA backend for inference). Not built yet.

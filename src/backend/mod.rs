@@ -1,0 +1,207 @@
+//! The `Backend` trait: every operation the models, samplers and trainer need, forward and backward.
+//!
+//! Two implementations: [`cpu::Cpu`] (the reference, generic over f32/f64 so gradient checks can run
+//! in double precision) and `cuda::Cuda` (hand-written kernels). The CUDA backend is tested against
+//! the CPU one op by op; the CPU one is tested against the golden vectors of the original code.
+//!
+//! Conventions: tensors are NCHW and contiguous; conv weights OIHW; `Linear` weights (out, in) as in
+//! PyTorch; `NIN` weights (in, out) as in score_sde's `NIN` layer. Scalars are passed as f64 and
+//! rounded to the backend's element type. Every op validates shapes and returns `Error::Shape`
+//! rather than panicking.
+pub mod cpu;
+pub mod cuda;
+
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// A 2-d FIR filter for `upfirdn2d`, stored row-major (kh × kw). Applied as a true convolution
+/// (kernel flipped), exactly like StyleGAN2's `upfirdn2d` that score_sde uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fir {
+    pub taps: Vec<f32>,
+    pub kh: usize,
+    pub kw: usize,
+}
+
+impl Fir {
+    /// outer(k, k) / sum(outer) · gain — score_sde's `_setup_kernel(k) * gain`.
+    pub fn separable(k: &[f32], gain: f32) -> Fir {
+        let n = k.len();
+        let s: f32 = k.iter().sum::<f32>().powi(2);
+        let mut taps = Vec::with_capacity(n * n);
+        for a in k {
+            for b in k {
+                taps.push(a * b / s * gain);
+            }
+        }
+        Fir { taps, kh: n, kw: n }
+    }
+}
+
+/// Geometry of one `upfirdn2d`: upsample by zero insertion, pad (negative pads crop), FIR filter,
+/// keep every `down`-th sample. Output size: (H·up + pad0 + pad1 − kh) / down + 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpFirDn {
+    pub up: usize,
+    pub down: usize,
+    pub pad0: isize,
+    pub pad1: isize,
+}
+
+impl UpFirDn {
+    pub fn out_size(&self, n: usize, k: usize) -> usize {
+        let padded = (n * self.up) as isize + self.pad0 + self.pad1 - k as isize;
+        (padded / self.down as isize + 1).max(0) as usize
+    }
+}
+
+/// Gradients of an op with parameters: input, weight, bias.
+pub struct Grads3<B: Backend> {
+    pub dx: Tensor<B>,
+    pub dw: Tensor<B>,
+    pub db: Tensor<B>,
+}
+
+pub trait Backend: Clone + Send + Sync + Sized + 'static {
+    /// Device buffer of elements; cloning must be cheap (reference counted).
+    type Buf: Clone + Send + Sync;
+
+    /// Human-readable name, e.g. "cpu (2 threads)" or "cuda: NVIDIA H200".
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------------
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;
+    fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor<Self>>;
+    fn from_f64(&self, shape: &[usize], data: &[f64]) -> Result<Tensor<Self>>;
+    fn to_f32(&self, x: &Tensor<Self>) -> Result<Vec<f32>>;
+    fn to_f64(&self, x: &Tensor<Self>) -> Result<Vec<f64>>;
+    /// Wait for queued work (no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    // ---- elementwise --------------------------------------------------------------------------
+    /// a + b (same shape).
+    fn add(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// alpha·a + beta·b (same shape).
+    fn axpby(&self, alpha: f64, a: &Tensor<Self>, beta: f64, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// a ⊙ b (same shape).
+    fn mul(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// scale·x + shift.
+    fn affine(&self, x: &Tensor<Self>, scale: f64, shift: f64) -> Result<Tensor<Self>>;
+    /// x[n, ...] · s[n] for a per-sample scalar s of shape [N].
+    fn scale_per_sample(&self, x: &Tensor<Self>, s: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// SiLU(x) = x·sigmoid(x).
+    fn silu(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// dL/dx of SiLU given x and dL/dy.
+    fn silu_backward(&self, x: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// x[N,C,H,W] + b[N,C] broadcast over H,W (the time-embedding add of a res-block).
+    fn add_channel_bias(&self, x: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// Σ over H,W: [N,C,H,W] → [N,C] (backward of `add_channel_bias`).
+    fn sum_spatial(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// Σ of squares per sample: [N, ...] → [N].
+    fn sum_squares_per_sample(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    // ---- layout -------------------------------------------------------------------------------
+    /// Concatenate NCHW tensors along C.
+    fn concat_channels(&self, xs: &[&Tensor<Self>]) -> Result<Tensor<Self>>;
+    /// Channels [start, start+len) of an NCHW tensor.
+    fn slice_channels(&self, x: &Tensor<Self>, start: usize, len: usize) -> Result<Tensor<Self>>;
+    /// [x_0, y_0, x_1, y_1, ...]: channel interleave of two [N,C,H,W] tensors → [N,2C,H,W]
+    /// (score_sde sr's `merge_xy`).
+    fn interleave_channels(&self, x: &Tensor<Self>, y: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    // ---- dense layers -------------------------------------------------------------------------
+    /// x[N,I] · w[O,I]ᵀ + b[O] → [N,O] (PyTorch Linear).
+    fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: Option<&Tensor<Self>>) -> Result<Tensor<Self>>;
+    fn linear_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>>;
+    /// Per-pixel linear: y[n,o,p] = Σ_c x[n,c,p]·w[c,o] + b[o], w stored (in, out).
+    fn nin(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+    fn nin_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>>;
+    /// 2-d cross-correlation, NCHW × OIHW, zero padding `pad` on all sides, stride `stride`,
+    /// optional bias [O] (PyTorch Conv2d).
+    fn conv2d(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor<Self>>;
+    /// Gradients of `conv2d` w.r.t. input, weight and bias.
+    fn conv2d_backward(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Grads3<Self>>;
+
+    // ---- normalisation ------------------------------------------------------------------------
+    /// GroupNorm over (C/groups, H, W) per sample with affine gamma/beta [C] (biased variance,
+    /// as PyTorch), then SiLU if `silu`.
+    fn group_norm(
+        &self,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Tensor<Self>>;
+    /// Gradients of `group_norm` (input, gamma, beta); recomputes the statistics.
+    fn group_norm_backward(
+        &self,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Grads3<Self>>;
+
+    // ---- attention ----------------------------------------------------------------------------
+    /// Spatial self-attention of score_sde's AttnBlockpp core: with L = H·W,
+    /// w[n,i,j] = softmax_j(Σ_c q[n,c,i]·k[n,c,j] / √C), out[n,c,i] = Σ_j w[n,i,j]·v[n,c,j].
+    /// q, k, v, out: [N,C,H,W].
+    fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// Gradients (dq, dk, dv) of `attention`.
+    fn attention_backward(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        dy: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
+
+    // ---- FIR resampling -----------------------------------------------------------------------
+    /// StyleGAN2 `upfirdn2d` on every channel of an NCHW tensor.
+    fn upfirdn2d(&self, x: &Tensor<Self>, fir: &Fir, geom: UpFirDn) -> Result<Tensor<Self>>;
+    /// The adjoint of `upfirdn2d` (its gradient w.r.t. x), given the input shape.
+    fn upfirdn2d_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x_shape: &[usize],
+        fir: &Fir,
+        geom: UpFirDn,
+    ) -> Result<Tensor<Self>>;
+
+    // ---- embeddings ---------------------------------------------------------------------------
+    /// Gaussian Fourier features of log σ: e[n] = [sin(2π·ln σ[n]·W), cos(2π·ln σ[n]·W)],
+    /// sigma [N], w [M] → [N, 2M].
+    fn fourier_embedding(&self, sigma: &Tensor<Self>, w: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// DDPM sinusoidal embedding of labels t [N] → [N, dim] (dim even): with h = dim/2,
+    /// ω_k = exp(−k·ln(max_positions)/(h−1)), e = [sin(t·ω), cos(t·ω)].
+    fn sinusoidal_embedding(&self, t: &Tensor<Self>, dim: usize, max_positions: f64) -> Result<Tensor<Self>>;
+
+    // ---- randomness ---------------------------------------------------------------------------
+    /// Standard normal noise from the Philox4x32-10 counter RNG (see `crate::rng`): element i of the
+    /// result is `rng::normal(seed, offset + i)`, identical on every backend.
+    fn randn(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor<Self>>;
+    /// Uniform [0,1) noise, element i = `rng::uniform(seed, offset + i)`.
+    fn rand_uniform(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor<Self>>;
+    /// Inverted-dropout mask: element i = 0 if `rng::uniform(seed, offset + i) < p`, else 1/(1−p).
+    fn dropout_mask(&self, shape: &[usize], p: f64, seed: u64, offset: u64) -> Result<Tensor<Self>>;
+}

@@ -1,0 +1,11 @@
+//! srsde-fast: score-based SDE face super-resolution (dos Santos et al., 2022) with its own engine.
+//!
+//! Layers, each depending only on those above it: [`tensor`] ← [`backend`] ← [`autograd`] ← [`nn`]
+//! ← [`model`] ← [`sde`]/[`sample`]/[`train`]/[`eval`]; [`io`] handles files and the LR synthesis.
+pub mod autograd;
+pub mod backend;
+pub mod error;
+pub mod rng;
+pub mod tensor;
+
+pub use error::{Error, Result};
