@@ -4,7 +4,9 @@
 //! ← [`model`] ← [`sde`]/[`sample`]/[`train`]/[`eval`]; [`io`] handles files and the LR synthesis.
 pub mod autograd;
 pub mod backend;
+pub mod check;
 pub mod error;
+pub mod model;
 pub mod rng;
 pub mod tensor;
 

@@ -79,3 +79,29 @@ pub fn same_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<()> {
     }
     Ok(())
 }
+
+/// A tensor in host memory, independent of any backend: what weight files load into and what
+/// tests compare. Row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape, data }
+    }
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+    /// Upload to a backend.
+    pub fn to_device<B: Backend>(&self, backend: &B) -> Result<Tensor<B>> {
+        backend.from_f32(&self.shape, &self.data)
+    }
+    /// Download from a backend.
+    pub fn from_device<B: Backend>(backend: &B, t: &Tensor<B>) -> Result<Self> {
+        Ok(HostTensor { shape: t.shape().to_vec(), data: backend.to_f32(t)? })
+    }
+}
