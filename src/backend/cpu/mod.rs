@@ -1,1 +1,735 @@
-//! CPU reference backend — placeholder being written.
+//! The CPU reference backend, generic over the element type (f32 for use, f64 for gradient checks).
+//!
+//! Layout: every tensor is a contiguous row-major (NCHW) `Arc<Vec<T>>`; ops never mutate their
+//! inputs and always allocate a fresh output, so cloning a tensor is a reference-count bump.
+//!
+//! Algorithms:
+//! - Elementwise ops and reductions run on rayon over large chunks (serially when small).
+//! - `linear`, `nin`, `conv2d` and `attention` are matrix products through the `gemm` crate.
+//!   conv2d lowers to im2col over *tiles* of output positions (about 1 MB of columns each), so the
+//!   column buffer never grows with the image; 1×1 stride-1 convs use the input directly. When
+//!   there are enough (image, tile) tasks every core runs whole tasks with a serial gemm (the
+//!   tile stays in its L2); otherwise tasks run in turn and gemm itself splits over the pool.
+//!   The backward computes dW = dY·colᵀ and dcol = Wᵀ·dY per tile and scatters dcol back (col2im)
+//!   in parallel over input channels.
+//! - GroupNorm statistics are two-pass in f64 (biased variance, eps inside the sqrt), with SiLU
+//!   optionally fused into the same pass.
+//! - Attention computes softmax(QᵀK/√C) over blocks of queries (bounded score matrix).
+//! - `upfirdn2d` precomputes per-axis tap lists (zero-insert, pad/crop, flipped FIR, decimate);
+//!   its backward scatters along the same lists, so it is the exact adjoint.
+//! - Random numbers come from `crate::rng` (Philox), element i at counter offset + i.
+mod attention;
+mod conv;
+mod fir;
+mod float;
+mod matmul;
+mod norm;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use self::conv::ConvGeom;
+use self::fir::FirGeom;
+pub use self::float::CpuFloat;
+use self::norm::NormGeom;
+use super::{Backend, Fir, Grads3, UpFirDn};
+use crate::error::{Error, Result};
+use crate::rng;
+use crate::tensor::{same_shape, Tensor};
+
+/// The CPU backend computing in `T` (f32 or f64).
+pub struct Cpu<T> {
+    /// `None`: rayon's global pool.
+    pool: Option<Arc<rayon::ThreadPool>>,
+    _elem: PhantomData<fn() -> T>,
+}
+
+/// The production CPU backend.
+pub type CpuF32 = Cpu<f32>;
+
+impl<T> Clone for Cpu<T> {
+    fn clone(&self) -> Self {
+        Cpu {
+            pool: self.pool.clone(),
+            _elem: PhantomData,
+        }
+    }
+}
+
+impl<T: CpuFloat> Default for Cpu<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: CpuFloat> Cpu<T> {
+    /// A backend running on rayon's global thread pool.
+    pub fn new() -> Self {
+        Cpu {
+            pool: None,
+            _elem: PhantomData,
+        }
+    }
+
+    /// A backend with its own pool of `threads` threads (e.g. to measure scaling).
+    pub fn with_threads(threads: usize) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::Backend(format!("cpu thread pool: {e}")))?;
+        Ok(Cpu {
+            pool: Some(Arc::new(pool)),
+            _elem: PhantomData,
+        })
+    }
+
+    /// Threads this backend computes with.
+    pub fn threads(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
+    }
+
+    /// Run `f` inside this backend's pool.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
+    fn wrap(shape: &[usize], data: Vec<T>) -> Tensor<Self> {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor::from_buf(shape.to_vec(), Arc::new(data))
+    }
+}
+
+/// The elements of `x`, checking that the buffer matches the shape.
+fn data<'a, T: CpuFloat>(op: &'static str, x: &'a Tensor<Cpu<T>>) -> Result<&'a [T]> {
+    let d = x.buf().as_slice();
+    if d.len() != x.numel() {
+        return Err(Error::shape(
+            op,
+            format!("buffer of {} elements for shape {:?}", d.len(), x.shape()),
+        ));
+    }
+    Ok(d)
+}
+
+/// Below this many elements elementwise loops stay on the calling thread.
+const PAR_MIN: usize = 1 << 14;
+const CHUNK: usize = 1 << 12;
+
+fn map1<T: CpuFloat>(a: &[T], f: impl Fn(T) -> T + Sync + Send) -> Vec<T> {
+    if a.len() < PAR_MIN {
+        a.iter().map(|&v| f(v)).collect()
+    } else {
+        a.par_iter().with_min_len(CHUNK).map(|&v| f(v)).collect()
+    }
+}
+
+fn map2<T: CpuFloat>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> Vec<T> {
+    if a.len() < PAR_MIN {
+        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+    } else {
+        a.par_iter()
+            .zip(b)
+            .with_min_len(CHUNK)
+            .map(|(&x, &y)| f(x, y))
+            .collect()
+    }
+}
+
+/// out[i] = f(i) for i < n.
+fn generate<T: CpuFloat>(n: usize, f: impl Fn(u64) -> T + Sync + Send) -> Vec<T> {
+    if n < PAR_MIN {
+        (0..n as u64).map(f).collect()
+    } else {
+        (0..n)
+            .into_par_iter()
+            .with_min_len(CHUNK)
+            .map(|i| f(i as u64))
+            .collect()
+    }
+}
+
+/// 1-d shape check.
+fn dims1(op: &'static str, x: &[usize]) -> Result<usize> {
+    match x {
+        &[n] => Ok(n),
+        _ => Err(Error::shape(op, format!("expected 1-d, got {x:?}"))),
+    }
+}
+
+fn expect_shape(op: &'static str, what: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::shape(
+            op,
+            format!("{what} has shape {got:?}, expected {want:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
+    let n: usize = shape.iter().product();
+    if n != len {
+        return Err(Error::shape(op, format!("{len} values for shape {shape:?}")));
+    }
+    Ok(())
+}
+
+/// Validate an upfirdn2d call and return its geometry.
+fn fir_geom(op: &'static str, x_shape: &[usize], fir: &Fir, geom: UpFirDn) -> Result<FirGeom> {
+    let &[n, c, h, w] = x_shape else {
+        return Err(Error::shape(op, format!("expected NCHW, got {x_shape:?}")));
+    };
+    if fir.kh == 0 || fir.kw == 0 || fir.taps.len() != fir.kh * fir.kw {
+        return Err(Error::shape(
+            op,
+            format!("FIR {}x{} with {} taps", fir.kh, fir.kw, fir.taps.len()),
+        ));
+    }
+    if geom.up == 0 || geom.down == 0 {
+        return Err(Error::shape(
+            op,
+            format!("up {} / down {} must be positive", geom.up, geom.down),
+        ));
+    }
+    let span = |len: usize, k: usize| (len * geom.up) as isize + geom.pad0 + geom.pad1 - k as isize;
+    if span(h, fir.kh) < 0 || span(w, fir.kw) < 0 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{x_shape:?} with {geom:?} is smaller than the {}x{} FIR",
+                fir.kh, fir.kw
+            ),
+        ));
+    }
+    Ok(FirGeom {
+        planes: n * c,
+        h,
+        w,
+        oh: geom.out_size(h, fir.kh),
+        ow: geom.out_size(w, fir.kw),
+    })
+}
+
+fn grads<T: CpuFloat>(
+    (dx, dw, db): (Vec<T>, Vec<T>, Vec<T>),
+    sx: &[usize],
+    sw: &[usize],
+    sb: &[usize],
+) -> Grads3<Cpu<T>> {
+    Grads3 {
+        dx: Cpu::wrap(sx, dx),
+        dw: Cpu::wrap(sw, dw),
+        db: Cpu::wrap(sb, db),
+    }
+}
+
+impl<T: CpuFloat> Backend for Cpu<T> {
+    type Buf = Arc<Vec<T>>;
+
+    fn name(&self) -> String {
+        let t = self.threads();
+        format!(
+            "cpu ({t} thread{}{})",
+            if t == 1 { "" } else { "s" },
+            if T::NAME == "f32" { "" } else { ", f64" }
+        )
+    }
+
+    // ---- memory -------------------------------------------------------------------------------
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>> {
+        Ok(Self::wrap(shape, vec![T::ZERO; shape.iter().product()]))
+    }
+    fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor<Self>> {
+        check_len("from_f32", shape, data.len())?;
+        Ok(Self::wrap(shape, data.iter().map(|&v| T::from_f32(v)).collect()))
+    }
+    fn from_f64(&self, shape: &[usize], data: &[f64]) -> Result<Tensor<Self>> {
+        check_len("from_f64", shape, data.len())?;
+        Ok(Self::wrap(shape, data.iter().map(|&v| T::from_f64(v)).collect()))
+    }
+    fn to_f32(&self, x: &Tensor<Self>) -> Result<Vec<f32>> {
+        Ok(data("to_f32", x)?.iter().map(|v| v.to_f32()).collect())
+    }
+    fn to_f64(&self, x: &Tensor<Self>) -> Result<Vec<f64>> {
+        Ok(data("to_f64", x)?.iter().map(|v| v.to_f64()).collect())
+    }
+
+    // ---- elementwise --------------------------------------------------------------------------
+    fn add(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        same_shape("add", a.shape(), b.shape())?;
+        let (x, y) = (data("add", a)?, data("add", b)?);
+        Ok(Self::wrap(a.shape(), self.run(|| map2(x, y, |p, q| p + q))))
+    }
+    fn axpby(&self, alpha: f64, a: &Tensor<Self>, beta: f64, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        same_shape("axpby", a.shape(), b.shape())?;
+        let (x, y) = (data("axpby", a)?, data("axpby", b)?);
+        let (al, be) = (T::from_f64(alpha), T::from_f64(beta));
+        Ok(Self::wrap(
+            a.shape(),
+            self.run(|| map2(x, y, |p, q| al * p + be * q)),
+        ))
+    }
+    fn mul(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        same_shape("mul", a.shape(), b.shape())?;
+        let (x, y) = (data("mul", a)?, data("mul", b)?);
+        Ok(Self::wrap(a.shape(), self.run(|| map2(x, y, |p, q| p * q))))
+    }
+    fn affine(&self, x: &Tensor<Self>, scale: f64, shift: f64) -> Result<Tensor<Self>> {
+        let xs = data("affine", x)?;
+        let (s, t) = (T::from_f64(scale), T::from_f64(shift));
+        Ok(Self::wrap(x.shape(), self.run(|| map1(xs, |v| s * v + t))))
+    }
+    fn scale_per_sample(&self, x: &Tensor<Self>, s: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = "scale_per_sample";
+        let n = x
+            .shape()
+            .first()
+            .copied()
+            .ok_or_else(|| Error::shape(op, "x is a scalar"))?;
+        expect_shape(op, "s", s.shape(), &[n])?;
+        let (xs, ss) = (data(op, x)?, data(op, s)?);
+        let per = if n == 0 { 0 } else { xs.len() / n };
+        let out = self.run(|| {
+            let mut out = xs.to_vec();
+            if per > 0 {
+                out.par_chunks_mut(per)
+                    .zip(ss)
+                    .for_each(|(o, &f)| o.iter_mut().for_each(|v| *v *= f));
+            }
+            out
+        });
+        Ok(Self::wrap(x.shape(), out))
+    }
+    fn silu(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let xs = data("silu", x)?;
+        Ok(Self::wrap(x.shape(), self.run(|| map1(xs, |v| v * v.sigmoid()))))
+    }
+    fn silu_backward(&self, x: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Tensor<Self>> {
+        same_shape("silu_backward", x.shape(), dy.shape())?;
+        let (xs, ds) = (data("silu_backward", x)?, data("silu_backward", dy)?);
+        let f = |v: T, d: T| {
+            let s = v.sigmoid();
+            d * s * (T::ONE + v * (T::ONE - s))
+        };
+        Ok(Self::wrap(x.shape(), self.run(|| map2(xs, ds, f))))
+    }
+    fn add_channel_bias(&self, x: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = "add_channel_bias";
+        let (n, c, h, w) = x.dims4(op)?;
+        expect_shape(op, "bias", b.shape(), &[n, c])?;
+        let (xs, bs) = (data(op, x)?, data(op, b)?);
+        let hw = h * w;
+        let out = self.run(|| {
+            let mut out = xs.to_vec();
+            if hw > 0 {
+                out.par_chunks_mut(hw)
+                    .zip(bs)
+                    .for_each(|(o, &bv)| o.iter_mut().for_each(|v| *v += bv));
+            }
+            out
+        });
+        Ok(Self::wrap(x.shape(), out))
+    }
+    fn sum_spatial(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let (n, c, h, w) = x.dims4("sum_spatial")?;
+        let xs = data("sum_spatial", x)?;
+        let hw = h * w;
+        let out = self.run(|| {
+            (0..n * c)
+                .into_par_iter()
+                .map(|i| T::from_f64(xs[i * hw..(i + 1) * hw].iter().map(|v| v.to_f64()).sum()))
+                .collect()
+        });
+        Ok(Self::wrap(&[n, c], out))
+    }
+    fn sum_squares_per_sample(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = "sum_squares_per_sample";
+        let n = x
+            .shape()
+            .first()
+            .copied()
+            .ok_or_else(|| Error::shape(op, "x is a scalar"))?;
+        let xs = data(op, x)?;
+        let per = if n == 0 { 0 } else { xs.len() / n };
+        let out = self.run(|| {
+            (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let s: f64 = xs[i * per..(i + 1) * per]
+                        .iter()
+                        .map(|v| v.to_f64() * v.to_f64())
+                        .sum();
+                    T::from_f64(s)
+                })
+                .collect()
+        });
+        Ok(Self::wrap(&[n], out))
+    }
+
+    // ---- layout -------------------------------------------------------------------------------
+    fn concat_channels(&self, xs: &[&Tensor<Self>]) -> Result<Tensor<Self>> {
+        let op = "concat_channels";
+        let first = xs.first().ok_or_else(|| Error::shape(op, "no inputs"))?;
+        let (n, _, h, w) = first.dims4(op)?;
+        let mut chans = Vec::with_capacity(xs.len());
+        for x in xs {
+            let (nx, cx, hx, wx) = x.dims4(op)?;
+            if (nx, hx, wx) != (n, h, w) {
+                return Err(Error::shape(
+                    op,
+                    format!("{:?} vs {:?}", x.shape(), first.shape()),
+                ));
+            }
+            chans.push((data(op, x)?, cx));
+        }
+        let ctot: usize = chans.iter().map(|c| c.1).sum();
+        let hw = h * w;
+        let mut out = Vec::with_capacity(n * ctot * hw);
+        for img in 0..n {
+            for &(d, c) in &chans {
+                out.extend_from_slice(&d[img * c * hw..(img + 1) * c * hw]);
+            }
+        }
+        Ok(Self::wrap(&[n, ctot, h, w], out))
+    }
+    fn slice_channels(&self, x: &Tensor<Self>, start: usize, len: usize) -> Result<Tensor<Self>> {
+        let op = "slice_channels";
+        let (n, c, h, w) = x.dims4(op)?;
+        if start.checked_add(len).is_none_or(|end| end > c) {
+            return Err(Error::shape(
+                op,
+                format!("channels [{start}, {start}+{len}) of {:?}", x.shape()),
+            ));
+        }
+        let xs = data(op, x)?;
+        let hw = h * w;
+        let mut out = Vec::with_capacity(n * len * hw);
+        for img in 0..n {
+            out.extend_from_slice(&xs[(img * c + start) * hw..(img * c + start + len) * hw]);
+        }
+        Ok(Self::wrap(&[n, len, h, w], out))
+    }
+    fn interleave_channels(&self, x: &Tensor<Self>, y: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = "interleave_channels";
+        let (n, c, h, w) = x.dims4(op)?;
+        same_shape(op, x.shape(), y.shape())?;
+        let (xs, ys) = (data(op, x)?, data(op, y)?);
+        let hw = h * w;
+        let mut out = Vec::with_capacity(2 * xs.len());
+        for img in 0..n {
+            for ch in 0..c {
+                let at = (img * c + ch) * hw;
+                out.extend_from_slice(&xs[at..at + hw]);
+                out.extend_from_slice(&ys[at..at + hw]);
+            }
+        }
+        Ok(Self::wrap(&[n, 2 * c, h, w], out))
+    }
+
+    // ---- dense layers -------------------------------------------------------------------------
+    fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: Option<&Tensor<Self>>) -> Result<Tensor<Self>> {
+        let op = "linear";
+        let (n, i) = x.dims2(op)?;
+        let (o, wi) = w.dims2(op)?;
+        if wi != i {
+            return Err(Error::shape(
+                op,
+                format!("x {:?} · w {:?}ᵀ", x.shape(), w.shape()),
+            ));
+        }
+        let bs = match b {
+            Some(b) => {
+                expect_shape(op, "bias", b.shape(), &[o])?;
+                Some(data(op, b)?)
+            }
+            None => None,
+        };
+        let (xs, ws) = (data(op, x)?, data(op, w)?);
+        Ok(Self::wrap(
+            &[n, o],
+            self.run(|| conv::linear(xs, ws, bs, n, i, o)),
+        ))
+    }
+    fn linear_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>> {
+        let op = "linear_backward";
+        let (n, i) = x.dims2(op)?;
+        let (o, wi) = w.dims2(op)?;
+        if wi != i {
+            return Err(Error::shape(
+                op,
+                format!("x {:?} · w {:?}ᵀ", x.shape(), w.shape()),
+            ));
+        }
+        expect_shape(op, "dy", dy.shape(), &[n, o])?;
+        let (xs, ws, ds) = (data(op, x)?, data(op, w)?, data(op, dy)?);
+        let g = self.run(|| conv::linear_backward(xs, ws, ds, n, i, o));
+        Ok(grads(g, &[n, i], &[o, i], &[o]))
+    }
+    fn nin(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = "nin";
+        let (n, c, h, wd) = x.dims4(op)?;
+        let (wc, o) = w.dims2(op)?;
+        if wc != c {
+            return Err(Error::shape(
+                op,
+                format!("x {:?} with weight (in, out) {:?}", x.shape(), w.shape()),
+            ));
+        }
+        expect_shape(op, "bias", b.shape(), &[o])?;
+        let (xs, ws, bs) = (data(op, x)?, data(op, w)?, data(op, b)?);
+        Ok(Self::wrap(
+            &[n, o, h, wd],
+            self.run(|| conv::nin(xs, ws, bs, n, c, o, h * wd)),
+        ))
+    }
+    fn nin_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>> {
+        let op = "nin_backward";
+        let (n, c, h, wd) = x.dims4(op)?;
+        let (wc, o) = w.dims2(op)?;
+        if wc != c {
+            return Err(Error::shape(
+                op,
+                format!("x {:?} with weight (in, out) {:?}", x.shape(), w.shape()),
+            ));
+        }
+        expect_shape(op, "dy", dy.shape(), &[n, o, h, wd])?;
+        let (xs, ws, ds) = (data(op, x)?, data(op, w)?, data(op, dy)?);
+        let g = self.run(|| conv::nin_backward(xs, ws, ds, n, c, o, h * wd));
+        Ok(grads(g, x.shape(), w.shape(), &[o]))
+    }
+    fn conv2d(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor<Self>> {
+        let op = "conv2d";
+        let g = ConvGeom::new(op, x.shape(), w.shape(), stride, pad)?;
+        let bs = match b {
+            Some(b) => {
+                expect_shape(op, "bias", b.shape(), &[g.o])?;
+                Some(data(op, b)?)
+            }
+            None => None,
+        };
+        let (xs, ws) = (data(op, x)?, data(op, w)?);
+        Ok(Self::wrap(
+            &[g.n, g.o, g.oh, g.ow],
+            self.run(|| conv::conv2d(&g, xs, ws, bs)),
+        ))
+    }
+    fn conv2d_backward(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Grads3<Self>> {
+        let op = "conv2d_backward";
+        let g = ConvGeom::new(op, x.shape(), w.shape(), stride, pad)?;
+        expect_shape(op, "dy", dy.shape(), &[g.n, g.o, g.oh, g.ow])?;
+        let (xs, ws, ds) = (data(op, x)?, data(op, w)?, data(op, dy)?);
+        let gr = self.run(|| conv::conv2d_backward(&g, xs, ws, ds));
+        Ok(grads(gr, x.shape(), w.shape(), &[g.o]))
+    }
+
+    // ---- normalisation ------------------------------------------------------------------------
+    fn group_norm(
+        &self,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Tensor<Self>> {
+        let g = norm_geom("group_norm", x, gamma, beta, groups, eps, silu)?;
+        let (xs, gs, bs) = (
+            data("group_norm", x)?,
+            data("group_norm", gamma)?,
+            data("group_norm", beta)?,
+        );
+        Ok(Self::wrap(
+            x.shape(),
+            self.run(|| norm::group_norm(&g, xs, gs, bs)),
+        ))
+    }
+    fn group_norm_backward(
+        &self,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Grads3<Self>> {
+        let op = "group_norm_backward";
+        let g = norm_geom(op, x, gamma, beta, groups, eps, silu)?;
+        same_shape(op, x.shape(), dy.shape())?;
+        let (xs, gs, bs, ds) = (data(op, x)?, data(op, gamma)?, data(op, beta)?, data(op, dy)?);
+        let gr = self.run(|| norm::group_norm_backward(&g, xs, gs, bs, ds));
+        Ok(grads(gr, x.shape(), gamma.shape(), beta.shape()))
+    }
+
+    // ---- attention ----------------------------------------------------------------------------
+    fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = "attention";
+        let (n, c, h, w) = q.dims4(op)?;
+        same_shape(op, q.shape(), k.shape())?;
+        same_shape(op, q.shape(), v.shape())?;
+        let (qs, ks, vs) = (data(op, q)?, data(op, k)?, data(op, v)?);
+        Ok(Self::wrap(
+            q.shape(),
+            self.run(|| attention::attention(qs, ks, vs, n, c, h * w)),
+        ))
+    }
+    fn attention_backward(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        dy: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
+        let op = "attention_backward";
+        let (n, c, h, w) = q.dims4(op)?;
+        for t in [k, v, dy] {
+            same_shape(op, q.shape(), t.shape())?;
+        }
+        let (qs, ks, vs, ds) = (data(op, q)?, data(op, k)?, data(op, v)?, data(op, dy)?);
+        let (dq, dk, dv) = self.run(|| attention::attention_backward(qs, ks, vs, ds, n, c, h * w));
+        Ok((
+            Self::wrap(q.shape(), dq),
+            Self::wrap(q.shape(), dk),
+            Self::wrap(q.shape(), dv),
+        ))
+    }
+
+    // ---- FIR resampling -----------------------------------------------------------------------
+    fn upfirdn2d(&self, x: &Tensor<Self>, fir: &Fir, geom: UpFirDn) -> Result<Tensor<Self>> {
+        let g = fir_geom("upfirdn2d", x.shape(), fir, geom)?;
+        let xs = data("upfirdn2d", x)?;
+        let f: Vec<T> = fir.taps.iter().map(|&v| T::from_f32(v)).collect();
+        let out = self.run(|| fir::upfirdn2d(&g, xs, &f, fir.kh, fir.kw, geom));
+        Ok(Self::wrap(&[x.shape()[0], x.shape()[1], g.oh, g.ow], out))
+    }
+    fn upfirdn2d_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x_shape: &[usize],
+        fir: &Fir,
+        geom: UpFirDn,
+    ) -> Result<Tensor<Self>> {
+        let op = "upfirdn2d_backward";
+        let g = fir_geom(op, x_shape, fir, geom)?;
+        expect_shape(op, "dy", dy.shape(), &[x_shape[0], x_shape[1], g.oh, g.ow])?;
+        let ds = data(op, dy)?;
+        let f: Vec<T> = fir.taps.iter().map(|&v| T::from_f32(v)).collect();
+        let dx = self.run(|| fir::upfirdn2d_backward(&g, ds, &f, fir.kh, fir.kw, geom));
+        Ok(Self::wrap(x_shape, dx))
+    }
+
+    // ---- embeddings ---------------------------------------------------------------------------
+    /// Computed in f64 and rounded once: the phase 2π·ln σ·W reaches ~10³ rad, where an f32
+    /// product would already be off by ~10⁻⁴.
+    fn fourier_embedding(&self, sigma: &Tensor<Self>, w: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let op = "fourier_embedding";
+        let n = dims1(op, sigma.shape())?;
+        let m = dims1(op, w.shape())?;
+        let (ss, ws) = (data(op, sigma)?, data(op, w)?);
+        let mut out = Vec::with_capacity(n * 2 * m);
+        for &s in ss {
+            let ls = s.to_f64().ln();
+            let phase = |wv: &T| std::f64::consts::TAU * ls * wv.to_f64();
+            out.extend(ws.iter().map(|wv| T::from_f64(phase(wv).sin())));
+            out.extend(ws.iter().map(|wv| T::from_f64(phase(wv).cos())));
+        }
+        Ok(Self::wrap(&[n, 2 * m], out))
+    }
+    /// Computed in `T` step by step like score_sde's `get_timestep_embedding` (which is float32
+    /// in the original), so the f32 backend reproduces the reference rounding.
+    fn sinusoidal_embedding(&self, t: &Tensor<Self>, dim: usize, max_positions: f64) -> Result<Tensor<Self>> {
+        let op = "sinusoidal_embedding";
+        let n = dims1(op, t.shape())?;
+        if dim % 2 != 0 || dim < 4 {
+            return Err(Error::shape(op, format!("dim {dim} must be even and at least 4")));
+        }
+        let h = dim / 2;
+        let step = T::from_f64(-(max_positions.ln() / (h - 1) as f64));
+        let omega: Vec<T> = (0..h).map(|k| (T::from_usize(k) * step).exp()).collect();
+        let mut out = Vec::with_capacity(n * dim);
+        for &tv in data(op, t)? {
+            out.extend(omega.iter().map(|&w| (tv * w).sin()));
+            out.extend(omega.iter().map(|&w| (tv * w).cos()));
+        }
+        Ok(Self::wrap(&[n, dim], out))
+    }
+
+    // ---- randomness ---------------------------------------------------------------------------
+    fn randn(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor<Self>> {
+        let n = shape.iter().product();
+        let out = self.run(|| generate(n, |i| T::from_f32(rng::normal(seed, offset.wrapping_add(i)))));
+        Ok(Self::wrap(shape, out))
+    }
+    fn rand_uniform(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor<Self>> {
+        let n = shape.iter().product();
+        let out = self.run(|| generate(n, |i| T::from_f32(rng::uniform(seed, offset.wrapping_add(i)))));
+        Ok(Self::wrap(shape, out))
+    }
+    fn dropout_mask(&self, shape: &[usize], p: f64, seed: u64, offset: u64) -> Result<Tensor<Self>> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Config(format!(
+                "dropout probability {p} must lie in [0, 1)"
+            )));
+        }
+        let n = shape.iter().product();
+        let keep = T::from_f64(1.0 / (1.0 - p));
+        let out = self.run(|| {
+            generate(n, |i| {
+                if (rng::uniform(seed, offset.wrapping_add(i)) as f64) < p {
+                    T::ZERO
+                } else {
+                    keep
+                }
+            })
+        });
+        Ok(Self::wrap(shape, out))
+    }
+}
+
+fn norm_geom<T: CpuFloat>(
+    op: &'static str,
+    x: &Tensor<Cpu<T>>,
+    gamma: &Tensor<Cpu<T>>,
+    beta: &Tensor<Cpu<T>>,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<NormGeom> {
+    let (_, c, h, w) = x.dims4(op)?;
+    if groups == 0 || c % groups != 0 {
+        return Err(Error::shape(
+            op,
+            format!("{c} channels do not split into {groups} groups"),
+        ));
+    }
+    expect_shape(op, "gamma", gamma.shape(), &[c])?;
+    expect_shape(op, "beta", beta.shape(), &[c])?;
+    Ok(NormGeom {
+        c,
+        hw: h * w,
+        groups,
+        eps,
+        silu,
+    })
+}

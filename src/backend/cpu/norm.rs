@@ -1,0 +1,139 @@
+//! GroupNorm (+ optional fused SiLU), forward and backward. Statistics are accumulated in f64 with
+//! two passes (mean, then centred squares), variance is biased (as PyTorch), eps inside the sqrt.
+use rayon::prelude::*;
+
+use super::float::CpuFloat;
+
+/// Shape of one GroupNorm call: x [n, c, hw] split into `groups` groups of c/groups channels.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NormGeom {
+    pub c: usize,
+    pub hw: usize,
+    pub groups: usize,
+    pub eps: f64,
+    pub silu: bool,
+}
+
+impl NormGeom {
+    fn group_len(&self) -> usize {
+        self.c / self.groups * self.hw
+    }
+}
+
+/// (mean, 1/sqrt(var + eps)) of one group's elements.
+fn stats<T: CpuFloat>(xs: &[T], eps: f64) -> (f64, f64) {
+    let m = xs.len().max(1) as f64;
+    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / m;
+    let var = xs
+        .iter()
+        .map(|v| {
+            let d = v.to_f64() - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / m;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+pub(crate) fn group_norm<T: CpuFloat>(g: &NormGeom, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    let len = g.group_len();
+    if len == 0 {
+        return out;
+    }
+    let cg = g.c / g.groups;
+    out.par_chunks_mut(len)
+        .zip(x.par_chunks(len))
+        .enumerate()
+        .for_each(|(idx, (y, xs))| {
+            let (mean, rstd) = stats(xs, g.eps);
+            let c0 = (idx % g.groups) * cg;
+            for (j, (yc, xc)) in y.chunks_mut(g.hw).zip(xs.chunks(g.hw)).enumerate() {
+                // y = x·a + b with a = rstd·γ, b = β − mean·rstd·γ.
+                let a = rstd * gamma[c0 + j].to_f64();
+                let (a, b) = (T::from_f64(a), T::from_f64(beta[c0 + j].to_f64() - mean * a));
+                if g.silu {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        let z = v * a + b;
+                        *o = z * z.sigmoid();
+                    }
+                } else {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = v * a + b;
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// (dx, dγ, dβ). With z the affine output and dz = dy·SiLU'(z) (or dy), g = dz·γ:
+/// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), dγ = Σ dz·x̂, dβ = Σ dz.
+pub(crate) fn group_norm_backward<T: CpuFloat>(
+    g: &NormGeom,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    dy: &[T],
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let mut dx = vec![T::ZERO; x.len()];
+    let len = g.group_len();
+    if len == 0 {
+        return (dx, vec![T::ZERO; g.c], vec![T::ZERO; g.c]);
+    }
+    let cg = g.c / g.groups;
+    // Per (sample, group): the per-channel partial sums of dγ and dβ.
+    let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(len)
+        .zip(x.par_chunks(len))
+        .zip(dy.par_chunks(len))
+        .enumerate()
+        .map(|(idx, ((dxs, xs), dys))| {
+            let (mean, rstd) = stats(xs, g.eps);
+            let c0 = (idx % g.groups) * cg;
+            let (mut dgam, mut dbet) = (vec![0.0; cg], vec![0.0; cg]);
+            let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+            for j in 0..cg {
+                let gam = gamma[c0 + j].to_f64();
+                let bet = beta[c0 + j].to_f64();
+                let range = j * g.hw..(j + 1) * g.hw;
+                for ((d, &xv), &dyv) in dxs[range.clone()]
+                    .iter_mut()
+                    .zip(&xs[range.clone()])
+                    .zip(&dys[range])
+                {
+                    let xhat = (xv.to_f64() - mean) * rstd;
+                    let mut dz = dyv.to_f64();
+                    if g.silu {
+                        let z = xhat * gam + bet;
+                        let s = 1.0 / (1.0 + (-z).exp());
+                        dz *= s * (1.0 + z * (1.0 - s));
+                    }
+                    dgam[j] += dz * xhat;
+                    dbet[j] += dz;
+                    let gv = dz * gam;
+                    sum_g += gv;
+                    sum_gx += gv * xhat;
+                    *d = T::from_f64(gv);
+                }
+            }
+            let m = len as f64;
+            let (mg, mgx) = (sum_g / m, sum_gx / m);
+            for (d, &xv) in dxs.iter_mut().zip(xs) {
+                let xhat = (xv.to_f64() - mean) * rstd;
+                *d = T::from_f64(rstd * (d.to_f64() - mg - xhat * mgx));
+            }
+            (dgam, dbet)
+        })
+        .collect();
+    let (mut dgamma, mut dbeta) = (vec![0.0f64; g.c], vec![0.0f64; g.c]);
+    for (idx, (dg, db)) in partial.iter().enumerate() {
+        let c0 = (idx % g.groups) * cg;
+        for j in 0..cg {
+            dgamma[c0 + j] += dg[j];
+            dbeta[c0 + j] += db[j];
+        }
+    }
+    let conv = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
+    (dx, conv(dgamma), conv(dbeta))
+}
