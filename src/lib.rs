@@ -9,6 +9,8 @@ pub mod error;
 pub mod io;
 pub mod model;
 pub mod rng;
+pub mod sample;
+pub mod sde;
 pub mod tensor;
 
 pub use error::{Error, Result};
