@@ -235,7 +235,7 @@ pub fn upsample_guide_chw(lr_chw: &[f32], lh: usize, lw: usize, out_h: usize, ou
 
 fn channels_of(len: usize, h: usize, w: usize) -> usize {
     assert!(
-        h * w > 0 && len % (h * w) == 0,
+        h * w > 0 && len.is_multiple_of(h * w),
         "image of {len} values is not {h}×{w}×C"
     );
     len / (h * w)

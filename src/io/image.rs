@@ -293,7 +293,7 @@ pub fn encode_gif(frames: &[(Vec<f32>, usize, usize)], delay_ms: u32) -> Result<
                     format!("frame {i} is {w}×{h}, frame 0 is {w0}×{h0}"),
                 ));
             }
-            let c = if h * w > 0 { chw.len() / (h * w) } else { 0 };
+            let c = chw.len().checked_div(h * w).unwrap_or(0);
             let rgb = to_u8_interleaved(chw, c, *h, *w, false)?;
             let rgba: Vec<u8> = rgb
                 .chunks_exact(3)
