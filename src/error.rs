@@ -9,12 +9,20 @@ pub enum Error {
     Shape { op: &'static str, msg: String },
     /// A weights file lacks a tensor, holds one of the wrong shape, or disagrees with the config.
     #[error("weights {file}: tensor `{tensor}`: {msg}")]
-    Weights { file: String, tensor: String, msg: String },
+    Weights {
+        file: String,
+        tensor: String,
+        msg: String,
+    },
     /// A file could not be parsed (checkpoint, safetensors, image, config).
     #[error("{file}: {msg}")]
     Format { file: String, msg: String },
     #[error("{path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// The requested device/backend cannot run (no GPU, no driver, built without kernels).
     #[error("backend: {0}")]
     Backend(String),
@@ -32,9 +40,15 @@ impl Error {
         Error::Shape { op, msg: msg.into() }
     }
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().display().to_string(), source }
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
     }
     pub fn format(file: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Format { file: file.into(), msg: msg.into() }
+        Error::Format {
+            file: file.into(),
+            msg: msg.into(),
+        }
     }
 }

@@ -24,7 +24,10 @@ pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 }
 
 fn words(seed: u64, index: u64) -> [u32; 4] {
-    philox4x32([index as u32, (index >> 32) as u32, 0, 0], [seed as u32, (seed >> 32) as u32])
+    philox4x32(
+        [index as u32, (index >> 32) as u32, 0, 0],
+        [seed as u32, (seed >> 32) as u32],
+    )
 }
 
 /// Uniform in (0, 1]: (w0 + 1) / 2³² rounded to f32 (never 0, so ln is finite).
@@ -59,7 +62,10 @@ mod tests {
     #[test]
     fn philox_known_answer() {
         // Known-answer vector from the Random123 distribution (philox4x32_10, zero counter/key).
-        assert_eq!(philox4x32([0, 0, 0, 0], [0, 0]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+        assert_eq!(
+            philox4x32([0, 0, 0, 0], [0, 0]),
+            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
+        );
         // All-ones counter and key.
         assert_eq!(
             philox4x32([u32::MAX; 4], [u32::MAX; 2]),

@@ -79,14 +79,23 @@ impl<B: Backend> Graph<B> {
     /// Asking twice for the same name returns the same leaf.
     pub fn param(&self, name: &str, t: &Tensor<B>) -> Var<B> {
         if !self.recording {
-            return Var { value: t.clone(), node: None };
+            return Var {
+                value: t.clone(),
+                node: None,
+            };
         }
         if let Some(&id) = self.params.borrow().get(name) {
-            return Var { value: t.clone(), node: Some(id) };
+            return Var {
+                value: t.clone(),
+                node: Some(id),
+            };
         }
         let id = self.push(Vec::new(), None);
         self.params.borrow_mut().insert(name.to_string(), id);
-        Var { value: t.clone(), node: Some(id) }
+        Var {
+            value: t.clone(),
+            node: Some(id),
+        }
     }
 
     fn push(&self, inputs: Vec<Option<usize>>, backward: Option<BackwardFn<B>>) -> usize {
@@ -108,13 +117,18 @@ impl<B: Backend> Graph<B> {
         }
         let ids = inputs.iter().map(|v| v.node).collect();
         let id = self.push(ids, Some(Box::new(backward)));
-        Var { value, node: Some(id) }
+        Var {
+            value,
+            node: Some(id),
+        }
     }
 
     /// Reverse pass from a scalar-per-sample or scalar output `out`, seeded with `seed`
     /// (dL/d(out), same shape as out). Returns the gradient of every parameter reached.
     pub fn backward(&self, out: &Var<B>, seed: Tensor<B>) -> Result<Gradients<B>> {
-        let root = out.node.ok_or_else(|| Error::Other("backward: output is not tracked".into()))?;
+        let root = out
+            .node
+            .ok_or_else(|| Error::Other("backward: output is not tracked".into()))?;
         same_shape("backward seed", out.shape(), seed.shape())?;
         let nodes = self.nodes.borrow();
         let mut grads: Vec<Option<Tensor<B>>> = vec![None; root + 1];
@@ -156,7 +170,10 @@ impl<B: Backend> Graph<B> {
     pub fn axpby(&self, alpha: f64, a: &Var<B>, beta: f64, b: &Var<B>) -> Result<Var<B>> {
         let y = self.backend.axpby(alpha, &a.value, beta, &b.value)?;
         Ok(self.record(y, &[a, b], move |be, g| {
-            Ok(vec![Some(be.affine(g, alpha, 0.0)?), Some(be.affine(g, beta, 0.0)?)])
+            Ok(vec![
+                Some(be.affine(g, alpha, 0.0)?),
+                Some(be.affine(g, beta, 0.0)?),
+            ])
         }))
     }
 
@@ -199,7 +216,9 @@ impl<B: Backend> Graph<B> {
     /// x[N,C,H,W] + b[N,C] broadcast over space.
     pub fn add_channel_bias(&self, x: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
         let y = self.backend.add_channel_bias(&x.value, &b.value)?;
-        Ok(self.record(y, &[x, b], |be, g| Ok(vec![Some(g.clone()), Some(be.sum_spatial(g)?)])))
+        Ok(self.record(y, &[x, b], |be, g| {
+            Ok(vec![Some(g.clone()), Some(be.sum_spatial(g)?)])
+        }))
     }
 
     /// Per-sample Σx² → [N].
@@ -229,7 +248,9 @@ impl<B: Backend> Graph<B> {
 
     pub fn interleave_channels(&self, x: &Var<B>, y: &Var<B>) -> Result<Var<B>> {
         if x.tracked() || y.tracked() {
-            return Err(Error::Other("interleave_channels: inputs are not differentiable".into()));
+            return Err(Error::Other(
+                "interleave_channels: inputs are not differentiable".into(),
+            ));
         }
         Ok(self.constant(self.backend.interleave_channels(&x.value, &y.value)?))
     }
@@ -253,7 +274,9 @@ impl<B: Backend> Graph<B> {
     }
 
     pub fn conv2d(&self, x: &Var<B>, w: &Var<B>, b: &Var<B>, stride: usize, pad: usize) -> Result<Var<B>> {
-        let y = self.backend.conv2d(&x.value, &w.value, Some(&b.value), stride, pad)?;
+        let y = self
+            .backend
+            .conv2d(&x.value, &w.value, Some(&b.value), stride, pad)?;
         let (xv, wv) = (x.value.clone(), w.value.clone());
         Ok(self.record(y, &[x, w, b], move |be, g| {
             let gr = be.conv2d_backward(&xv, &wv, g, stride, pad)?;
@@ -270,7 +293,9 @@ impl<B: Backend> Graph<B> {
         eps: f64,
         silu: bool,
     ) -> Result<Var<B>> {
-        let y = self.backend.group_norm(&x.value, &gamma.value, &beta.value, groups, eps, silu)?;
+        let y = self
+            .backend
+            .group_norm(&x.value, &gamma.value, &beta.value, groups, eps, silu)?;
         let (xv, gv, bv) = (x.value.clone(), gamma.value.clone(), beta.value.clone());
         Ok(self.record(y, &[x, gamma, beta], move |be, g| {
             let gr = be.group_norm_backward(&xv, &gv, &bv, g, groups, eps, silu)?;
@@ -290,7 +315,9 @@ impl<B: Backend> Graph<B> {
     pub fn upfirdn2d(&self, x: &Var<B>, fir: &Fir, geom: UpFirDn) -> Result<Var<B>> {
         let y = self.backend.upfirdn2d(&x.value, fir, geom)?;
         let (shape, fir) = (x.shape().to_vec(), fir.clone());
-        Ok(self.record(y, &[x], move |be, g| Ok(vec![Some(be.upfirdn2d_backward(g, &shape, &fir, geom)?)])))
+        Ok(self.record(y, &[x], move |be, g| {
+            Ok(vec![Some(be.upfirdn2d_backward(g, &shape, &fir, geom)?)])
+        }))
     }
 
     /// Inverted dropout with a mask drawn from (seed, offset); identity when p = 0.

@@ -18,7 +18,10 @@ pub struct Tensor<B: Backend> {
 
 impl<B: Backend> Clone for Tensor<B> {
     fn clone(&self) -> Self {
-        Tensor { shape: self.shape.clone(), buf: self.buf.clone() }
+        Tensor {
+            shape: self.shape.clone(),
+            buf: self.buf.clone(),
+        }
     }
 }
 
@@ -49,9 +52,15 @@ impl<B: Backend> Tensor<B> {
     pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();
         if n != self.numel() {
-            return Err(Error::shape("reshape", format!("{:?} -> {:?}", self.shape, shape)));
+            return Err(Error::shape(
+                "reshape",
+                format!("{:?} -> {:?}", self.shape, shape),
+            ));
         }
-        Ok(Tensor { shape: shape.to_vec(), buf: self.buf.clone() })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            buf: self.buf.clone(),
+        })
     }
     /// The 4 dimensions of an NCHW tensor, or a shape error naming `op`.
     pub fn dims4(&self, op: &'static str) -> Result<(usize, usize, usize, usize)> {
@@ -102,6 +111,9 @@ impl HostTensor {
     }
     /// Download from a backend.
     pub fn from_device<B: Backend>(backend: &B, t: &Tensor<B>) -> Result<Self> {
-        Ok(HostTensor { shape: t.shape().to_vec(), data: backend.to_f32(t)? })
+        Ok(HostTensor {
+            shape: t.shape().to_vec(),
+            data: backend.to_f32(t)?,
+        })
     }
 }
