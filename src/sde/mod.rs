@@ -265,7 +265,7 @@ mod tests {
         assert_eq!(torch_linspace_f32(0.0, 1.0, 2), vec![0.0, 1.0]);
         assert_eq!(torch_linspace_f32(3.0, 1.0, 1), vec![3.0]);
         assert!(torch_linspace_f32(3.0, 1.0, 0).is_empty());
-        // n = 3 with a step of −1/3 in f32: the middle point is end − step, not start + step.
+        // n = 3: the middle point (i = n/2 = 1) is already in the second half: end − 1·step.
         let step = (0.0f32 - 1.0) / 2.0f32;
         assert_eq!(torch_linspace_f32(1.0, 0.0, 3)[1], 0.0 - step);
         let v = torch_linspace_f32(1.0, 0.1, 4); // step = −0.3 (inexact in f32)
