@@ -23,12 +23,14 @@ fn schedules_match_original() {
     let ts = &g.get("t").1;
     let (xshape, xs) = g.get("x");
     let per = xshape[1..].iter().product::<usize>();
+    let worst = std::cell::Cell::new(0.0f64);
     for sde in sdes() {
         let name = sde.name();
         let scalar = |key: &str, f: &dyn Fn(f64) -> f64| {
             let want = &g.get(&format!("{name}.{key}")).1;
             for (i, &t) in ts.iter().enumerate() {
                 let err = rel_err_f64(&[f(t)], &[want[i]]);
+                worst.set(worst.get().max(err));
                 assert!(
                     err < TOL,
                     "{name}.{key} at t={t}: {} vs {} (rel {err:e})",
@@ -46,6 +48,7 @@ fn schedules_match_original() {
                 let x = &xs[i * per..(i + 1) * per];
                 let got: Vec<f64> = x.iter().map(|v| coef(t) * v).collect();
                 let err = rel_err_f64(&got, &want[i * per..(i + 1) * per]);
+                worst.set(worst.get().max(err));
                 assert!(err < TOL, "{name}.{key} at t={t}: rel {err:e}");
             }
         };
@@ -53,6 +56,7 @@ fn schedules_match_original() {
         linear("drift", &|t| sde.drift_coef(t));
         linear("discretize_f", &|t| sde.discretize(t).f_coef);
     }
+    println!("worst schedule rel err {:.2e}", worst.get());
 }
 
 struct StepInputs {
