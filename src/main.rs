@@ -1,1 +1,216 @@
-fn main() {}
+//! `srsde-fast` command line: parses arguments, calls the library, prints. No logic of its own.
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use srsde_fast::backend::cpu::CpuF32;
+use srsde_fast::backend::cuda::{self, Cuda, Precision};
+use srsde_fast::backend::Backend;
+use srsde_fast::bench;
+use srsde_fast::model::load::{load_weights, save_weights};
+use srsde_fast::model::weights::StorageType;
+use srsde_fast::model::{NetConfig, ScoreModel};
+
+#[derive(Parser)]
+#[command(
+    name = "srsde-fast",
+    version,
+    about = "Score-based SDE face super-resolution (16×16 → 128×128)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// CUDA when a GPU and kernels are available, else the CPU (with a note).
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StorageArg {
+    F32,
+    F16,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert an original sr-sde checkpoint.pth (EMA weights) to safetensors with its config.
+    Convert {
+        /// The checkpoint (`checkpoint.pth`) or a safetensors file.
+        input: PathBuf,
+        /// Output .safetensors file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Use this preset's config instead of inferring it from the tensor shapes.
+        #[arg(long)]
+        preset: Option<String>,
+        /// Storage type of the written weights.
+        #[arg(long, value_enum, default_value = "f32")]
+        storage: StorageArg,
+        /// Overwrite an existing output file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a weights file's config and parameter count.
+    Info { model: PathBuf },
+    /// Time one network evaluation and one sampler step.
+    Bench {
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+        /// Model preset (random weights).
+        #[arg(long, default_value = "ve-paper")]
+        preset: String,
+        /// Batch size of the NFE timing.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed repetitions (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Also time one predictor–corrector step (2 NFE + updates).
+        #[arg(long)]
+        pc_step: bool,
+    },
+    /// Check every CUDA kernel against the CPU backend on fresh random inputs.
+    Selftest {
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Convert {
+            input,
+            output,
+            preset,
+            storage,
+            force,
+        } => {
+            if output.exists() && !force {
+                bail!("{} exists; pass --force to overwrite it", output.display());
+            }
+            let over = preset.as_deref().map(NetConfig::preset).transpose()?;
+            let lw = load_weights(&input, over)?;
+            for n in &lw.notes {
+                println!("note: {n}");
+            }
+            let storage = match storage {
+                StorageArg::F32 => StorageType::F32,
+                StorageArg::F16 => StorageType::F16,
+            };
+            save_weights(&output, &lw.config, &lw.weights, storage)?;
+            let n: usize = lw.weights.values().map(|t| t.numel()).sum();
+            println!(
+                "wrote {} ({} tensors, {n} parameters, {:?})",
+                output.display(),
+                lw.weights.len(),
+                lw.config.sde()
+            );
+        }
+        Cmd::Info { model } => {
+            let lw = load_weights(&model, None)?;
+            for n in &lw.notes {
+                println!("note: {n}");
+            }
+            let n: usize = lw.weights.values().map(|t| t.numel()).sum();
+            println!("{}: {:?} SDE, {n} parameters", model.display(), lw.config.sde());
+            println!("config: {}", lw.config.model_json());
+            println!("data:   {}", lw.config.data_json());
+        }
+        Cmd::Bench {
+            device,
+            preset,
+            batch,
+            iters,
+            pc_step,
+        } => match pick_device(device)? {
+            Picked::Cpu(be) => bench_on(&be, &preset, batch, iters, pc_step)?,
+            Picked::Cuda(be) => {
+                for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+                    if be.supports(p) {
+                        println!("precision {}", p.as_str());
+                        bench_on(&be.with_precision(p), &preset, batch, iters, pc_step)?;
+                    }
+                }
+            }
+        },
+        Cmd::Selftest { seed } => {
+            let cu = Cuda::new(0).context("selftest needs a CUDA device")?;
+            println!("device: {}", cu.device_name());
+            let rows = cuda::selftest::selftest(&cu, seed)?;
+            println!("{}", cuda::selftest::header());
+            let mut failed = 0;
+            for r in &rows {
+                println!("{r}");
+                failed += usize::from(!r.pass);
+            }
+            println!("{} passed, {} failed", rows.len() - failed, failed);
+            if failed > 0 {
+                bail!("{failed} CUDA op checks failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Picked {
+    Cpu(CpuF32),
+    Cuda(Cuda),
+}
+
+/// Resolve `--device`: auto falls back to the CPU with a one-line note; cuda fails clearly.
+fn pick_device(d: DeviceArg) -> Result<Picked> {
+    match d {
+        DeviceArg::Cpu => Ok(Picked::Cpu(CpuF32::new())),
+        DeviceArg::Cuda => Ok(Picked::Cuda(Cuda::new(0).context("--device cuda")?)),
+        DeviceArg::Auto => match Cuda::new(0) {
+            Ok(c) => Ok(Picked::Cuda(c)),
+            Err(e) => {
+                eprintln!("note: using the CPU ({e})");
+                Ok(Picked::Cpu(CpuF32::new()))
+            }
+        },
+    }
+}
+
+fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_step: bool) -> Result<()> {
+    let net = bench::random_network(be, preset)?;
+    println!("device: {}", be.name());
+    println!("model: {preset} ({} parameters), 128×128", net.num_params());
+    let t = bench::time_nfe(&net, batch, iters)?;
+    let per_img = t.median_ms / batch as f64;
+    let flops = bench::known_gflop_per_nfe(preset)
+        .map(|g| format!(", {:.1} GFLOP/s", g * batch as f64 / (t.median_ms / 1e3)))
+        .unwrap_or_default();
+    println!(
+        "forward (NFE) batch {batch}: median {:.1} ms (min {:.1}, {} runs), {:.1} NFE/s{flops}",
+        t.median_ms,
+        t.min_ms,
+        t.runs,
+        1e3 / per_img
+    );
+    if pc_step {
+        let model = ScoreModel::new(net);
+        let t = bench::time_pc_step(&model, batch, iters)?;
+        println!(
+            "PC step (2 NFE + updates) batch {batch}: median {:.1} ms (min {:.1})",
+            t.median_ms, t.min_ms
+        );
+    }
+    if let Some(b) = bench::peak_rss_bytes() {
+        println!("peak memory (RSS): {:.0} MiB", b as f64 / (1 << 20) as f64);
+    }
+    Ok(())
+}

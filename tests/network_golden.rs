@@ -20,7 +20,6 @@ fn norm(v: &[f32]) -> f64 {
     v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
 }
 
-
 fn load(golden: &Golden) -> (NetConfig, BTreeMap<String, HostTensor>) {
     let cfg = NetConfig::from_json(
         &golden.metadata["config"],

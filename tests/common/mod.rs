@@ -8,7 +8,9 @@ use srsde_fast::tensor::HostTensor;
 
 /// Path of a file in ../shared/golden (next to the checkout).
 pub fn golden_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/golden")
+        .join(name)
 }
 
 /// A golden safetensors file, every tensor converted to f64 (from f64/f32/f16/bf16/ints/u8).
@@ -28,10 +30,22 @@ impl Golden {
         for (name, view) in st.tensors() {
             let d = view.data();
             let vals: Vec<f64> = match view.dtype() {
-                Dtype::F64 => d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-                Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-                Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-                Dtype::I32 => d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                Dtype::F64 => d
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                Dtype::F32 => d
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I64 => d
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I32 => d
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
                 Dtype::U8 => d.iter().map(|&v| v as f64).collect(),
                 Dtype::F16 => d
                     .chunks_exact(2)
@@ -49,7 +63,9 @@ impl Golden {
     }
 
     pub fn get(&self, name: &str) -> &(Vec<usize>, Vec<f64>) {
-        self.tensors.get(name).unwrap_or_else(|| panic!("golden tensor `{name}` missing"))
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("golden tensor `{name}` missing"))
     }
 
     /// A tensor as f32 host data.
@@ -59,7 +75,12 @@ impl Golden {
     }
 
     pub fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
-        let mut v: Vec<String> = self.tensors.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        let mut v: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
         v.sort();
         v
     }

@@ -1,0 +1,117 @@
+//! Benchmarks shared by `srsde-fast bench` and the criterion benches: one network evaluation
+//! (NFE) and one predictor–corrector step, timed on any backend, plus the process's peak memory.
+use std::time::Instant;
+
+use crate::autograd::Graph;
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::model::ncsnpp::{Forward, Ncsnpp};
+use crate::model::{NetConfig, ScoreModel};
+use crate::sample::pc::{corrector_step, predictor_step};
+use crate::sample::{NoiseStream, SamplerConfig};
+
+/// Timing summary of repeated runs, in milliseconds.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub runs: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+}
+
+fn summarise(mut ms: Vec<f64>) -> Timing {
+    ms.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    Timing {
+        runs: ms.len(),
+        median_ms: ms[ms.len() / 2],
+        min_ms: ms[0],
+    }
+}
+
+/// Time `f` `iters` times after one warm-up run; `sync` waits for queued device work.
+pub fn time_it(
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+    sync: impl Fn() -> Result<()>,
+) -> Result<Timing> {
+    f()?;
+    sync()?;
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        sync()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(summarise(ms))
+}
+
+/// Forward FLOPs per image of the paper presets, from the analytic count in the spec (§7).
+pub fn known_gflop_per_nfe(preset: &str) -> Option<f64> {
+    match preset {
+        "ve-paper" => Some(133.9),
+        "vp-paper" | "subvp-paper" => Some(567.6),
+        _ => None,
+    }
+}
+
+/// A network of `preset` with deterministic random weights (benchmarks need no trained model).
+pub fn random_network<B: Backend>(backend: &B, preset: &str) -> Result<Ncsnpp<B>> {
+    let mut cfg = NetConfig::preset(preset)?;
+    cfg.model.dropout = 0.0;
+    Ncsnpp::random(backend, cfg, 1234)
+}
+
+/// One inference forward pass (no tape) at `batch`, timed.
+pub fn time_nfe<B: Backend>(net: &Ncsnpp<B>, batch: usize, iters: usize) -> Result<Timing> {
+    let be = net.backend();
+    let size = net.config.data.image_size;
+    let c = net.config.data.num_channels;
+    let x = be.randn(&[batch, c, size, size], 1, 0)?;
+    let labels = be.from_f32(&[batch], &vec![1.0; batch])?;
+    time_it(
+        iters,
+        || {
+            let g = Graph::inference(be);
+            net.forward(&g, &g.constant(x.clone()), &labels, Forward::default())?;
+            Ok(())
+        },
+        || be.synchronize(),
+    )
+}
+
+/// One step of the paper's VE sampler (`sde-ve-cs`: Langevin corrector + reverse-diffusion
+/// predictor = 2 NFE + updates) at `batch`, timed.
+pub fn time_pc_step<B: Backend>(model: &ScoreModel<B>, batch: usize, iters: usize) -> Result<Timing> {
+    let be = model.net.backend();
+    let size = model.net.config.data.image_size;
+    let sde = &model.sde;
+    let preset = if matches!(sde, crate::sde::Sde::Ve(_)) {
+        "sde-ve-cs"
+    } else {
+        "sde-vp"
+    };
+    let cfg = SamplerConfig::preset(preset, sde)?;
+    let langevin = cfg.langevin();
+    let y = be.rand_uniform(&[batch, 3, size, size], 2, 0)?;
+    let mut x = be.randn(&[batch, 3, size, size], 3, 0)?;
+    let mut noise = NoiseStream::new(4);
+    let t = 0.5;
+    time_it(
+        iters,
+        || {
+            let c = corrector_step(be, model, sde, cfg.corrector, &langevin, &x, &y, t, &mut noise)?;
+            let p = predictor_step(be, model, sde, cfg.predictor, &c.x, &y, t, &mut noise)?;
+            x = p.x;
+            Ok(())
+        },
+        || be.synchronize(),
+    )
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
