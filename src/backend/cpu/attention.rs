@@ -27,6 +27,7 @@ fn softmax_rows<T: CpuFloat>(s: &mut [T], l: usize) {
 }
 
 /// P for queries [i0, i0+bq) of one sample (q, k: [C, L] slices at `base`).
+#[allow(clippy::too_many_arguments)] // a BLAS-style argument list reads best here
 fn probs<T: CpuFloat>(
     q: &[T],
     k: &[T],

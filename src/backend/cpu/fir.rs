@@ -17,7 +17,7 @@ fn taps(n_in: usize, n_out: usize, k: usize, geom: UpFirDn) -> Vec<Vec<(usize, u
             (0..k)
                 .filter_map(|t| {
                     let u = (o * geom.down + t) as isize - geom.pad0;
-                    if u < 0 || u as usize % geom.up != 0 || u as usize / geom.up >= n_in {
+                    if u < 0 || !(u as usize).is_multiple_of(geom.up) || u as usize / geom.up >= n_in {
                         return None;
                     }
                     Some((k - 1 - t, u as usize / geom.up))

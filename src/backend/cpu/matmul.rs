@@ -52,6 +52,7 @@ pub(crate) enum Par {
 
 /// dst[m×n] (row-major at `dst_off`, row stride `dst_rs`) = (accumulate ? dst : 0) + alpha·lhs·rhs.
 /// Dimensions and bounds are checked here (internal invariants: callers validated user shapes).
+#[allow(clippy::too_many_arguments)] // BLAS-style
 pub(crate) fn gemm<T: CpuFloat>(
     dst: &mut [T],
     dst_off: usize,

@@ -295,7 +295,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             .ok_or_else(|| Error::shape(op, "x is a scalar"))?;
         expect_shape(op, "s", s.shape(), &[n])?;
         let (xs, ss) = (data(op, x)?, data(op, s)?);
-        let per = if n == 0 { 0 } else { xs.len() / n };
+        let per = xs.len().checked_div(n).unwrap_or(0);
         let out = self.run(|| {
             let mut out = xs.to_vec();
             if per > 0 {
@@ -357,7 +357,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             .copied()
             .ok_or_else(|| Error::shape(op, "x is a scalar"))?;
         let xs = data(op, x)?;
-        let per = if n == 0 { 0 } else { xs.len() / n };
+        let per = xs.len().checked_div(n).unwrap_or(0);
         let out = self.run(|| {
             (0..n)
                 .into_par_iter()
@@ -661,7 +661,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     fn sinusoidal_embedding(&self, t: &Tensor<Self>, dim: usize, max_positions: f64) -> Result<Tensor<Self>> {
         let op = "sinusoidal_embedding";
         let n = dims1(op, t.shape())?;
-        if dim % 2 != 0 || dim < 4 {
+        if !dim.is_multiple_of(2) || dim < 4 {
             return Err(Error::shape(op, format!("dim {dim} must be even and at least 4")));
         }
         let h = dim / 2;
