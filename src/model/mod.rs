@@ -12,3 +12,7 @@ use crate::tensor::Tensor;
 pub trait ScoreFn<B: Backend> {
     fn score(&self, x: &Tensor<B>, y: &Tensor<B>, t: f64) -> Result<Tensor<B>>;
 }
+
+pub mod pickle;
+pub mod pth;
+pub mod weights;
