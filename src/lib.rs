@@ -6,6 +6,7 @@ pub mod autograd;
 pub mod backend;
 pub mod check;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod model;
 pub mod rng;
