@@ -14,5 +14,14 @@ pub trait ScoreFn<B: Backend> {
 }
 
 pub mod pickle;
+
+pub mod config;
+pub mod load;
+pub mod ncsnpp;
+pub mod score;
+
+pub use config::{NetConfig, SdeKind};
+pub use ncsnpp::Ncsnpp;
+pub use score::ScoreModel;
 pub mod pth;
 pub mod weights;
