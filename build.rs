@@ -320,12 +320,12 @@ impl Nvrtc {
             let err_str: ErrStr = std::mem::transmute(sym(b"nvrtcGetErrorString\0")?);
             let (out_size, get_out): (SizeFn, GetFn) = match out {
                 Output::Cubin => (
-                    std::mem::transmute(sym(b"nvrtcGetCUBINSize\0")?),
-                    std::mem::transmute(sym(b"nvrtcGetCUBIN\0")?),
+                    std::mem::transmute::<*const (), SizeFn>(sym(b"nvrtcGetCUBINSize\0")?),
+                    std::mem::transmute::<*const (), GetFn>(sym(b"nvrtcGetCUBIN\0")?),
                 ),
                 Output::Ptx => (
-                    std::mem::transmute(sym(b"nvrtcGetPTXSize\0")?),
-                    std::mem::transmute(sym(b"nvrtcGetPTX\0")?),
+                    std::mem::transmute::<*const (), SizeFn>(sym(b"nvrtcGetPTXSize\0")?),
+                    std::mem::transmute::<*const (), GetFn>(sym(b"nvrtcGetPTX\0")?),
                 ),
             };
             let c_src = CString::new(src).map_err(|_| "source holds a NUL byte".to_string())?;

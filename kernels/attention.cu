@@ -1,7 +1,7 @@
 // Fused spatial self-attention for small L = H·W (score_sde's AttnBlockpp core):
 //   S = Qᵀ K / √C, P = softmax over keys, out = V Pᵀ, per sample, q/k/v/out [N, C, L].
 // One block per (TQ queries, sample); the TQ × L score rows stay in shared memory (dynamic,
-// TQ·(L+1) floats, so L ≤ 767 within the default 48 KB). CPU twin: attention.
+// TQ·(L+1) floats plus the 4 KB query chunk within the default 48 KB, so L ≤ 703). CPU twin: attention.
 #include "common.cuh"
 
 #define TQ 16

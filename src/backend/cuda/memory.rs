@@ -12,7 +12,7 @@ use cudarc::driver::{result, CudaContext};
 use crate::error::{Error, Result};
 
 /// Round a request up to its size class: powers of two up to 1 MiB, above that steps of an
-/// eighth of the enclosing power of two (at most 12.5% waste, few distinct classes).
+/// eighth of the power of two below the request (at most 12.5% waste, few distinct classes).
 pub(crate) fn size_class(bytes: usize) -> usize {
     const SMALL: usize = 1 << 20;
     if bytes <= 512 {
@@ -21,7 +21,8 @@ pub(crate) fn size_class(bytes: usize) -> usize {
     if bytes <= SMALL {
         return bytes.next_power_of_two();
     }
-    let step = bytes.next_power_of_two() / 8;
+    let floor_pow2 = 1usize << (usize::BITS - 1 - bytes.leading_zeros());
+    let step = floor_pow2 / 8;
     bytes.div_ceil(step) * step
 }
 

@@ -220,8 +220,9 @@ struct FirTaps {
     kw: i32,
 }
 
-/// Largest L = H·W the fused attention kernel takes (its score rows live in 48 KB of shared memory).
-pub const ATTENTION_MAX_L: usize = 767;
+/// Largest L = H·W the fused attention kernel takes: its 16 score rows (dynamic) plus the 4 KB
+/// query chunk (static) must fit the default 48 KB of shared memory: 64·(L+1) + 4096 ≤ 49152.
+pub const ATTENTION_MAX_L: usize = 703;
 const ATTN_TQ: usize = 16;
 
 fn to_i32(op: &'static str, v: usize) -> Result<i32> {
@@ -352,6 +353,34 @@ impl Cuda {
     /// The stream all work is queued on (for events and graph capture by callers).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
+    }
+
+    /// Median wall time in ms of `f` on the device, measured with CUDA events around each of
+    /// `reps` runs after `warmup` untimed ones (`f` only queues work on this backend's stream).
+    pub fn time_ms(&self, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        use cudarc::driver::sys::CUevent_flags;
+        for _ in 0..warmup {
+            f()?;
+        }
+        self.synchronize()?;
+        let ctx = &self.inner.ctx;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            let start = drv(
+                "cuEventCreate",
+                ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+            )?;
+            let end = drv(
+                "cuEventCreate",
+                ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+            )?;
+            drv("cuEventRecord", start.record(&self.inner.stream))?;
+            f()?;
+            drv("cuEventRecord", end.record(&self.inner.stream))?;
+            times.push(drv("cuEventElapsedTime", start.elapsed_ms(&end))? as f64);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(times[times.len() / 2])
     }
 
     // ---- plumbing -----------------------------------------------------------------------------
@@ -710,7 +739,7 @@ impl Backend for Cuda {
         expect_shape(op, "s", s.shape(), &[n])?;
         let out = self.out(x.shape())?;
         let total = x.numel();
-        let per = if n == 0 { 0 } else { total / n };
+        let per = total.checked_div(n).unwrap_or(0);
         self.launch_n(
             "ew_scale_per_sample",
             total,
@@ -1170,7 +1199,7 @@ impl Backend for Cuda {
     fn sinusoidal_embedding(&self, t: &Tensor<Self>, dim: usize, max_positions: f64) -> Result<Tensor<Self>> {
         let op = "sinusoidal_embedding";
         let n = dims1(op, t.shape())?;
-        if dim % 2 != 0 || dim < 4 {
+        if !dim.is_multiple_of(2) || dim < 4 {
             return Err(Error::shape(op, format!("dim {dim} must be even and at least 4")));
         }
         let half = dim / 2;

@@ -136,6 +136,22 @@ fn draw(shape: &[usize], dist: Dist, seed: u64) -> Vec<f32> {
 
 const F32_BOUND: f64 = 1e-5;
 
+/// One conv2d case: input (N, C, H, W), O output channels, k×k kernel, stride, pad, with bias.
+type ConvCase = (usize, usize, usize, usize, usize, usize, usize, usize, bool);
+
+/// The models' convs (6 → 128 first conv, 128 → 256, the strided VP pyramid conv, 1×1 skips,
+/// the 128 → 3 output conv) plus odd sizes, stride 2 and 3, and a 5×5 kernel.
+const CONVS: &[ConvCase] = &[
+    (1, 6, 32, 32, 128, 3, 1, 1, true),
+    (2, 128, 16, 16, 256, 3, 1, 1, true),
+    (2, 128, 17, 17, 256, 3, 2, 0, true),
+    (3, 5, 11, 13, 7, 3, 2, 1, true),
+    (2, 512, 8, 8, 256, 1, 1, 0, true),
+    (1, 128, 64, 64, 3, 3, 1, 1, true),
+    (1, 128, 64, 64, 128, 3, 1, 1, false),
+    (2, 4, 10, 10, 6, 5, 3, 2, false),
+];
+
 fn bound_for(p: Precision) -> f64 {
     match p {
         Precision::F32 => F32_BOUND,
@@ -267,18 +283,7 @@ fn cases(seed: u64) -> Vec<Case> {
             precision: p,
             bound: b,
         });
-        // (N, C, H, W, O, k, stride, pad, bias)
-        let convs: [(usize, usize, usize, usize, usize, usize, usize, usize, bool); 8] = [
-            (1, 6, 32, 32, 128, 3, 1, 1, true),
-            (2, 128, 16, 16, 256, 3, 1, 1, true),
-            (2, 128, 17, 17, 256, 3, 2, 0, true),
-            (3, 5, 11, 13, 7, 3, 2, 1, true),
-            (2, 512, 8, 8, 256, 1, 1, 0, true),
-            (1, 128, 64, 64, 3, 3, 1, 1, true),
-            (1, 128, 64, 64, 128, 3, 1, 1, false),
-            (2, 4, 10, 10, 6, 5, 3, 2, false),
-        ];
-        for (n, c, h, wd, o, k, stride, pad, bias) in convs {
+        for &(n, c, h, wd, o, k, stride, pad, bias) in CONVS {
             let mut inputs = vec![
                 (vec![n, c, h, wd], n01()),
                 (vec![o, c, k, k], w(1.0 / ((c * k * k) as f32).sqrt())),

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Device-side check, run from the repository root on the GPU host with the release binary
+# (built here, kernels embedded) at target/release/srsde-fast. Needs only the NVIDIA driver.
+# Logs go to $OUT (the device tool's output folder; /tmp/srsde-gpu otherwise). The last lines
+# are a short summary. Exit status: non-zero if the selftest or the bench failed.
+set -u
+OUT="${OUT:-/tmp/srsde-gpu}"
+BIN="${BIN:-target/release/srsde-fast}"
+mkdir -p "$OUT"
+
+echo "== device" | tee "$OUT/device.txt"
+nvidia-smi 2>&1 | tee -a "$OUT/device.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
+    --format=csv 2>&1 | tee -a "$OUT/device.txt"
+
+if [ ! -x "$BIN" ]; then
+    echo "missing $BIN: build it with 'cargo build --release' where NVRTC is installed" | tee "$OUT/summary.txt"
+    exit 2
+fi
+
+echo "== selftest (every CUDA op against the CPU backend)"
+timeout 300 "$BIN" selftest 2>&1 | tee "$OUT/selftest.txt"
+rc_selftest=${PIPESTATUS[0]}
+
+echo "== bench"
+timeout 240 "$BIN" bench 2>&1 | tee "$OUT/bench.txt"
+rc_bench=${PIPESTATUS[0]}
+
+# Optional: the integration tests, if their binary was carried too (cargo test --release --no-run).
+rc_tests=skipped
+for t in target/release/deps/cuda_ops-*; do
+    if [ -x "$t" ] && [ "${t%.d}" = "$t" ]; then
+        timeout 300 "$t" --nocapture --test-threads=1 2>&1 | tee "$OUT/cuda_ops_tests.txt"
+        rc_tests=${PIPESTATUS[0]}
+        break
+    fi
+done
+
+{
+    echo "== summary"
+    grep -c " ok$" "$OUT/selftest.txt" | sed 's/^/selftest rows ok: /'
+    grep "FAIL" "$OUT/selftest.txt" | head -20
+    echo "selftest exit $rc_selftest, bench exit $rc_bench, tests $rc_tests"
+} | tee "$OUT/summary.txt"
+[ "$rc_selftest" = 0 ] && [ "$rc_bench" = 0 ]
