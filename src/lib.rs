@@ -13,5 +13,6 @@ pub mod rng;
 pub mod sample;
 pub mod sde;
 pub mod tensor;
+pub mod upscale;
 
 pub use error::{Error, Result};

@@ -80,6 +80,13 @@ enum Cmd {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Super-resolve 16×16 faces to 128×128: writes `{stem}_sr.png` per input into OUTDIR.
+    Upscale {
+        #[command(flatten)]
+        opts: srsde_fast::upscale::UpscaleOptions,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+    },
 }
 
 fn main() {
@@ -160,6 +167,13 @@ fn run(cli: Cli) -> Result<()> {
             if failed > 0 {
                 bail!("{failed} CUDA op checks failed");
             }
+        }
+        Cmd::Upscale { opts, device } => {
+            let report = match pick_device(device)? {
+                Picked::Cpu(be) => srsde_fast::upscale::run(&opts, &be)?,
+                Picked::Cuda(be) => srsde_fast::upscale::run(&opts, &be)?,
+            };
+            report.into_result()?;
         }
     }
     Ok(())
