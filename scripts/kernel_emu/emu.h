@@ -1,0 +1,94 @@
+// CPU emulation of the CUDA subset used by kernels/*.cu; see run.sh.
+// CPU emulation of the CUDA subset our kernels use: one block at a time, one OS thread per CUDA
+// thread, real barriers for __syncthreads and warp shuffles; WMMA emulated per whole tile.
+#pragma once
+#include <thread>
+#include <barrier>
+#include <vector>
+#include <cmath>
+#include <cstring>
+#include <cstdint>
+#include <functional>
+#include <algorithm>
+#include <cstdio>
+#include <memory>
+using std::min; using std::max;
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 gridDim, blockDim;
+inline std::barrier<>* g_block_bar;
+inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_bars;
+inline float g_xchg_f[1024]; inline double g_xchg_d[1024];
+inline unsigned char g_dyn_smem[1 << 20];
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __syncthreads() g_block_bar->arrive_and_wait()
+template <class T> inline T __ldg(const T* p) { return *p; }
+struct alignas(16) float4 { float x, y, z, w; };
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
+inline float __int_as_float(int v) { float f; memcpy(&f, &v, 4); return f; }
+inline float __int_as_float(unsigned v) { float f; memcpy(&f, &v, 4); return f; }
+inline int lane_id() { return threadIdx.x & 31; }
+inline std::barrier<>& warp_bar() { return *g_warp_bars[threadIdx.x / 32]; }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    g_xchg_f[threadIdx.x] = v; warp_bar().arrive_and_wait();
+    float r = g_xchg_f[(threadIdx.x & ~31u) | (lane_id() ^ o)]; warp_bar().arrive_and_wait(); return r;
+}
+inline double __shfl_xor_sync(unsigned, double v, int o) {
+    g_xchg_d[threadIdx.x] = v; warp_bar().arrive_and_wait();
+    double r = g_xchg_d[(threadIdx.x & ~31u) | (lane_id() ^ o)]; warp_bar().arrive_and_wait(); return r;
+}
+// ---- bf16 / tf32 / wmma -------------------------------------------------------------------
+struct __nv_bfloat16 { uint16_t b; operator float() const { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; } };
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u; memcpy(&u, &f, 4); uint32_t r = u + 0x7FFF + ((u >> 16) & 1); __nv_bfloat16 h; h.b = (uint16_t)(r >> 16); return h;
+}
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};
+namespace precision { struct tf32 {}; }
+enum layout_t { mem_row_major, mem_col_major };
+inline float __float_to_tf32(float f) { // round to nearest, ties away, 10 mantissa bits
+    uint32_t u; memcpy(&u, &f, 4); u = (u + 0x1000u) & 0xFFFFE000u; float r; memcpy(&r, &u, 4); return r; }
+template <class Use, int M, int N, int K, class T = void, class L = void> struct fragment;
+template <int M, int N, int K, class T, class L> struct fragment<matrix_a, M, N, K, T, L> { float t[M * K]; };
+template <int M, int N, int K, class T, class L> struct fragment<matrix_b, M, N, K, T, L> { float t[K * N]; };
+template <int M, int N, int K, class T> struct fragment<accumulator, M, N, K, T, void> { float t[M * N]; };
+template <int M, int N, int K, class T> inline void fill_fragment(fragment<accumulator, M, N, K, T>& f, float v) { for (auto& x : f.t) x = v; }
+template <class E> inline float tof(const E& e) { return (float)e; }
+template <int M, int N, int K, class T, class E> inline void load_matrix_sync(fragment<matrix_a, M, N, K, T, row_major>& f, const E* p, unsigned ld) {
+    for (int i = 0; i < M; ++i) for (int k = 0; k < K; ++k) f.t[i * K + k] = tof(p[i * ld + k]); }
+template <int M, int N, int K, class T, class E> inline void load_matrix_sync(fragment<matrix_b, M, N, K, T, row_major>& f, const E* p, unsigned ld) {
+    for (int k = 0; k < K; ++k) for (int j = 0; j < N; ++j) f.t[k * N + j] = tof(p[k * ld + j]); }
+template <int M, int N, int K, class T, class TA, class TB> inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
+    const fragment<matrix_a, M, N, K, TA, row_major>& a, const fragment<matrix_b, M, N, K, TB, row_major>& b, const fragment<accumulator, M, N, K, T>& c) {
+    float tmp[M * N];
+    for (int i = 0; i < M; ++i) for (int j = 0; j < N; ++j) { double s = c.t[i * N + j]; for (int k = 0; k < K; ++k) s += (double)a.t[i * K + k] * b.t[k * N + j]; tmp[i * N + j] = (float)s; }
+    memcpy(d.t, tmp, sizeof tmp);
+    warp_bar().arrive_and_wait();  // collective
+}
+template <int M, int N, int K, class T> inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ld, layout_t) {
+    warp_bar().arrive_and_wait();
+    if (lane_id() == 0) for (int i = 0; i < M; ++i) for (int j = 0; j < N; ++j) p[i * ld + j] = f.t[i * N + j];
+    warp_bar().arrive_and_wait();
+}
+}}
+// ---- launcher ------------------------------------------------------------------------------
+inline void launch(dim3 grid, dim3 block, std::function<void()> body) {
+    gridDim = grid; blockDim = block;
+    unsigned nt = block.x;
+    for (unsigned bz = 0; bz < grid.z; ++bz) for (unsigned by = 0; by < grid.y; ++by) for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::barrier<> bar(nt); g_block_bar = &bar;
+        g_warp_bars.clear();
+        for (unsigned w = 0; w < (nt + 31) / 32; ++w) g_warp_bars.emplace_back(new std::barrier<>(std::min(32u, nt - 32 * w)));
+        std::vector<std::thread> ts;
+        for (unsigned t = 0; t < nt; ++t) ts.emplace_back([=] { threadIdx = dim3{t, 0, 0}; blockIdx = dim3{bx, by, bz}; body(); });
+        for (auto& th : ts) th.join();
+    }
+}

@@ -1,0 +1,1 @@
+// Empty stand-in: emu.h provides the WMMA and bf16 subset the kernels use.
