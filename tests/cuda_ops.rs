@@ -95,3 +95,27 @@ fn precision_names_round_trip() {
     }
     assert!("fp8".parse::<Precision>().is_err());
 }
+
+#[test]
+fn backend_works_from_other_threads() {
+    let Some(dev) = device() else { return };
+    let x = dev.randn(&[3, 4, 5, 6], 11, 0).unwrap();
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            let (dev, x) = (dev.clone(), x.clone());
+            std::thread::spawn(move || {
+                let z = dev.zeros(&[7]).unwrap();
+                let y = dev.affine(&x, 2.0, i as f64).unwrap();
+                (dev.to_f32(&y).unwrap(), dev.to_f32(&z).unwrap())
+            })
+        })
+        .collect();
+    let xs = dev.to_f32(&x).unwrap();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (y, z) = h.join().expect("no panic on another thread");
+        assert!(z.iter().all(|&v| v == 0.0));
+        for (a, b) in y.iter().zip(&xs) {
+            assert_eq!(*a, 2.0 * b + i as f32);
+        }
+    }
+}

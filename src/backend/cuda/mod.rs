@@ -385,9 +385,15 @@ impl Cuda {
 
     // ---- plumbing -----------------------------------------------------------------------------
 
+    /// Make the context current on this thread (driver calls without a current context fail).
+    fn bind(&self) -> Result<()> {
+        drv("binding the CUDA context", self.inner.ctx.bind_to_thread())
+    }
+
     fn alloc(&self, len: usize) -> Result<Arc<CudaBuf>> {
         let buf = self.inner.pool.alloc(len * 4, len)?;
         if self.poison && len > 0 {
+            self.bind()?;
             // 0xFFFFFFFF is a NaN.
             drv("poisoning a buffer", unsafe {
                 result::memset_d8_async(buf.device_ptr(), 0xFF, len * 4, self.inner.stream.cu_stream())
@@ -426,7 +432,7 @@ impl Cuda {
                 Arg::Raw(v) => v.as_mut_ptr() as *mut c_void,
             })
             .collect();
-        drv("binding the CUDA context", self.inner.ctx.bind_to_thread())?;
+        self.bind()?;
         // SAFETY: the argument list matches the kernel's signature (each call site mirrors the
         // .cu declaration) and every pointer refers to a live buffer of the right size; `args`
         // outlives the call, which copies the parameters.
@@ -630,6 +636,7 @@ impl Backend for Cuda {
         let n: usize = shape.iter().product();
         let buf = self.inner.pool.alloc(n * 4, n)?;
         if n > 0 {
+            self.bind()?;
             drv("cuMemsetD8Async", unsafe {
                 result::memset_d8_async(buf.device_ptr(), 0, n * 4, self.inner.stream.cu_stream())
             })?;
@@ -646,7 +653,7 @@ impl Backend for Cuda {
         }
         let buf = self.inner.pool.alloc(n * 4, n)?;
         if n > 0 {
-            drv("binding the CUDA context", self.inner.ctx.bind_to_thread())?;
+            self.bind()?;
             // SAFETY: the buffer holds n f32; a copy from pageable memory returns only after the
             // source has been staged, so `data` may be dropped afterwards.
             drv("cuMemcpyHtoDAsync", unsafe {
@@ -669,7 +676,7 @@ impl Backend for Cuda {
         }
         let mut out = vec![0.0f32; n];
         if n > 0 {
-            drv("binding the CUDA context", self.inner.ctx.bind_to_thread())?;
+            self.bind()?;
             // SAFETY: `out` has n elements and stays alive until the stream synchronises below.
             drv("cuMemcpyDtoHAsync", unsafe {
                 result::memcpy_dtoh_async(&mut out, x.buf().device_ptr(), self.inner.stream.cu_stream())
