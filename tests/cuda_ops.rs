@@ -119,3 +119,15 @@ fn backend_works_from_other_threads() {
         }
     }
 }
+
+#[test]
+fn op_bench_times_every_row() {
+    let Some(dev) = device() else { return };
+    let rows = srsde_fast::backend::cuda::bench::op_bench(&dev, 1).expect("bench runs");
+    println!("{}", srsde_fast::backend::cuda::bench::header());
+    for r in &rows {
+        println!("{r}");
+        assert!(r.ms.is_finite() && r.ms > 0.0 && r.rate > 0.0, "{r}");
+    }
+    assert!(rows.len() >= 10);
+}

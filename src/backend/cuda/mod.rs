@@ -18,6 +18,7 @@
 //! im2col tile with integer division per element and uses single-stage shared memory (no TMA,
 //! no wgmma); nothing is captured in a CUDA graph yet. Training ops (the backward of conv,
 //! linear, NIN, GroupNorm, attention) are not implemented on CUDA and return an error.
+pub mod bench;
 mod kernels;
 pub mod memory;
 pub mod selftest;
