@@ -19,22 +19,23 @@ if [ ! -x "$BIN" ]; then
 fi
 
 echo "== selftest (every CUDA op against the CPU backend)"
-timeout 300 "$BIN" selftest 2>&1 | tee "$OUT/selftest.txt"
+timeout 150 "$BIN" selftest 2>&1 | tee "$OUT/selftest.txt"
 rc_selftest=${PIPESTATUS[0]}
 
 echo "== bench"
-timeout 240 "$BIN" bench 2>&1 | tee "$OUT/bench.txt"
+timeout 150 "$BIN" bench 2>&1 | tee "$OUT/bench.txt"
 rc_bench=${PIPESTATUS[0]}
 
-# Optional: the integration tests, if their binary was carried too (cargo test --release --no-run).
+# Optional: the CUDA integration tests (selftest + per-kernel timings), if their binary was carried:
+#   cargo test --release --no-run --test cuda_ops
+#   cp "$(ls target/release/deps/cuda_ops-* | grep -v '\.d$' | head -1)" target/release/cuda_ops_test
 rc_tests=skipped
-for t in target/release/deps/cuda_ops-*; do
-    if [ -x "$t" ] && [ "${t%.d}" = "$t" ]; then
-        timeout 300 "$t" --nocapture --test-threads=1 2>&1 | tee "$OUT/cuda_ops_tests.txt"
-        rc_tests=${PIPESTATUS[0]}
-        break
-    fi
-done
+TESTS="${CUDA_OPS_TEST:-target/release/cuda_ops_test}"
+if [ -x "$TESTS" ]; then
+    echo "== cuda_ops tests"
+    timeout 150 "$TESTS" --nocapture --test-threads=1 2>&1 | tee "$OUT/cuda_ops_tests.txt"
+    rc_tests=${PIPESTATUS[0]}
+fi
 
 {
     echo "== summary"
