@@ -18,6 +18,11 @@
 //! im2col tile with integer division per element and uses single-stage shared memory (no TMA,
 //! no wgmma); nothing is captured in a CUDA graph yet. Training ops (the backward of conv,
 //! linear, NIN, GroupNorm, attention) are not implemented on CUDA and return an error.
+//!
+//! Checking: [`selftest`] runs every op against the CPU backend on fresh random inputs with
+//! NaN-poisoned outputs (wired into `srsde-fast selftest` and tests/cuda_ops.rs); [`bench`]
+//! times the heaviest layer shapes per precision; scripts/kernel_emu runs the kernels' C++ on the
+//! CPU (threads and barriers emulated) to check indexing and tiling where there is no GPU.
 pub mod bench;
 mod kernels;
 pub mod memory;
