@@ -296,6 +296,7 @@ pub fn run<B: Backend>(opts: &UpscaleOptions, backend: &B) -> Result<UpscaleRepo
         opts.out_dir.display()
     );
     let frame_steps = trajectory_steps(cfg.steps);
+    let started = Instant::now();
     let mut progress = Progress::new((items.len() * cfg.steps) as u64);
     let plane = 3 * size * size;
     for (b, chunk) in items.chunks(opts.batch).enumerate() {
@@ -369,7 +370,8 @@ pub fn run<B: Backend>(opts: &UpscaleOptions, backend: &B) -> Result<UpscaleRepo
     }
     progress.finish();
     println!(
-        "done: wrote {} file(s) to {}{}",
+        "done in {}: wrote {} file(s) to {}{}",
+        human_duration(started.elapsed().as_secs_f64()),
         report.written.len(),
         opts.out_dir.display(),
         match report.failed.len() {
@@ -748,7 +750,8 @@ impl Progress {
 
     fn finish(&self) {
         if let Progress::Bar(bar) = self {
-            bar.finish();
+            // The summary line that follows says what the bar said.
+            bar.finish_and_clear();
         }
     }
 }
