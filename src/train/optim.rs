@@ -1,0 +1,238 @@
+//! The optimiser of the original `losses.optimization_manager` + `models/ema.py`:
+//!
+//! * learning rate lr·min(step/warmup, 1) where `step` counts the steps completed *before* this
+//!   one (`state['step']` is incremented after `optimize_fn`), so the very first update uses lr = 0:
+//!   it still advances Adam's moments and step count but leaves the weights unchanged;
+//! * `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the global L2 norm over all gradients,
+//!   every gradient multiplied by min(max_norm / (norm + 1e-6), 1);
+//! * `torch.optim.Adam` (no weight decay, bias-corrected, single-tensor float32 arithmetic);
+//! * EMA of the trainable weights with decay min(rate, (1 + k)/(10 + k)), where k is the number of
+//!   EMA updates *including* this one (the original increments `num_updates` first), so the
+//!   first update uses 2/11. The frozen Fourier W is excluded (it has no gradient).
+//!
+//! The per-element arithmetic lives in [`adam_update`] and [`ema_update`], on host slices, so a
+//! fused device kernel can replace exactly these two functions later.
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::tensor::HostTensor;
+
+/// Adam's hyper-parameters plus the schedule and clip of `optimization_manager`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Warm-up length in steps; 0 disables the warm-up.
+    pub warmup: u64,
+    /// Max global grad norm; negative disables clipping.
+    pub grad_clip: f64,
+}
+
+/// The learning rate of the update that follows `completed` earlier steps.
+pub fn warmup_lr(lr: f64, warmup: u64, completed: u64) -> f64 {
+    if warmup == 0 {
+        lr
+    } else {
+        lr * (completed as f64 / warmup as f64).min(1.0)
+    }
+}
+
+/// Global L2 norm over a set of gradients (accumulated in f64).
+pub fn global_norm<'a>(grads: impl IntoIterator<Item = &'a [f32]>) -> f64 {
+    grads
+        .into_iter()
+        .map(|g| g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// `clip_grad_norm_`'s multiplier for a gradient norm: min(max_norm/(norm + 1e-6), 1); 1 when
+/// clipping is disabled (max_norm < 0).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if max_norm < 0.0 {
+        1.0
+    } else {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    }
+}
+
+/// One Adam update of one tensor, in the order and precision of torch's single-tensor Adam:
+/// g ← g·grad_scale; m ← m + (1−β1)(g − m); v ← β2·v + (1−β2)·g²;
+/// p ← p − (lr / (1−β1^step)) · m / (√v / √(1−β2^step) + eps). `step` counts this update (≥ 1).
+#[allow(clippy::too_many_arguments)]
+pub fn adam_update(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad_scale: f32,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    step: u64,
+) {
+    debug_assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len());
+    let bc1 = 1.0 - beta1.powi(step as i32);
+    let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt() as f32;
+    let step_size = (lr / bc1) as f32;
+    let (w1, b2, w2, eps) = (
+        (1.0 - beta1) as f32,
+        beta2 as f32,
+        (1.0 - beta2) as f32,
+        eps as f32,
+    );
+    for i in 0..p.len() {
+        let gi = g[i] * grad_scale;
+        m[i] += w1 * (gi - m[i]);
+        v[i] = v[i] * b2 + w2 * gi * gi;
+        let denom = v[i].sqrt() / bc2_sqrt + eps;
+        p[i] -= step_size * (m[i] / denom);
+    }
+}
+
+/// One EMA update: s ← s − (1 − decay)·(s − p).
+pub fn ema_update(shadow: &mut [f32], p: &[f32], decay: f64) {
+    let k = (1.0 - decay) as f32;
+    for (s, &p) in shadow.iter_mut().zip(p) {
+        *s -= k * (*s - p);
+    }
+}
+
+/// What one Adam step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    /// Learning rate used (after warm-up).
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Multiplier applied to the gradients by the clip.
+    pub clip_scale: f64,
+}
+
+/// Adam state over named tensors: first and second moments and the step count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adam {
+    pub config: AdamConfig,
+    /// Number of updates applied so far (torch's per-parameter `step`; all parameters share it).
+    pub steps: u64,
+    pub m: BTreeMap<String, Vec<f32>>,
+    pub v: BTreeMap<String, Vec<f32>>,
+}
+
+impl Adam {
+    /// Zero moments for each `(name, numel)`.
+    pub fn new(config: AdamConfig, params: impl IntoIterator<Item = (String, usize)>) -> Adam {
+        let (mut m, mut v) = (BTreeMap::new(), BTreeMap::new());
+        for (name, n) in params {
+            m.insert(name.clone(), vec![0.0; n]);
+            v.insert(name, vec![0.0; n]);
+        }
+        Adam {
+            config,
+            steps: 0,
+            m,
+            v,
+        }
+    }
+
+    /// Clip the gradients globally and apply one Adam update to every parameter Adam tracks.
+    /// `completed` is the number of training steps before this one (drives the warm-up).
+    /// Every tracked parameter must have a gradient (the original's params all receive one).
+    pub fn step(
+        &mut self,
+        params: &mut BTreeMap<String, HostTensor>,
+        grads: &BTreeMap<String, Vec<f32>>,
+        completed: u64,
+    ) -> Result<AdamStep> {
+        for (name, m) in &self.m {
+            let g = grads
+                .get(name)
+                .ok_or_else(|| Error::Other(format!("optimizer: no gradient for `{name}`")))?;
+            let p = params
+                .get(name)
+                .ok_or_else(|| Error::Other(format!("optimizer: no parameter `{name}`")))?;
+            if g.len() != m.len() || p.data.len() != m.len() {
+                return Err(Error::shape("adam", format!("`{name}`: sizes differ")));
+            }
+        }
+        let c = &self.config;
+        let norm = global_norm(self.m.keys().map(|n| grads[n].as_slice()));
+        let scale = clip_scale(norm, c.grad_clip);
+        let lr = warmup_lr(c.lr, c.warmup, completed);
+        self.steps += 1;
+        for (name, m) in self.m.iter_mut() {
+            let v = self.v.get_mut(name).expect("m and v share keys");
+            let p = params.get_mut(name).expect("checked above");
+            adam_update(
+                &mut p.data,
+                &grads[name],
+                m,
+                v,
+                scale as f32,
+                lr,
+                c.beta1,
+                c.beta2,
+                c.eps,
+                self.steps,
+            );
+        }
+        Ok(AdamStep {
+            lr,
+            grad_norm: norm,
+            clip_scale: scale,
+        })
+    }
+}
+
+/// Exponential moving average of the trainable weights (`models/ema.py`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ema {
+    pub rate: f64,
+    /// Updates applied so far (`num_updates`).
+    pub updates: u64,
+    pub shadow: BTreeMap<String, Vec<f32>>,
+}
+
+impl Ema {
+    /// Start from a copy of the named parameters.
+    pub fn new<'a>(rate: f64, params: impl IntoIterator<Item = (&'a String, &'a HostTensor)>) -> Ema {
+        let shadow = params
+            .into_iter()
+            .map(|(n, t)| (n.clone(), t.data.clone()))
+            .collect();
+        Ema {
+            rate,
+            updates: 0,
+            shadow,
+        }
+    }
+
+    /// The decay the next update will use.
+    pub fn next_decay(&self) -> f64 {
+        let k = (self.updates + 1) as f64;
+        self.rate.min((1.0 + k) / (10.0 + k))
+    }
+
+    /// Move every shadow tensor towards the current parameter; returns the decay used.
+    pub fn update(&mut self, params: &BTreeMap<String, HostTensor>) -> Result<f64> {
+        for (name, s) in &self.shadow {
+            match params.get(name) {
+                Some(p) if p.data.len() == s.len() => {}
+                _ => {
+                    return Err(Error::Other(format!(
+                        "EMA: parameter `{name}` missing or resized"
+                    )))
+                }
+            }
+        }
+        let decay = self.next_decay();
+        self.updates += 1;
+        for (name, s) in self.shadow.iter_mut() {
+            ema_update(s, &params[name].data, decay);
+        }
+        Ok(decay)
+    }
+}

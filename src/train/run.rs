@@ -1,0 +1,490 @@
+//! The training loop: [`Trainer`] (one optimisation step on a batch) and [`train`] (a whole run
+//! in a folder: data loading, logging, checkpoints, resume, time limit and clean stop).
+//!
+//! A step is exactly the original `step_fn` + `optimize_fn` + EMA update: DSM loss and its
+//! gradients with the step's t, z and dropout masks; global grad-norm clip; Adam with the warm-up
+//! lr of the steps completed so far; EMA update; step + 1.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::ncsnpp::param_specs;
+use crate::model::{Ncsnpp, NetConfig, ScoreModel};
+use crate::tensor::{HostTensor, Tensor};
+use crate::train::checkpoint::{adam_config, Checkpoint, TrainState, CHECKPOINT_FILE};
+use crate::train::data::{Batch, FaceFolder, Loader, LoaderOptions};
+use crate::train::loss::{draw_noise, draw_times, dropout_seed, dsm_loss};
+use crate::train::optim::{Adam, Ema};
+use crate::train::Hyper;
+
+/// File name of a run's JSONL log inside the run folder.
+pub const LOG_FILE: &str = "train_log.jsonl";
+
+/// What one training step did.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct StepReport {
+    /// Steps completed after this one.
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub clip_scale: f64,
+    pub ema_decay: f64,
+}
+
+/// A network with its optimiser state: host master weights, Adam moments and the EMA.
+pub struct Trainer<B: Backend> {
+    pub model: ScoreModel<B>,
+    pub hyper: Hyper,
+    /// Master copy of every weight (what Adam updates and checkpoints store).
+    pub params: BTreeMap<String, HostTensor>,
+    pub adam: Adam,
+    pub ema: Ema,
+    /// Steps completed.
+    pub step: u64,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// A fresh run from given weights (e.g. [`crate::train::init::paper_init`]).
+    pub fn from_weights(
+        backend: &B,
+        config: NetConfig,
+        hyper: Hyper,
+        params: BTreeMap<String, HostTensor>,
+    ) -> Result<Trainer<B>> {
+        hyper.validate()?;
+        let trainable: Vec<String> = param_specs(&config)
+            .into_iter()
+            .filter(|s| s.2)
+            .map(|s| s.0)
+            .collect();
+        let net = Ncsnpp::from_weights(backend, config, &params, "<initial weights>")?;
+        let adam = Adam::new(
+            adam_config(&hyper),
+            trainable.iter().map(|n| (n.clone(), params[n].numel())),
+        );
+        let ema = Ema::new(hyper.ema_rate, trainable.iter().map(|n| (n, &params[n])));
+        Ok(Trainer {
+            model: ScoreModel::new(net),
+            hyper,
+            params,
+            adam,
+            ema,
+            step: 0,
+        })
+    }
+
+    /// A fresh run with the original initialisation, seeded by the run seed.
+    pub fn new(backend: &B, config: NetConfig, hyper: Hyper) -> Result<Trainer<B>> {
+        let params = crate::train::init::paper_init(&config, hyper.seed);
+        Self::from_weights(backend, config, hyper, params)
+    }
+
+    /// Continue from a checkpoint.
+    pub fn from_checkpoint(backend: &B, ck: Checkpoint) -> Result<Trainer<B>> {
+        let net = Ncsnpp::from_weights(backend, ck.config, &ck.params, "<checkpoint>")?;
+        Ok(Trainer {
+            model: ScoreModel::new(net),
+            hyper: ck.hyper,
+            params: ck.params,
+            adam: ck.adam,
+            ema: ck.ema,
+            step: ck.state.step,
+        })
+    }
+
+    /// The full state, with the data stream position `next_sample`.
+    pub fn checkpoint(&self, next_sample: u64) -> Checkpoint {
+        Checkpoint {
+            config: self.model.net.config.clone(),
+            hyper: self.hyper.clone(),
+            state: TrainState {
+                step: self.step,
+                next_sample,
+            },
+            params: self.params.clone(),
+            adam: self.adam.clone(),
+            ema: self.ema.clone(),
+        }
+    }
+
+    /// The batch as device tensors in the model's data space (VP/subVP: both x0 and the guide
+    /// mapped to [−1,1], as the original scaler does to the 6-channel record).
+    pub fn batch_tensors(&self, batch: &Batch) -> Result<(Tensor<B>, Tensor<B>)> {
+        let be = self.model.net.backend();
+        let shape = [batch.len, 3, batch.size, batch.size];
+        let centered = self.model.net.config.data.centered;
+        let scale = |v: &[f32]| -> Vec<f32> {
+            if centered {
+                v.iter().map(|x| x * 2.0 - 1.0).collect()
+            } else {
+                v.to_vec()
+            }
+        };
+        Ok((
+            be.from_f32(&shape, &scale(&batch.hr))?,
+            be.from_f32(&shape, &scale(&batch.guide))?,
+        ))
+    }
+
+    /// One optimisation step on `batch`.
+    pub fn train_step(&mut self, batch: &Batch) -> Result<StepReport> {
+        let (x0, y) = self.batch_tensors(batch)?;
+        let be = self.model.net.backend().clone();
+        let h = &self.hyper;
+        let t = draw_times(h.seed, self.step, batch.len, h.t_eps);
+        let z = draw_noise(&be, x0.shape(), h.seed, self.step)?;
+        let out = dsm_loss(
+            &self.model,
+            &x0,
+            &y,
+            &t,
+            &z,
+            dropout_seed(h.seed, self.step),
+            true,
+        )?;
+        if !out.loss.is_finite() {
+            return Err(Error::Other(format!(
+                "loss is {} at step {}; stopping without updating the weights",
+                out.loss,
+                self.step + 1
+            )));
+        }
+        let grads = out.grads.expect("requested");
+        let mut host_grads = BTreeMap::new();
+        for name in self.adam.m.keys() {
+            let g = grads
+                .by_name
+                .get(name)
+                .ok_or_else(|| Error::Other(format!("no gradient reached `{name}`")))?;
+            host_grads.insert(name.clone(), be.to_f32(g)?);
+        }
+        drop(grads);
+        let a = self.adam.step(&mut self.params, &host_grads, self.step)?;
+        self.upload()?;
+        let ema_decay = self.ema.update(&self.params)?;
+        self.step += 1;
+        Ok(StepReport {
+            step: self.step,
+            loss: out.loss,
+            lr: a.lr,
+            grad_norm: a.grad_norm,
+            clip_scale: a.clip_scale,
+            ema_decay,
+        })
+    }
+
+    /// Copy the updated master weights to the device network.
+    fn upload(&mut self) -> Result<()> {
+        let be = self.model.net.backend().clone();
+        let mut w = self.model.net.weights().clone();
+        for name in self.adam.m.keys() {
+            w.insert(name.clone(), self.params[name].to_device(&be)?);
+        }
+        self.model.net.set_weights(w)
+    }
+}
+
+/// Settings of `srsde-fast train`. `None` hyper-parameters take the paper's values on a fresh run
+/// and the checkpoint's on resume (where giving a different value is an error).
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub preset: String,
+    /// Total number of steps of the run (a resumed run continues up to it).
+    pub steps: u64,
+    pub resume: bool,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub ckpt_every: u64,
+    /// Stop (with a checkpoint) after this much wall time.
+    pub max_minutes: Option<f64>,
+    pub image_size: Option<usize>,
+    pub nf: Option<usize>,
+    pub ch_mult: Option<Vec<usize>>,
+    pub batch: Option<usize>,
+    pub lr: Option<f64>,
+    pub warmup: Option<u64>,
+    pub ema_rate: Option<f64>,
+    pub grad_clip: Option<f64>,
+    pub flip: Option<bool>,
+    pub seed: Option<u64>,
+    /// Data decoding threads.
+    pub workers: usize,
+    /// Write a log line every this many steps (≥ 1).
+    pub log_every: u64,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl TrainOptions {
+    /// Defaults for everything but the data and run folders.
+    pub fn new(data: impl Into<PathBuf>, out: impl Into<PathBuf>, preset: &str, steps: u64) -> TrainOptions {
+        TrainOptions {
+            data: data.into(),
+            out: out.into(),
+            preset: preset.to_string(),
+            steps,
+            resume: false,
+            ckpt_every: 5000,
+            max_minutes: None,
+            image_size: None,
+            nf: None,
+            ch_mult: None,
+            batch: None,
+            lr: None,
+            warmup: None,
+            ema_rate: None,
+            grad_clip: None,
+            flip: None,
+            seed: None,
+            workers: 2,
+            log_every: 1,
+            progress: false,
+        }
+    }
+
+    /// The model config of a fresh run: the preset with the size overrides applied.
+    pub fn net_config(&self) -> Result<NetConfig> {
+        let mut c = NetConfig::preset(&self.preset)?;
+        if let Some(s) = self.image_size {
+            c.data.image_size = s;
+        }
+        if let Some(nf) = self.nf {
+            c.model.nf = nf;
+        }
+        if let Some(m) = &self.ch_mult {
+            c.model.ch_mult = m.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The hyper-parameters of a fresh run.
+    pub fn hyper(&self, config: &NetConfig) -> Hyper {
+        let mut h = Hyper::paper(&self.preset, config);
+        h.batch = self.batch.unwrap_or(h.batch);
+        h.lr = self.lr.unwrap_or(h.lr);
+        h.warmup = self.warmup.unwrap_or(h.warmup);
+        h.ema_rate = self.ema_rate.unwrap_or(h.ema_rate);
+        h.grad_clip = self.grad_clip.unwrap_or(h.grad_clip);
+        h.flip = self.flip.unwrap_or(h.flip);
+        h.seed = self.seed.unwrap_or(h.seed);
+        h
+    }
+
+    /// On resume, every setting given explicitly must agree with the checkpoint.
+    fn check_resume(&self, ck: &Checkpoint) -> Result<()> {
+        let (h, c) = (&ck.hyper, &ck.config);
+        let mut diffs = Vec::new();
+        let mut cmp = |flag: &str, given: Option<String>, stored: String| {
+            if let Some(g) = given {
+                if g != stored {
+                    diffs.push(format!("--{flag} {g} (checkpoint: {stored})"));
+                }
+            }
+        };
+        cmp("batch", self.batch.map(|v| v.to_string()), h.batch.to_string());
+        cmp("lr", self.lr.map(|v| v.to_string()), h.lr.to_string());
+        cmp("warmup", self.warmup.map(|v| v.to_string()), h.warmup.to_string());
+        cmp(
+            "ema-rate",
+            self.ema_rate.map(|v| v.to_string()),
+            h.ema_rate.to_string(),
+        );
+        cmp(
+            "grad-clip",
+            self.grad_clip.map(|v| v.to_string()),
+            h.grad_clip.to_string(),
+        );
+        cmp("flip", self.flip.map(|v| v.to_string()), h.flip.to_string());
+        cmp("seed", self.seed.map(|v| v.to_string()), h.seed.to_string());
+        cmp(
+            "image-size",
+            self.image_size.map(|v| v.to_string()),
+            c.data.image_size.to_string(),
+        );
+        cmp("nf", self.nf.map(|v| v.to_string()), c.model.nf.to_string());
+        cmp(
+            "ch-mult",
+            self.ch_mult.as_ref().map(|v| format!("{v:?}")),
+            format!("{:?}", c.model.ch_mult),
+        );
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "a resumed run keeps the settings of its checkpoint; these differ: {}",
+                diffs.join(", ")
+            )))
+        }
+    }
+}
+
+/// Why a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// All requested steps are done.
+    Finished,
+    /// The stop flag was raised (Ctrl-C).
+    Interrupted,
+    /// `max_minutes` elapsed.
+    TimeLimit,
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub start_step: u64,
+    pub end_step: u64,
+    /// Loss of every step done in this session, in order.
+    pub losses: Vec<f64>,
+    pub checkpoint: PathBuf,
+    pub stopped: StopReason,
+    /// Files skipped as unreadable, with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+    pub num_params: usize,
+    pub seconds: f64,
+}
+
+#[derive(Serialize)]
+struct LogLine {
+    step: u64,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    clip_scale: f64,
+    ema_decay: f64,
+    images_per_s: f64,
+    elapsed_s: f64,
+}
+
+fn open_log(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Run (or resume) training in `opts.out`. Checks `stop` before every step; a raised flag ends the
+/// run cleanly with a checkpoint, as does the time limit.
+pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) -> Result<TrainSummary> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    let ckpt_path = opts.out.join(CHECKPOINT_FILE);
+    let (mut trainer, next_sample) = if opts.resume {
+        if !ckpt_path.is_file() {
+            return Err(Error::Config(format!(
+                "--resume: no checkpoint at {} (start a fresh run without --resume)",
+                ckpt_path.display()
+            )));
+        }
+        let ck = Checkpoint::load(&ckpt_path)?;
+        opts.check_resume(&ck)?;
+        let next = ck.state.next_sample;
+        (Trainer::from_checkpoint(backend, ck)?, next)
+    } else {
+        if ckpt_path.exists() {
+            return Err(Error::Config(format!(
+                "{} already holds a checkpoint; pass --resume to continue it or choose another --out",
+                opts.out.display()
+            )));
+        }
+        let config = opts.net_config()?;
+        let hyper = opts.hyper(&config);
+        (Trainer::new(backend, config, hyper)?, 0)
+    };
+    let start_step = trainer.step;
+    let h = trainer.hyper.clone();
+    let folder = FaceFolder::open(&opts.data)?;
+    let mut loader = Loader::start(
+        folder,
+        LoaderOptions {
+            image_size: trainer.model.net.config.data.image_size,
+            batch: h.batch,
+            flip: h.flip,
+            seed: h.seed,
+            workers: opts.workers.max(1),
+            prefetch: (4 * h.batch).max(8),
+        },
+        next_sample,
+    )?;
+    let mut log = open_log(&opts.out.join(LOG_FILE))?;
+
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(opts.steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    bar.set_position(start_step.min(opts.steps));
+
+    let mut losses = Vec::new();
+    let mut stopped = StopReason::Finished;
+    let mut saved_at = None;
+    while trainer.step < opts.steps {
+        if stop.load(Ordering::SeqCst) {
+            stopped = StopReason::Interrupted;
+            break;
+        }
+        if opts
+            .max_minutes
+            .is_some_and(|m| started.elapsed().as_secs_f64() >= m * 60.0)
+        {
+            stopped = StopReason::TimeLimit;
+            break;
+        }
+        let t0 = Instant::now();
+        let batch = loader.next_batch()?;
+        let rep = trainer.train_step(&batch)?;
+        let ips = batch.len as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        losses.push(rep.loss);
+        if rep.step % opts.log_every.max(1) == 0 || rep.step == opts.steps {
+            let line = LogLine {
+                step: rep.step,
+                loss: rep.loss,
+                lr: rep.lr,
+                grad_norm: rep.grad_norm,
+                clip_scale: rep.clip_scale,
+                ema_decay: rep.ema_decay,
+                images_per_s: ips,
+                elapsed_s: started.elapsed().as_secs_f64(),
+            };
+            let text = serde_json::to_string(&line).map_err(|e| Error::Other(e.to_string()))?;
+            writeln!(log, "{text}").map_err(|e| Error::io(opts.out.join(LOG_FILE), e))?;
+        }
+        bar.set_position(rep.step);
+        bar.set_message(format!("loss {:.4} lr {:.2e} {ips:.1} img/s", rep.loss, rep.lr));
+        if opts.ckpt_every > 0 && rep.step % opts.ckpt_every == 0 {
+            trainer.checkpoint(loader.next_sample()).save(&ckpt_path)?;
+            saved_at = Some(rep.step);
+        }
+    }
+    if saved_at != Some(trainer.step) && (trainer.step > start_step || !ckpt_path.exists()) {
+        trainer.checkpoint(loader.next_sample()).save(&ckpt_path)?;
+    }
+    log.sync_all()
+        .map_err(|e| Error::io(opts.out.join(LOG_FILE), e))?;
+    bar.finish_and_clear();
+    Ok(TrainSummary {
+        start_step,
+        end_step: trainer.step,
+        losses,
+        checkpoint: ckpt_path,
+        stopped,
+        skipped: loader.skipped().to_vec(),
+        num_params: trainer.model.net.num_params(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

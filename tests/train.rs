@@ -1,0 +1,584 @@
+//! Training: the DSM loss against the original's gradients, Adam/EMA/clip/warm-up against their
+//! formulas, the data loader, a tiny CPU run that learns, exact resume, crash-safe checkpoints and
+//! export of inference weights.
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use common::Golden;
+use srsde_fast::backend::cpu::CpuF32;
+use srsde_fast::backend::Backend;
+use srsde_fast::check::rel_err;
+use srsde_fast::model::load::load_weights;
+use srsde_fast::model::ncsnpp::param_specs;
+use srsde_fast::model::weights::StorageType;
+use srsde_fast::model::{Ncsnpp, NetConfig, ScoreModel};
+use srsde_fast::tensor::HostTensor;
+use srsde_fast::train::checkpoint::{self, Checkpoint, CHECKPOINT_FILE};
+use srsde_fast::train::data::{epoch_permutation, FaceFolder, Loader, LoaderOptions};
+use srsde_fast::train::init::paper_init;
+use srsde_fast::train::loss::{draw_times, dsm_loss};
+use srsde_fast::train::optim::{adam_update, clip_scale, global_norm, warmup_lr, Adam, AdamConfig, Ema};
+use srsde_fast::train::run::{train, StopReason, TrainOptions, Trainer};
+
+fn faces_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/faces128")
+}
+
+/// A fresh empty folder under the system temp dir, unique per test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("srsde_train_{}_{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A folder with the first `n` faces of ../shared/data/faces128 (sorted by name).
+fn face_subset(name: &str, n: usize) -> PathBuf {
+    let dir = scratch(name);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(faces_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg" || e == "png"))
+        .collect();
+    files.sort();
+    for f in files.iter().take(n) {
+        std::fs::copy(f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// A small VE network for fast CPU runs: 32×32 images, 3 levels, nf 16, attention at 16.
+fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
+    let mut o = TrainOptions::new(data, out, "ve-tiny", steps);
+    o.image_size = Some(32);
+    o.ch_mult = Some(vec![1, 2, 2]);
+    o.batch = Some(4);
+    o.lr = Some(2e-3);
+    o.warmup = Some(5);
+    o.seed = Some(7);
+    o.ckpt_every = 0;
+    o
+}
+
+// ---- loss against the reference --------------------------------------------------------------
+
+#[test]
+fn dsm_loss_gradients_match_reference() {
+    let golden = Golden::load("ncsnpp_ve_nf16.safetensors");
+    let cfg = NetConfig::from_json(
+        &golden.metadata["config"],
+        golden.metadata.get("data").map(|s| s.as_str()),
+    )
+    .unwrap();
+    let mut w = BTreeMap::new();
+    for name in golden.names_with_prefix("param.") {
+        let key = name.trim_start_matches("param.").to_string();
+        if key != "sigmas" {
+            w.insert(key, golden.host(&name));
+        }
+    }
+    let be = CpuF32::new();
+    let model = ScoreModel::new(Ncsnpp::from_weights(&be, cfg.clone(), &w, "golden").unwrap());
+    let dev = |n: &str| golden.host(n).to_device(&be).unwrap();
+    let t: Vec<f64> = golden.get("input.t").1.clone();
+    let out = dsm_loss(
+        &model,
+        &dev("input.x0"),
+        &dev("input.y"),
+        &t,
+        &dev("input.z"),
+        0,
+        true,
+    )
+    .unwrap();
+    let want = golden.get("output.loss").1[0];
+    let e = ((out.loss - want) / want).abs();
+    println!("loss {} vs {want} (rel {e:.2e})", out.loss);
+    assert!(e < 1e-4, "loss rel err {e}");
+    assert_eq!(out.per_sample.len(), 2);
+
+    let grads = out.grads.unwrap();
+    let (mut worst, mut count) = (0f64, 0);
+    for (name, _, trainable) in param_specs(&cfg) {
+        if !trainable {
+            assert!(!grads.by_name.contains_key(&name), "frozen {name} got a gradient");
+            continue;
+        }
+        let got = be.to_f32(&grads.by_name[&name]).unwrap();
+        let want = golden.host(&format!("grad.{name}")).data;
+        count += 1;
+        if name.ends_with("NIN_1.b") {
+            // Softmax ignores a per-row constant: the key bias's true gradient is 0 (both sides
+            // hold rounding noise). Require it to be negligible next to the query bias gradient.
+            let scale = rel_norm(
+                &be.to_f32(&grads.by_name[&name.replace("NIN_1.b", "NIN_0.b")])
+                    .unwrap(),
+            );
+            assert!(
+                rel_norm(&got) <= 1e-4 * scale && rel_norm(&want) <= 1e-4 * scale,
+                "{name}"
+            );
+            continue;
+        }
+        let e = rel_err(&got, &want);
+        worst = worst.max(e);
+        assert!(e < 1e-4, "grad.{name}: rel err {e}");
+    }
+    assert_eq!(count, golden.names_with_prefix("grad.").len());
+    println!("{count} gradients, worst rel err {worst:.2e}");
+}
+
+fn rel_norm(v: &[f32]) -> f64 {
+    v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+#[test]
+fn times_are_uniform_in_eps_one_and_seeded() {
+    let t = draw_times(3, 0, 10_000, 1e-5);
+    assert!(t.iter().all(|&t| (1e-5..=1.0).contains(&t)));
+    let mean = t.iter().sum::<f64>() / t.len() as f64;
+    assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
+    assert_eq!(t, draw_times(3, 0, 10_000, 1e-5));
+    assert_ne!(t[..4], draw_times(3, 1, 4, 1e-5)[..]);
+}
+
+// ---- optimiser ------------------------------------------------------------------------------
+
+#[test]
+fn adam_matches_torch_formula_with_warmup_and_clip() {
+    let cfg = AdamConfig {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        warmup: 2,
+        grad_clip: 1.0,
+    };
+    let p0 = vec![0.5f32, -1.0, 2.0];
+    let q0 = vec![0.25f32];
+    let mut params = BTreeMap::from([
+        ("a".to_string(), HostTensor::new(vec![3], p0.clone())),
+        ("b".to_string(), HostTensor::new(vec![1], q0.clone())),
+    ]);
+    let mut adam = Adam::new(cfg.clone(), [("a".to_string(), 3), ("b".to_string(), 1)]);
+    // Step gradients: the first two have norm > 1 (clipped), the third < 1 (not clipped).
+    let steps = [
+        (vec![3.0f32, 0.0, 4.0], vec![0.0f32]),
+        (vec![1.0, -2.0, 0.5], vec![2.0]),
+        (vec![0.1, 0.2, -0.3], vec![0.05]),
+    ];
+    // Reference in f64.
+    let mut p: Vec<f64> = p0.iter().chain(&q0).map(|&v| v as f64).collect();
+    let (mut m, mut v) = (vec![0f64; 4], vec![0f64; 4]);
+    for (k, (ga, gb)) in steps.iter().enumerate() {
+        let g: Vec<f64> = ga.iter().chain(gb).map(|&x| x as f64).collect();
+        let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let scale = (1.0 / (norm + 1e-6)).min(1.0);
+        let lr = 0.1 * (k as f64 / 2.0).min(1.0); // completed steps before this one: k
+        let step = (k + 1) as i32;
+        for i in 0..4 {
+            let gi = g[i] * scale;
+            m[i] = 0.9 * m[i] + 0.1 * gi;
+            v[i] = 0.999 * v[i] + 0.001 * gi * gi;
+            let mhat = m[i] / (1.0 - 0.9f64.powi(step));
+            let vhat = v[i] / (1.0 - 0.999f64.powi(step));
+            p[i] -= lr * mhat / (vhat.sqrt() + 1e-8);
+        }
+        let grads = BTreeMap::from([("a".to_string(), ga.clone()), ("b".to_string(), gb.clone())]);
+        let st = adam.step(&mut params, &grads, k as u64).unwrap();
+        assert!((st.grad_norm - norm).abs() < 1e-6 * norm, "norm");
+        assert!((st.clip_scale - scale).abs() < 1e-9, "clip");
+        assert_eq!(st.lr, lr, "warm-up lr");
+        let got: Vec<f32> = params["a"]
+            .data
+            .iter()
+            .chain(&params["b"].data)
+            .copied()
+            .collect();
+        let want: Vec<f32> = p.iter().map(|&x| x as f32).collect();
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-6, "step {}: params {got:?} vs {want:?}", k + 1);
+        let gm: Vec<f32> = adam.m["a"].iter().chain(&adam.m["b"]).copied().collect();
+        let gv: Vec<f32> = adam.v["a"].iter().chain(&adam.v["b"]).copied().collect();
+        assert!(rel_err(&gm, &m.iter().map(|&x| x as f32).collect::<Vec<_>>()) < 1e-6);
+        assert!(rel_err(&gv, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()) < 1e-6);
+        if k == 0 {
+            // The original's off-by-one warm-up: the first update has lr 0 (moments still move).
+            assert_eq!(params["a"].data, p0);
+            assert!(adam.m["a"].iter().any(|&x| x != 0.0));
+        }
+    }
+    assert_eq!(adam.steps, 3);
+}
+
+#[test]
+fn optimizer_pieces() {
+    assert_eq!(warmup_lr(2e-4, 5000, 0), 0.0);
+    assert_eq!(warmup_lr(2e-4, 5000, 2500), 1e-4);
+    assert_eq!(warmup_lr(2e-4, 5000, 9000), 2e-4);
+    assert_eq!(warmup_lr(2e-4, 0, 0), 2e-4);
+    assert_eq!(clip_scale(0.5, 1.0), 1.0);
+    assert!((clip_scale(4.0, 1.0) - 1.0 / (4.0 + 1e-6)).abs() < 1e-15);
+    assert_eq!(clip_scale(100.0, -1.0), 1.0);
+    assert!((global_norm([&[3.0f32][..], &[4.0f32][..]]) - 5.0).abs() < 1e-12);
+    // Bias correction: the first step moves every weight by ≈ lr·sign(g) whatever |g|.
+    let (mut p, mut m, mut v) = (vec![0f32; 2], vec![0f32; 2], vec![0f32; 2]);
+    adam_update(
+        &mut p,
+        &[1e-3, -50.0],
+        &mut m,
+        &mut v,
+        1.0,
+        0.01,
+        0.9,
+        0.999,
+        1e-8,
+        1,
+    );
+    assert!((p[0] + 0.01).abs() < 1e-6 && (p[1] - 0.01).abs() < 1e-6, "{p:?}");
+}
+
+#[test]
+fn ema_matches_formula() {
+    let p = BTreeMap::from([("w".to_string(), HostTensor::new(vec![2], vec![1.0, -2.0]))]);
+    let mut ema = Ema::new(0.999, p.iter());
+    let mut shadow = [1.0f64, -2.0];
+    let targets = [[2.0f32, 0.0], [0.0, 1.0], [5.0, 5.0]];
+    for (k, tgt) in targets.iter().enumerate() {
+        let q = BTreeMap::from([("w".to_string(), HostTensor::new(vec![2], tgt.to_vec()))]);
+        let n = (k + 1) as f64; // the original counts this update first
+        let decay = 0.999f64.min((1.0 + n) / (10.0 + n));
+        assert_eq!(ema.next_decay(), decay);
+        assert_eq!(ema.update(&q).unwrap(), decay);
+        for i in 0..2 {
+            shadow[i] -= (1.0 - decay) * (shadow[i] - tgt[i] as f64);
+        }
+        let want: Vec<f32> = shadow.iter().map(|&x| x as f32).collect();
+        assert!(rel_err(&ema.shadow["w"], &want) < 1e-6, "update {}", k + 1);
+    }
+    assert_eq!(ema.updates, 3);
+    // Late updates are capped by the rate.
+    ema.updates = 1_000_000;
+    assert_eq!(ema.next_decay(), 0.999);
+}
+
+// ---- initialisation -------------------------------------------------------------------------
+
+#[test]
+fn paper_init_follows_the_original_scales() {
+    let mut cfg = NetConfig::preset("ve-tiny").unwrap();
+    cfg.data.image_size = 32;
+    cfg.model.ch_mult = vec![1, 2, 2];
+    let w = paper_init(&cfg, 1);
+    let specs = param_specs(&cfg);
+    assert_eq!(w.len(), specs.len());
+    let max_abs = |n: &str| w[n].data.iter().fold(0f32, |a, &b| a.max(b.abs()));
+    for (name, shape, trainable) in &specs {
+        assert_eq!(&w[name].shape, shape);
+        if name.ends_with("bias") || name.ends_with(".b") {
+            assert!(w[name].data.iter().all(|&v| v == 0.0), "{name} not zero");
+        }
+        if name.ends_with("Conv_1.weight") || name.ends_with("NIN_3.W") {
+            assert!(max_abs(name) < 1e-4, "{name} should start near zero");
+        }
+        if name.ends_with("Conv_0.weight") && name.contains("all_modules.4.") {
+            let fan = (shape[1] * 9 + shape[0] * 9) as f32 / 2.0;
+            let limit = (3.0 / fan).sqrt();
+            assert!(
+                max_abs(name) <= limit && max_abs(name) > 0.8 * limit,
+                "{name} uniform range"
+            );
+        }
+        if !trainable {
+            assert!(max_abs(name) > 5.0, "Fourier W ~ 16·N(0,1)");
+        }
+    }
+    let last = &specs[specs.len() - 2].0;
+    assert!(max_abs(last) < 1e-4, "output conv starts near zero");
+    assert!(w["all_modules.4.GroupNorm_0.weight"]
+        .data
+        .iter()
+        .all(|&v| v == 1.0));
+    assert_eq!(paper_init(&cfg, 1), w);
+    assert_ne!(
+        paper_init(&cfg, 2)["all_modules.3.weight"],
+        w["all_modules.3.weight"]
+    );
+}
+
+// ---- data -----------------------------------------------------------------------------------
+
+fn loader_opts(seed: u64, flip: bool) -> LoaderOptions {
+    LoaderOptions {
+        image_size: 32,
+        batch: 3,
+        flip,
+        seed,
+        workers: 2,
+        prefetch: 6,
+    }
+}
+
+#[test]
+fn loader_order_is_seeded_and_resumable() {
+    let dir = face_subset("order", 5);
+    let folder = FaceFolder::open(&dir).unwrap();
+    let files_of = |seed: u64, start: u64, batches: usize| -> Vec<(Vec<usize>, Vec<f32>)> {
+        let mut l = Loader::start(folder.clone(), loader_opts(seed, true), start).unwrap();
+        (0..batches)
+            .map(|_| l.next_batch().map(|b| (b.files, b.hr)).unwrap())
+            .collect()
+    };
+    let a = files_of(1, 0, 4);
+    assert_eq!(a, files_of(1, 0, 4), "same seed, same batches");
+    assert_ne!(
+        a.iter().map(|b| b.0.clone()).collect::<Vec<_>>(),
+        files_of(2, 0, 4).iter().map(|b| b.0.clone()).collect::<Vec<_>>()
+    );
+    // Starting at sample 6 (after two batches of 3) continues the same stream.
+    assert_eq!(a[2..], files_of(1, 6, 2)[..]);
+    // Each epoch visits every file once.
+    let order: Vec<usize> = a.iter().flat_map(|b| b.0.clone()).collect();
+    let mut first: Vec<usize> = order[..5].to_vec();
+    first.sort();
+    assert_eq!(first, vec![0, 1, 2, 3, 4]);
+    assert_eq!(&order[..5], &epoch_permutation(5, 1, 0)[..]);
+    assert_ne!(epoch_permutation(100, 1, 0), epoch_permutation(100, 1, 1));
+}
+
+#[test]
+fn loader_flips_before_making_the_guide() {
+    let dir = face_subset("flip", 1);
+    let folder = FaceFolder::open(&dir).unwrap();
+    let mut plain = Loader::start(folder.clone(), loader_opts(5, false), 0).unwrap();
+    let mut flipped = Loader::start(folder, loader_opts(5, true), 0).unwrap();
+    let (a, b) = (plain.next_batch().unwrap(), flipped.next_batch().unwrap());
+    let s = 32;
+    let mut saw_flip = false;
+    for i in 0..3 {
+        let plane = 3 * s * s;
+        let (ha, hb) = (
+            &a.hr[i * plane..(i + 1) * plane],
+            &b.hr[i * plane..(i + 1) * plane],
+        );
+        let (ga, gb) = (
+            &a.guide[i * plane..(i + 1) * plane],
+            &b.guide[i * plane..(i + 1) * plane],
+        );
+        if ha != hb {
+            saw_flip = true;
+            let mirror =
+                |v: &[f32]| -> Vec<f32> { v.chunks(s).flat_map(|r| r.iter().rev().copied()).collect() };
+            assert_eq!(mirror(ha), hb, "HR mirrored");
+            // The guide of the mirrored face is the mirrored guide (the filters are symmetric).
+            assert!(rel_err(&mirror(ga), gb) < 1e-5, "guide built after the flip");
+        } else {
+            assert_eq!(ga, gb);
+        }
+    }
+    assert!(saw_flip, "seed 5 flips at least one of the three samples");
+}
+
+#[test]
+fn loader_skips_bad_files_and_rejects_useless_folders() {
+    let empty = scratch("empty");
+    let e = FaceFolder::open(&empty).unwrap_err().to_string();
+    assert!(e.contains("no images"), "{e}");
+
+    let bad = scratch("allbad");
+    for i in 0..3 {
+        std::fs::write(bad.join(format!("broken{i}.png")), b"not a png").unwrap();
+    }
+    let mut l = Loader::start(FaceFolder::open(&bad).unwrap(), loader_opts(0, false), 0).unwrap();
+    let e = l.next_batch().unwrap_err().to_string();
+    assert!(
+        e.contains("no readable face image") && e.contains("all 3 files"),
+        "{e}"
+    );
+
+    let mixed = face_subset("mixed", 2);
+    std::fs::write(mixed.join("zz_broken.jpg"), b"garbage").unwrap();
+    let small = image::RgbImage::new(16, 16);
+    small.save(mixed.join("zz_small.png")).unwrap();
+    let mut l = Loader::start(FaceFolder::open(&mixed).unwrap(), loader_opts(0, false), 0).unwrap();
+    for _ in 0..4 {
+        let b = l.next_batch().unwrap();
+        assert_eq!(b.len, 3);
+        assert!(b.files.iter().all(|&f| f < 2), "only the two good files are used");
+    }
+    assert_eq!(
+        l.skipped().len(),
+        2,
+        "each bad file counted once: {:?}",
+        l.skipped()
+    );
+}
+
+// ---- whole runs -----------------------------------------------------------------------------
+
+#[test]
+fn tiny_cpu_run_lowers_the_loss() {
+    let data = face_subset("learn", 8);
+    let out = scratch("learn_run");
+    let t0 = std::time::Instant::now();
+    let s = train(
+        &CpuF32::new(),
+        &tiny_options(&data, &out, 60),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(s.stopped, StopReason::Finished);
+    assert_eq!((s.start_step, s.end_step, s.losses.len()), (0, 60, 60));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, last) = (mean(&s.losses[..10]), mean(&s.losses[50..]));
+    println!(
+        "{} params, {secs:.1} s; loss first 10 {first:.1}, last 10 {last:.1}",
+        s.num_params
+    );
+    assert!(last < 0.5 * first, "loss did not fall clearly: {first} -> {last}");
+    // One JSONL line per step with the logged fields.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 60);
+    assert_eq!(lines[0]["lr"], 0.0, "first step has lr 0 (warm-up off-by-one)");
+    for k in ["step", "loss", "lr", "grad_norm", "images_per_s"] {
+        assert!(lines[59][k].is_number(), "{k}");
+    }
+    assert!(out.join(CHECKPOINT_FILE).is_file());
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let data = face_subset("resume", 6);
+    let (a, b) = (scratch("resume_a"), scratch("resume_b"));
+    let stop = AtomicBool::new(false);
+    let be = CpuF32::new();
+    let mut whole = tiny_options(&data, &a, 6);
+    whole.ckpt_every = 2;
+    let full = train(&be, &whole, &stop).unwrap();
+
+    let first = train(&be, &tiny_options(&data, &b, 3), &stop).unwrap();
+    let mut cont = tiny_options(&data, &b, 6);
+    cont.resume = true;
+    let second = train(&be, &cont, &stop).unwrap();
+    assert_eq!((second.start_step, second.end_step), (3, 6));
+    let joined: Vec<f64> = first.losses.iter().chain(&second.losses).copied().collect();
+    assert_eq!(joined, full.losses, "losses of the resumed run differ");
+
+    let (ca, cb) = (Checkpoint::load(&a).unwrap(), Checkpoint::load(&b).unwrap());
+    assert_eq!(ca.state, cb.state);
+    assert_eq!(ca.params, cb.params, "weights");
+    assert_eq!(ca.ema, cb.ema, "EMA");
+    assert_eq!(ca.adam, cb.adam, "Adam moments");
+
+    // A resume with a conflicting setting is refused; a fresh run over a checkpoint too.
+    let mut clash = tiny_options(&data, &b, 8);
+    clash.resume = true;
+    clash.lr = Some(1.0);
+    let e = train(&be, &clash, &stop).unwrap_err().to_string();
+    assert!(e.contains("--lr"), "{e}");
+    let e = train(&be, &tiny_options(&data, &b, 8), &stop)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--resume"), "{e}");
+}
+
+#[test]
+fn stop_flag_ends_with_a_checkpoint() {
+    let data = face_subset("stop", 3);
+    let out = scratch("stop_run");
+    let s = train(
+        &CpuF32::new(),
+        &tiny_options(&data, &out, 50),
+        &AtomicBool::new(true),
+    )
+    .unwrap();
+    assert_eq!(s.stopped, StopReason::Interrupted);
+    assert_eq!(s.end_step, 0);
+    assert_eq!(Checkpoint::load(&out).unwrap().state.step, 0);
+}
+
+#[test]
+fn interrupted_checkpoint_write_keeps_the_previous_one() {
+    let mut cfg = NetConfig::preset("ve-tiny").unwrap();
+    cfg.data.image_size = 32;
+    cfg.model.ch_mult = vec![1, 2];
+    let hyper = srsde_fast::train::Hyper::paper("ve-tiny", &cfg);
+    let be = CpuF32::new();
+    let mut tr = Trainer::new(&be, cfg, hyper).unwrap();
+    let dir = scratch("atomic");
+    let dest = dir.join(CHECKPOINT_FILE);
+    tr.checkpoint(10).save(&dest).unwrap();
+    let good = std::fs::read(&dest).unwrap();
+
+    // Simulate a kill between writing the temporary file and the rename: the temp file is left
+    // behind (forget skips its cleanup), the checkpoint in place is the old one.
+    tr.step = 5;
+    let pending = tr.checkpoint(20).prepare(&dest).unwrap();
+    let temp = pending.temp_path().to_path_buf();
+    std::mem::forget(pending);
+    assert!(temp.is_file());
+    // And a half-written temp file from another crashed process.
+    std::fs::write(
+        dir.join(format!(".{CHECKPOINT_FILE}.tmp999999")),
+        &good[..good.len() / 2],
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), good);
+    let ck = Checkpoint::load(&dir).unwrap();
+    assert_eq!((ck.state.step, ck.state.next_sample), (0, 10));
+
+    // A dropped (uncommitted) write removes its temp file; a committed one replaces the checkpoint.
+    let p = tr.checkpoint(30).prepare(&dest).unwrap();
+    let t2 = p.temp_path().to_path_buf();
+    drop(p);
+    assert!(!t2.exists());
+    tr.checkpoint(40).save(&dest).unwrap();
+    assert_eq!(
+        Checkpoint::load(&dest).unwrap().state,
+        checkpoint::TrainState {
+            step: 5,
+            next_sample: 40
+        }
+    );
+
+    // A truncated checkpoint is a clear error, not a panic.
+    std::fs::write(&dest, &good[..good.len() - 100]).unwrap();
+    assert!(Checkpoint::load(&dest).is_err());
+}
+
+#[test]
+fn export_writes_ema_weights_loadable_for_inference() {
+    let mut cfg = NetConfig::preset("ve-tiny").unwrap();
+    cfg.data.image_size = 32;
+    cfg.model.ch_mult = vec![1, 2];
+    let hyper = srsde_fast::train::Hyper::paper("ve-tiny", &cfg);
+    let be = CpuF32::new();
+    let mut tr = Trainer::new(&be, cfg.clone(), hyper).unwrap();
+    // Make the EMA differ from the weights so the export must pick the right one.
+    for s in tr.ema.shadow.values_mut() {
+        s.iter_mut().for_each(|v| *v += 0.25);
+    }
+    let dir = scratch("export");
+    tr.checkpoint(0).save(&dir.join(CHECKPOINT_FILE)).unwrap();
+    let ck = Checkpoint::load(&dir).unwrap();
+    for (storage, tol) in [(StorageType::F32, 0.0), (StorageType::F16, 1e-3)] {
+        let out = dir.join(format!("model_{storage:?}.safetensors"));
+        checkpoint::export(&dir, &out, storage).unwrap();
+        let lw = load_weights(&out, None).unwrap();
+        assert_eq!(lw.config, cfg);
+        for (name, t) in &lw.weights {
+            let want = match ck.ema.shadow.get(name) {
+                Some(s) => s.clone(),
+                None => ck.params[name].data.clone(), // frozen Fourier W
+            };
+            assert!(rel_err(&t.data, &want) <= tol, "{name}");
+        }
+        assert_eq!(lw.weights.len(), ck.params.len());
+        Ncsnpp::from_weights(&be, lw.config, &lw.weights, "export").unwrap();
+    }
+}
