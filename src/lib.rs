@@ -13,6 +13,7 @@ pub mod rng;
 pub mod sample;
 pub mod sde;
 pub mod tensor;
+pub mod train;
 pub mod upscale;
 
 pub use error::{Error, Result};
