@@ -80,6 +80,19 @@ enum Cmd {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Train a score network on a folder of faces (DSM loss, Adam, EMA, resumable checkpoints).
+    Train {
+        #[command(flatten)]
+        args: srsde_fast::train::run::TrainArgs,
+        /// Training runs on the CPU backend (the CUDA backend has no backward kernels yet).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+    },
+    /// Write a training checkpoint's EMA weights as an inference weights file.
+    Export {
+        #[command(flatten)]
+        args: srsde_fast::train::run::ExportArgs,
+    },
     /// Super-resolve 16×16 faces to 128×128: writes `{stem}_sr.png` per input into OUTDIR.
     Upscale {
         #[command(flatten)]
@@ -168,6 +181,24 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("{failed} CUDA op checks failed");
             }
         }
+        Cmd::Train { args, device } => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc::set_handler(move || {
+                if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(130); // second Ctrl-C: abort now
+                }
+                eprintln!("\nstopping after this step and writing a checkpoint (Ctrl-C again aborts)");
+            })
+            .context("installing the Ctrl-C handler")?;
+            let opts = args.options();
+            let summary = match pick_device(device)? {
+                Picked::Cpu(be) => srsde_fast::train::run::train(&be, &opts, &stop)?,
+                Picked::Cuda(be) => srsde_fast::train::run::train(&be, &opts, &stop)?,
+            };
+            println!("{summary}");
+        }
+        Cmd::Export { args } => println!("{}", srsde_fast::train::run::export_cli(&args)?),
         Cmd::Upscale { opts, device } => {
             let report = match pick_device(device)? {
                 Picked::Cpu(be) => srsde_fast::upscale::run(&opts, &be)?,

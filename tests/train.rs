@@ -66,8 +66,18 @@ fn tiny_options(data: &Path, out: &Path, steps: u64) -> TrainOptions {
 // ---- loss against the reference --------------------------------------------------------------
 
 #[test]
-fn dsm_loss_gradients_match_reference() {
-    let golden = Golden::load("ncsnpp_ve_nf16.safetensors");
+fn dsm_loss_gradients_match_reference_ve() {
+    check_loss_against_reference("ncsnpp_ve_nf16.safetensors");
+}
+
+#[test]
+fn dsm_loss_gradients_match_reference_vp() {
+    check_loss_against_reference("ncsnpp_vp_nf16.safetensors");
+}
+
+/// Our loss with the golden t and z: loss and every trainable parameter's gradient within 1e-4.
+fn check_loss_against_reference(file: &str) {
+    let golden = Golden::load(file);
     let cfg = NetConfig::from_json(
         &golden.metadata["config"],
         golden.metadata.get("data").map(|s| s.as_str()),
@@ -96,7 +106,7 @@ fn dsm_loss_gradients_match_reference() {
     .unwrap();
     let want = golden.get("output.loss").1[0];
     let e = ((out.loss - want) / want).abs();
-    println!("loss {} vs {want} (rel {e:.2e})", out.loss);
+    println!("{file}: loss {} vs {want} (rel {e:.2e})", out.loss);
     assert!(e < 1e-4, "loss rel err {e}");
     assert_eq!(out.per_sample.len(), 2);
 
@@ -128,7 +138,7 @@ fn dsm_loss_gradients_match_reference() {
         assert!(e < 1e-4, "grad.{name}: rel err {e}");
     }
     assert_eq!(count, golden.names_with_prefix("grad.").len());
-    println!("{count} gradients, worst rel err {worst:.2e}");
+    println!("{file}: {count} gradients, worst rel err {worst:.2e}");
 }
 
 fn rel_norm(v: &[f32]) -> f64 {
@@ -351,35 +361,38 @@ fn loader_order_is_seeded_and_resumable() {
 
 #[test]
 fn loader_flips_before_making_the_guide() {
+    use srsde_fast::train::data::flip_at;
+    // A seed whose first three samples include flipped and unflipped ones.
+    let seed = (0..100u64)
+        .find(|&sd| {
+            let f: Vec<bool> = (0..3).map(|i| flip_at(sd, i)).collect();
+            f.contains(&true) && f.contains(&false)
+        })
+        .unwrap();
     let dir = face_subset("flip", 1);
     let folder = FaceFolder::open(&dir).unwrap();
-    let mut plain = Loader::start(folder.clone(), loader_opts(5, false), 0).unwrap();
-    let mut flipped = Loader::start(folder, loader_opts(5, true), 0).unwrap();
+    let mut plain = Loader::start(folder.clone(), loader_opts(seed, false), 0).unwrap();
+    let mut flipped = Loader::start(folder, loader_opts(seed, true), 0).unwrap();
     let (a, b) = (plain.next_batch().unwrap(), flipped.next_batch().unwrap());
-    let s = 32;
-    let mut saw_flip = false;
+    let (s, plane) = (32, 3 * 32 * 32);
+    let mirror = |v: &[f32]| -> Vec<f32> { v.chunks(s).flat_map(|r| r.iter().rev().copied()).collect() };
     for i in 0..3 {
-        let plane = 3 * s * s;
-        let (ha, hb) = (
-            &a.hr[i * plane..(i + 1) * plane],
-            &b.hr[i * plane..(i + 1) * plane],
+        let r = i * plane..(i + 1) * plane;
+        let (ha, hb, ga, gb) = (
+            &a.hr[r.clone()],
+            &b.hr[r.clone()],
+            &a.guide[r.clone()],
+            &b.guide[r],
         );
-        let (ga, gb) = (
-            &a.guide[i * plane..(i + 1) * plane],
-            &b.guide[i * plane..(i + 1) * plane],
-        );
-        if ha != hb {
-            saw_flip = true;
-            let mirror =
-                |v: &[f32]| -> Vec<f32> { v.chunks(s).flat_map(|r| r.iter().rev().copied()).collect() };
+        if flip_at(seed, i as u64) {
+            assert_ne!(ha, hb);
             assert_eq!(mirror(ha), hb, "HR mirrored");
             // The guide of the mirrored face is the mirrored guide (the filters are symmetric).
             assert!(rel_err(&mirror(ga), gb) < 1e-5, "guide built after the flip");
         } else {
-            assert_eq!(ga, gb);
+            assert_eq!((ha, ga), (hb, gb));
         }
     }
-    assert!(saw_flip, "seed 5 flips at least one of the three samples");
 }
 
 #[test]
@@ -488,7 +501,7 @@ fn resume_continues_exactly() {
 }
 
 #[test]
-fn stop_flag_ends_with_a_checkpoint() {
+fn stop_flag_and_time_limit_end_with_a_checkpoint() {
     let data = face_subset("stop", 3);
     let out = scratch("stop_run");
     let s = train(
@@ -500,6 +513,62 @@ fn stop_flag_ends_with_a_checkpoint() {
     assert_eq!(s.stopped, StopReason::Interrupted);
     assert_eq!(s.end_step, 0);
     assert_eq!(Checkpoint::load(&out).unwrap().state.step, 0);
+
+    let out = scratch("time_run");
+    let mut o = tiny_options(&data, &out, 50);
+    o.max_minutes = Some(0.0);
+    let s = train(&CpuF32::new(), &o, &AtomicBool::new(false)).unwrap();
+    assert_eq!((s.stopped, s.end_step), (StopReason::TimeLimit, 0));
+    assert!(out.join(CHECKPOINT_FILE).is_file());
+}
+
+/// At initialisation the output layer is ≈ 0, so the first loss is what a zero score gives:
+/// VE 0.5·Σz² ≈ 0.5·3·H·W, VP mean(z²) ≈ 1. This checks the reduction, the [−1,1] data scaling
+/// of VP and dropout in training mode.
+#[test]
+fn first_step_losses_match_a_zero_score() {
+    let data = face_subset("first", 4);
+    let be = CpuF32::new();
+    for preset in ["ve-tiny", "vp-tiny"] {
+        let mut cfg = NetConfig::preset(preset).unwrap();
+        cfg.data.image_size = 32;
+        cfg.model.ch_mult = vec![1, 2, 2];
+        cfg.model.dropout = 0.1;
+        let mut hyper = srsde_fast::train::Hyper::paper(preset, &cfg);
+        hyper.batch = 4;
+        let mut tr = Trainer::new(&be, cfg.clone(), hyper.clone()).unwrap();
+        let opts = LoaderOptions {
+            image_size: 32,
+            batch: 4,
+            flip: hyper.flip,
+            seed: 1,
+            workers: 1,
+            prefetch: 4,
+        };
+        let mut loader = Loader::start(FaceFolder::open(&data).unwrap(), opts, 0).unwrap();
+        let batch = loader.next_batch().unwrap();
+        let (x0, y) = tr.batch_tensors(&batch).unwrap();
+        let lo = be.to_f32(&x0).unwrap().iter().fold(f32::MAX, |a, &b| a.min(b));
+        assert_eq!(lo < -0.5, cfg.data.centered, "{preset}: data range");
+        assert!(be.to_f32(&y).unwrap().iter().all(|v| v.is_finite()));
+        let rep = tr.train_step(&batch).unwrap();
+        let want = if preset == "ve-tiny" {
+            0.5 * 3.0 * 32.0 * 32.0
+        } else {
+            1.0
+        };
+        println!("{preset}: first loss {} (zero score: {want})", rep.loss);
+        assert!(
+            (rep.loss / want - 1.0).abs() < 0.1,
+            "{preset}: first loss {} vs {want}",
+            rep.loss
+        );
+        assert_eq!(rep.lr, 0.0);
+        assert!(rep.grad_norm > 0.0 && rep.clip_scale <= 1.0);
+        // lr 0 on the first step: the weights did not move, the EMA saw one update.
+        assert_eq!(tr.params, paper_init(&cfg, hyper.seed));
+        assert_eq!((tr.adam.steps, tr.ema.updates, tr.step), (1, 1, 1));
+    }
 }
 
 #[test]

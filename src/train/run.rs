@@ -199,8 +199,9 @@ pub struct TrainOptions {
     pub data: PathBuf,
     pub out: PathBuf,
     pub preset: String,
-    /// Total number of steps of the run (a resumed run continues up to it).
-    pub steps: u64,
+    /// Total number of steps of the run (a resumed run continues up to it); None: the paper's
+    /// `n_iters` for the SDE ([`paper_steps`]).
+    pub steps: Option<u64>,
     pub resume: bool,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub ckpt_every: u64,
@@ -231,7 +232,7 @@ impl TrainOptions {
             data: data.into(),
             out: out.into(),
             preset: preset.to_string(),
-            steps,
+            steps: Some(steps),
             resume: false,
             ckpt_every: 5000,
             max_minutes: None,
@@ -328,6 +329,14 @@ impl TrainOptions {
     }
 }
 
+/// The original's `n_iters`: VE 2,400,001; VP/subVP 950,001.
+pub fn paper_steps(sde: crate::model::SdeKind) -> u64 {
+    match sde {
+        crate::model::SdeKind::Ve => 2_400_001,
+        _ => 950_001,
+    }
+}
+
 /// Why a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
@@ -403,6 +412,9 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         (Trainer::new(backend, config, hyper)?, 0)
     };
     let start_step = trainer.step;
+    let steps = opts
+        .steps
+        .unwrap_or_else(|| paper_steps(trainer.model.net.config.sde()));
     let h = trainer.hyper.clone();
     let folder = FaceFolder::open(&opts.data)?;
     let mut loader = Loader::start(
@@ -420,7 +432,7 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
     let mut log = open_log(&opts.out.join(LOG_FILE))?;
 
     let bar = if opts.progress {
-        indicatif::ProgressBar::new(opts.steps)
+        indicatif::ProgressBar::new(steps)
     } else {
         indicatif::ProgressBar::hidden()
     };
@@ -428,12 +440,12 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
             .expect("valid template"),
     );
-    bar.set_position(start_step.min(opts.steps));
+    bar.set_position(start_step.min(steps));
 
     let mut losses = Vec::new();
     let mut stopped = StopReason::Finished;
     let mut saved_at = None;
-    while trainer.step < opts.steps {
+    while trainer.step < steps {
         if stop.load(Ordering::SeqCst) {
             stopped = StopReason::Interrupted;
             break;
@@ -450,7 +462,7 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         let rep = trainer.train_step(&batch)?;
         let ips = batch.len as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         losses.push(rep.loss);
-        if rep.step % opts.log_every.max(1) == 0 || rep.step == opts.steps {
+        if rep.step % opts.log_every.max(1) == 0 || rep.step == steps {
             let line = LogLine {
                 step: rep.step,
                 loss: rep.loss,
@@ -487,4 +499,166 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         num_params: trainer.model.net.num_params(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+impl std::fmt::Display for TrainSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let why = match self.stopped {
+            StopReason::Finished => "finished",
+            StopReason::Interrupted => "stopped (interrupt)",
+            StopReason::TimeLimit => "stopped (time limit)",
+        };
+        let n = self.losses.len();
+        let tail = &self.losses[n.saturating_sub(100)..];
+        write!(
+            f,
+            "{why} at step {} ({} steps this session, {:.0} s)",
+            self.end_step, n, self.seconds
+        )?;
+        if !tail.is_empty() {
+            write!(
+                f,
+                ", mean loss of the last {} steps {:.4}",
+                tail.len(),
+                tail.iter().sum::<f64>() / tail.len() as f64
+            )?;
+        }
+        write!(f, "; checkpoint {}", self.checkpoint.display())?;
+        if !self.skipped.is_empty() {
+            write!(
+                f,
+                "; {} unreadable files skipped (first: {}: {})",
+                self.skipped.len(),
+                self.skipped[0].0.display(),
+                self.skipped[0].1
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Command-line arguments of `srsde-fast train`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrainArgs {
+    /// Folder of face images (recursively; any size ≥ the training size, non-square ones are
+    /// centre-cropped; unreadable files are skipped).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Model preset of a fresh run (ve-paper, vp-paper, subvp-paper, ve-small, ve-tiny, vp-tiny).
+    #[arg(long, default_value = "ve-paper")]
+    pub preset: String,
+    /// Run folder: holds checkpoint.safetensors and train_log.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Total training steps [default: the paper's 2,400,001 (VE) / 950,001 (VP, subVP)].
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Batch size [default: 2, as the paper].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Adam learning rate [default: 2e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warm-up steps [default: 5000; 0 disables].
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// EMA rate [default: the config's, 0.999 VE / 0.9999 VP].
+    #[arg(long)]
+    pub ema_rate: Option<f64>,
+    /// Global grad-norm clip [default: 1; negative disables].
+    #[arg(long, allow_negative_numbers = true)]
+    pub grad_clip: Option<f64>,
+    /// Random horizontal flips [default: false for VE, true for VP/subVP].
+    #[arg(long)]
+    pub flip: Option<bool>,
+    /// Run seed: initial weights, t, noise, dropout, data order and flips [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write a checkpoint every K steps (0: only at the end).
+    #[arg(long, default_value_t = 5000)]
+    pub ckpt_every: u64,
+    /// Continue the run in --out from its checkpoint, exactly where it stopped.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (with a checkpoint) after this many minutes.
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
+    /// Train at a reduced image size (e.g. 32 for fast CPU tests; must be divisible by 8 and by
+    /// 2^(levels−1)).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Override the preset's base width nf.
+    #[arg(long)]
+    pub nf: Option<usize>,
+    /// Override the preset's channel multipliers, e.g. 1,2,2 (fewer levels allow smaller images).
+    #[arg(long, value_delimiter = ',')]
+    pub ch_mult: Option<Vec<usize>>,
+    /// Image decoding threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Write a log line every N steps.
+    #[arg(long, default_value_t = 1)]
+    pub log_every: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    pub fn options(&self) -> TrainOptions {
+        TrainOptions {
+            data: self.data.clone(),
+            out: self.out.clone(),
+            preset: self.preset.clone(),
+            steps: self.steps,
+            resume: self.resume,
+            ckpt_every: self.ckpt_every,
+            max_minutes: self.max_minutes,
+            image_size: self.image_size,
+            nf: self.nf,
+            ch_mult: self.ch_mult.clone(),
+            batch: self.batch,
+            lr: self.lr,
+            warmup: self.warmup,
+            ema_rate: self.ema_rate,
+            grad_clip: self.grad_clip,
+            flip: self.flip,
+            seed: self.seed,
+            workers: self.workers,
+            log_every: self.log_every,
+            progress: !self.quiet,
+        }
+    }
+}
+
+/// Command-line arguments of `srsde-fast export`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ExportArgs {
+    /// A run folder or a checkpoint file.
+    pub checkpoint: PathBuf,
+    /// Output weights file (.safetensors), loadable with `upscale --model`.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Store the weights as f16 (half the size).
+    #[arg(long)]
+    pub f16: bool,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `srsde-fast export`: write a checkpoint's EMA weights for inference. Returns a summary line.
+pub fn export_cli(args: &ExportArgs) -> Result<String> {
+    crate::io::check_new(&args.output, args.force)?;
+    let storage = if args.f16 {
+        crate::model::weights::StorageType::F16
+    } else {
+        crate::model::weights::StorageType::F32
+    };
+    let step = crate::train::checkpoint::export(&args.checkpoint, &args.output, storage)?;
+    Ok(format!(
+        "wrote {} (EMA weights at step {step}, {})",
+        args.output.display(),
+        if args.f16 { "f16" } else { "f32" }
+    ))
 }
