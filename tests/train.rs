@@ -475,12 +475,37 @@ fn resume_continues_exactly() {
     let full = train(&be, &whole, &stop).unwrap();
 
     let first = train(&be, &tiny_options(&data, &b, 3), &stop).unwrap();
+    // Pretend steps after the checkpoint were logged before a crash: the resume drops them.
+    let log = b.join("train_log.jsonl");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    text.push_str("{\"step\":4,\"loss\":-1.0}\n");
+    std::fs::write(&log, text).unwrap();
     let mut cont = tiny_options(&data, &b, 6);
     cont.resume = true;
     let second = train(&be, &cont, &stop).unwrap();
     assert_eq!((second.start_step, second.end_step), (3, 6));
     let joined: Vec<f64> = first.losses.iter().chain(&second.losses).copied().collect();
     assert_eq!(joined, full.losses, "losses of the resumed run differ");
+    let logged: Vec<(u64, f64)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect();
+    // (serde_json's float parsing is not exactly round-trip; compare to 1e-12.)
+    assert_eq!(
+        logged.iter().map(|l| l.0).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<u64>>(),
+        "log: each step once"
+    );
+    for ((_, got), want) in logged.iter().zip(&joined) {
+        assert!(
+            (got - want).abs() <= 1e-12 * want.abs(),
+            "logged loss {got} vs {want}"
+        );
+    }
 
     let (ca, cb) = (Checkpoint::load(&a).unwrap(), Checkpoint::load(&b).unwrap());
     assert_eq!(ca.state, cb.state);

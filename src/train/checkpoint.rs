@@ -148,7 +148,42 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("plain data serialises")
 }
 
+/// A checkpoint's contents borrowed from wherever they live (a training run saves without
+/// copying its weights and optimiser state).
+pub struct CheckpointRef<'a> {
+    pub config: &'a NetConfig,
+    pub hyper: &'a Hyper,
+    pub state: TrainState,
+    pub params: &'a BTreeMap<String, HostTensor>,
+    pub adam: &'a Adam,
+    pub ema: &'a Ema,
+}
+
 impl Checkpoint {
+    pub fn as_ref(&self) -> CheckpointRef<'_> {
+        CheckpointRef {
+            config: &self.config,
+            hyper: &self.hyper,
+            state: self.state,
+            params: &self.params,
+            adam: &self.adam,
+            ema: &self.ema,
+        }
+    }
+
+    /// Phase one of a save: write the whole checkpoint to a temporary file next to `dest` and
+    /// fsync it.
+    pub fn prepare(&self, dest: &Path) -> Result<PendingCheckpoint> {
+        self.as_ref().prepare(dest)
+    }
+
+    /// Write atomically to `dest` (prepare + commit).
+    pub fn save(&self, dest: &Path) -> Result<()> {
+        self.prepare(dest)?.commit()
+    }
+}
+
+impl CheckpointRef<'_> {
     /// Phase one of a save: write the whole checkpoint to a temporary file next to `dest` and
     /// fsync it.
     pub fn prepare(&self, dest: &Path) -> Result<PendingCheckpoint> {
@@ -170,7 +205,7 @@ impl Checkpoint {
         };
 
         let mut views: Vec<(String, F32View<'_>)> = Vec::new();
-        for (name, t) in &self.params {
+        for (name, t) in self.params {
             views.push((
                 format!("param.{name}"),
                 F32View {
@@ -225,7 +260,9 @@ impl Checkpoint {
     pub fn save(&self, dest: &Path) -> Result<()> {
         self.prepare(dest)?.commit()
     }
+}
 
+impl Checkpoint {
     /// Read a checkpoint file (or a run folder's latest checkpoint), checking every tensor against
     /// the stored config.
     pub fn load(path: &Path) -> Result<Checkpoint> {

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::ncsnpp::param_specs;
 use crate::model::{Ncsnpp, NetConfig, ScoreModel};
 use crate::tensor::{HostTensor, Tensor};
-use crate::train::checkpoint::{adam_config, Checkpoint, TrainState, CHECKPOINT_FILE};
+use crate::train::checkpoint::{adam_config, Checkpoint, CheckpointRef, TrainState, CHECKPOINT_FILE};
 use crate::train::data::{Batch, FaceFolder, Loader, LoaderOptions};
 use crate::train::loss::{draw_noise, draw_times, dropout_seed, dsm_loss};
 use crate::train::optim::{Adam, Ema};
@@ -100,7 +100,22 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
-    /// The full state, with the data stream position `next_sample`.
+    /// The full state, borrowed, with the data stream position `next_sample` (for saving).
+    pub fn checkpoint_ref(&self, next_sample: u64) -> CheckpointRef<'_> {
+        CheckpointRef {
+            config: &self.model.net.config,
+            hyper: &self.hyper,
+            state: TrainState {
+                step: self.step,
+                next_sample,
+            },
+            params: &self.params,
+            adam: &self.adam,
+            ema: &self.ema,
+        }
+    }
+
+    /// The full state as an owned copy, with the data stream position `next_sample`.
     pub fn checkpoint(&self, next_sample: u64) -> Checkpoint {
         Checkpoint {
             config: self.model.net.config.clone(),
@@ -375,7 +390,30 @@ struct LogLine {
     elapsed_s: f64,
 }
 
-fn open_log(path: &Path) -> Result<std::fs::File> {
+/// Open the run's log for appending. A fresh run starts it empty; a resumed run drops the lines
+/// of steps after its checkpoint (done before a crash, and about to be redone), so the log holds
+/// each step once.
+fn open_log(path: &Path, resume_from: Option<u64>) -> Result<std::fs::File> {
+    match resume_from {
+        None => {
+            std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+        }
+        Some(step) if path.is_file() => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let keep: String = text
+                .lines()
+                .filter(|l| {
+                    let v = serde_json::from_str::<serde_json::Value>(l).ok();
+                    v.and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if keep.len() != text.len() {
+                std::fs::write(path, keep).map_err(|e| Error::io(path, e))?;
+            }
+        }
+        Some(_) => {}
+    }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -429,7 +467,7 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         },
         next_sample,
     )?;
-    let mut log = open_log(&opts.out.join(LOG_FILE))?;
+    let mut log = open_log(&opts.out.join(LOG_FILE), opts.resume.then_some(start_step))?;
 
     let bar = if opts.progress {
         indicatif::ProgressBar::new(steps)
@@ -479,12 +517,12 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         bar.set_position(rep.step);
         bar.set_message(format!("loss {:.4} lr {:.2e} {ips:.1} img/s", rep.loss, rep.lr));
         if opts.ckpt_every > 0 && rep.step % opts.ckpt_every == 0 {
-            trainer.checkpoint(loader.next_sample()).save(&ckpt_path)?;
+            trainer.checkpoint_ref(loader.next_sample()).save(&ckpt_path)?;
             saved_at = Some(rep.step);
         }
     }
     if saved_at != Some(trainer.step) && (trainer.step > start_step || !ckpt_path.exists()) {
-        trainer.checkpoint(loader.next_sample()).save(&ckpt_path)?;
+        trainer.checkpoint_ref(loader.next_sample()).save(&ckpt_path)?;
     }
     log.sync_all()
         .map_err(|e| Error::io(opts.out.join(LOG_FILE), e))?;
