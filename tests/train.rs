@@ -428,6 +428,22 @@ fn loader_skips_bad_files_and_rejects_useless_folders() {
         "each bad file counted once: {:?}",
         l.skipped()
     );
+
+    // Mostly bad files: runs of failures across epoch boundaries longer than the folder are fine
+    // while one file is readable.
+    let sparse = face_subset("sparse", 1);
+    for i in 0..5 {
+        std::fs::write(sparse.join(format!("broken{i}.png")), b"not a png").unwrap();
+    }
+    let opts = LoaderOptions {
+        batch: 1,
+        ..loader_opts(3, false)
+    };
+    let mut l = Loader::start(FaceFolder::open(&sparse).unwrap(), opts, 0).unwrap();
+    for _ in 0..20 {
+        assert_eq!(l.next_batch().unwrap().len, 1);
+    }
+    assert_eq!(l.skipped().len(), 5);
 }
 
 // ---- whole runs -----------------------------------------------------------------------------

@@ -173,7 +173,6 @@ pub struct Loader {
     pending: BTreeMap<u64, (usize, std::result::Result<Sample, String>)>,
     next: u64,
     skipped: Vec<(PathBuf, String)>,
-    consecutive_failures: usize,
 }
 
 impl Loader {
@@ -219,7 +218,6 @@ impl Loader {
             pending: BTreeMap::new(),
             next: start,
             skipped: Vec::new(),
-            consecutive_failures: 0,
         })
     }
 
@@ -258,7 +256,6 @@ impl Loader {
             self.shared.wake.notify_all();
             match result {
                 Ok(sample) => {
-                    self.consecutive_failures = 0;
                     batch.hr.extend_from_slice(&sample.hr);
                     batch.guide.extend_from_slice(&sample.guide);
                     batch.files.push(file);
@@ -269,8 +266,8 @@ impl Loader {
                     if !self.skipped.iter().any(|(p, _)| p == path) {
                         self.skipped.push((path.clone(), msg));
                     }
-                    self.consecutive_failures += 1;
-                    if self.consecutive_failures >= self.folder.files.len() {
+                    // Every file has failed once: nothing readable is left to draw.
+                    if self.skipped.len() >= self.folder.files.len() {
                         let (p, why) = &self.skipped[0];
                         return Err(Error::Config(format!(
                             "no readable face image in {}: all {} files failed (e.g. {}: {why})",
