@@ -932,6 +932,56 @@ fn bad_shapes_are_errors_not_panics() {
 }
 
 #[test]
+fn empty_tensors_do_not_panic() {
+    let b = b64();
+    let fir = Fir::separable(&[1.0, 3.0, 3.0, 1.0], 1.0);
+    let blur = UpFirDn {
+        up: 1,
+        down: 1,
+        pad0: 2,
+        pad1: 2,
+    };
+    let x = t(&[1, 2, 0, 3], 1);
+    let y = b.upfirdn2d(&x, &fir, blur).unwrap();
+    assert_eq!(y.shape(), &[1, 2, 1, 4]);
+    assert!(vals(&y).iter().all(|&v| v == 0.0));
+    assert_eq!(
+        b.upfirdn2d_backward(&y, x.shape(), &fir, blur).unwrap().shape(),
+        x.shape()
+    );
+    // A kernel wider than a zero-width input is a shape error, not a panic.
+    assert!(b
+        .conv2d(&t(&[1, 2, 1, 0], 3), &t(&[3, 2, 1, 1], 2), None, 1, 0)
+        .is_err());
+    let x = t(&[2, 0, 4, 4], 4);
+    let y = b
+        .conv2d(&x, &t(&[3, 0, 3, 3], 5), Some(&t(&[3], 6)), 1, 1)
+        .unwrap();
+    assert_eq!(y.shape(), &[2, 3, 4, 4]);
+    let g = b.conv2d_backward(&x, &t(&[3, 0, 3, 3], 5), &y, 1, 1).unwrap();
+    assert_eq!(g.dx.shape(), x.shape());
+    let x0 = t(&[1, 4, 0, 0], 7);
+    let g = b
+        .conv2d_backward(
+            &t(&[1, 2, 0, 1], 7),
+            &t(&[3, 2, 1, 1], 8),
+            &t(&[1, 3, 2, 3], 9),
+            1,
+            1,
+        )
+        .unwrap();
+    assert_eq!(g.dx.shape(), &[1, 2, 0, 1]);
+    assert_eq!(
+        b.group_norm(&x0, &t(&[4], 1), &t(&[4], 2), 2, 1e-6, true)
+            .unwrap()
+            .shape(),
+        x0.shape()
+    );
+    assert_eq!(b.sum_spatial(&x0).unwrap().shape(), &[1, 4]);
+    assert_eq!(b.attention(&x0, &x0, &x0).unwrap().shape(), x0.shape());
+}
+
+#[test]
 fn name_reports_threads() {
     assert!(Cpu::<f32>::new().name().starts_with("cpu ("));
     assert_eq!(Cpu::<f32>::with_threads(1).unwrap().name(), "cpu (1 thread)");

@@ -304,7 +304,7 @@ fn im2col<T: CpuFloat>(g: &ConvGeom, x_img: &[T], q0: usize, q1: usize, col: &mu
 
 /// Output positions per column tile: the column tile holds about `bytes` bytes.
 fn tile_positions<T>(k: usize, p: usize, bytes: usize) -> usize {
-    (bytes / (k * std::mem::size_of::<T>())).clamp(16, p.max(16))
+    (bytes / (k.max(1) * std::mem::size_of::<T>())).clamp(16, p.max(16))
 }
 
 /// Column tiles of about this size stay in a core's L2 cache (2 MB here) while gemm consumes them;
@@ -439,7 +439,7 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
             let wt = Mat::rm_t(w, 0, k, o, k);
             if g.pointwise() {
                 gemm(&mut dx, img * img_in + q0, p, wt, dy_t, T::ONE, false, Par::Pool);
-            } else {
+            } else if hw > 0 {
                 dcol.resize(k * nt, T::ZERO);
                 gemm(&mut dcol, 0, nt, wt, dy_t, T::ONE, false, Par::Pool);
                 let taps = g.kh * g.kw;

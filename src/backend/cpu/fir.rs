@@ -47,7 +47,7 @@ pub(crate) fn upfirdn2d<T: CpuFloat>(
 ) -> Vec<T> {
     let (ty, tx) = (taps(g.h, g.oh, kh, geom), taps(g.w, g.ow, kw, geom));
     let mut out = vec![T::ZERO; g.planes * g.oh * g.ow];
-    if out.is_empty() {
+    if out.is_empty() || g.h * g.w == 0 {
         return out;
     }
     out.par_chunks_mut(g.oh * g.ow)
