@@ -4,11 +4,13 @@
 //! ← [`model`] ← [`sde`]/[`sample`]/[`train`]/[`eval`]; [`io`] handles files and the LR synthesis.
 pub mod autograd;
 pub mod backend;
+pub mod bench;
 pub mod check;
 pub mod error;
 pub mod eval;
 pub mod io;
 pub mod model;
+pub mod nn;
 pub mod rng;
 pub mod sample;
 pub mod sde;
