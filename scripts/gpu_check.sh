@@ -23,8 +23,10 @@ timeout 150 "$BIN" selftest 2>&1 | tee "$OUT/selftest.txt"
 rc_selftest=${PIPESTATUS[0]}
 
 echo "== bench"
-timeout 150 "$BIN" bench 2>&1 | tee "$OUT/bench.txt"
+timeout 150 "$BIN" bench --device cuda --preset ve-paper --batch 1 --iters 10 --pc-step 2>&1 | tee "$OUT/bench.txt"
 rc_bench=${PIPESTATUS[0]}
+timeout 150 "$BIN" bench --device cuda --preset ve-paper --batch 64 --iters 3 2>&1 | tee -a "$OUT/bench.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || rc_bench=1
 
 # Optional: the CUDA integration tests (selftest + per-kernel timings), if their binary was carried:
 #   cargo test --release --no-run --test cuda_ops

@@ -115,3 +115,39 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// End-to-end parity of a backend with the CPU reference: the same random-weight network of
+/// `preset` evaluated on both at batch `batch`; returns the norm-wise relative error of the output.
+pub fn network_parity<B: Backend>(other: &B, preset: &str, batch: usize, seed: u64) -> Result<f64> {
+    let cpu = crate::backend::cpu::CpuF32::new();
+    let mut cfg = NetConfig::preset(preset)?;
+    cfg.model.dropout = 0.0;
+    let net_cpu = Ncsnpp::random(&cpu, cfg.clone(), seed)?;
+    let net_other = Ncsnpp::from_weights(other, cfg.clone(), &net_cpu.to_host()?, "<random init>")?;
+    let size = cfg.data.image_size;
+    let shape = [batch, cfg.data.num_channels, size, size];
+    let x = cpu.to_f32(&cpu.rand_uniform(&shape, seed + 1, 0)?)?;
+    let labels: Vec<f32> = (0..batch).map(|i| 0.05 + 10.0 * i as f32 / batch as f32).collect();
+    let run = |be: &dyn Fn() -> Result<Vec<f32>>| be();
+    let want = run(&|| {
+        let g = Graph::inference(&cpu);
+        let out = net_cpu.forward(
+            &g,
+            &g.constant(cpu.from_f32(&shape, &x)?),
+            &cpu.from_f32(&[batch], &labels)?,
+            Forward::default(),
+        )?;
+        cpu.to_f32(&out.value)
+    })?;
+    let got = run(&|| {
+        let g = Graph::inference(other);
+        let out = net_other.forward(
+            &g,
+            &g.constant(other.from_f32(&shape, &x)?),
+            &other.from_f32(&[batch], &labels)?,
+            Forward::default(),
+        )?;
+        other.to_f32(&out.value)
+    })?;
+    Ok(crate::check::rel_err(&got, &want))
+}

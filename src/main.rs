@@ -176,7 +176,30 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{r}");
                 failed += usize::from(!r.pass);
             }
-            println!("{} passed, {} failed", rows.len() - failed, failed);
+            // Whole networks end to end (random weights) in every precision the build supports.
+            let mut total = rows.len();
+            for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+                if !cu.supports(p) {
+                    continue;
+                }
+                let bound = match p {
+                    Precision::F32 => 1e-4,
+                    Precision::Tf32 => 2e-3,
+                    Precision::Bf16 => 2e-2,
+                };
+                for preset in ["ve-tiny", "vp-tiny", "ve-small"] {
+                    let e = bench::network_parity(&cu.with_precision(p), preset, 2, seed)?;
+                    let pass = e <= bound;
+                    total += 1;
+                    failed += usize::from(!pass);
+                    println!(
+                        "network {preset:<9} batch 2  {:<5} rel err {e:.2e}  bound {bound:.0e}  {}",
+                        p.as_str(),
+                        if pass { "ok" } else { "FAIL" }
+                    );
+                }
+            }
+            println!("{} passed, {} failed", total - failed, failed);
             if failed > 0 {
                 bail!("{failed} CUDA op checks failed");
             }
