@@ -9,12 +9,10 @@
 //! 3. load the model and pick the sampler (the paper's one for the model's SDE unless told);
 //! 4. sample in batches of (face, hypothesis k) and write each batch's PNGs as soon as it is done.
 //!
-//! Noise: the batch holding items `[(i₀, k₀), …]` samples with seed [`item_seed`]`(seed, i₀, k₀)`, where
-//! i is the face's position in the input list. With `--batch 1` (the default) every face and
-//! hypothesis therefore has its own noise stream, and its result does not depend on the other
-//! inputs. With larger batches the sampler draws one stream for the whole batch, so a face's
-//! result depends on its batch companions (the same inputs, `--batch` and `--seed` still reproduce
-//! a run exactly).
+//! Noise: item (i, k) — hypothesis k of the face at position i of the input list — draws from its
+//! own stream with seed [`item_seed`]`(seed, i, k)`, whatever batch it lands in. With per-image
+//! Langevin norms (the default) a face's result therefore does not depend on `--batch` or on its
+//! batch companions; `--langevin-norm batch` (the original's coupling) does depend on them.
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -30,7 +28,8 @@ use crate::io::{self, CropMode, LR_SIZE};
 use crate::model::load::load_network;
 use crate::model::ScoreModel;
 use crate::sample::{
-    pc_sample, CorrectorKind, LangevinNorm, PredictorKind, SamplerConfig, StepInfo, PRESETS,
+    pc_sample_with_noise, CorrectorKind, LangevinNorm, NoiseStream, PredictorKind, SamplerConfig, StepInfo,
+    PRESETS,
 };
 use crate::sde::Sde;
 
@@ -175,7 +174,7 @@ impl UpscaleReport {
     }
 }
 
-/// The seed of the batch whose first item is hypothesis `k` of input `index`: a SplitMix64 hash of
+/// The noise seed of hypothesis `k` of input `index`: a SplitMix64 hash of
 /// (seed, index, k), so every face and hypothesis gets its own, unrelated noise stream.
 pub fn item_seed(seed: u64, index: usize, k: usize) -> u64 {
     mix64(mix64(mix64(seed) ^ index as u64) ^ (k as u64).rotate_left(32))
@@ -275,10 +274,10 @@ pub fn run<B: Backend>(opts: &UpscaleOptions, backend: &B) -> Result<UpscaleRepo
     let (name, cfg) = sampler_config(opts, &model.sde)?;
     println!("sampler: {}", describe_sampler(&name, &cfg));
     println!("device: {}", backend.name());
-    if opts.batch > 1 && faces.len() * opts.samples > 1 {
+    if opts.batch > 1 && cfg.langevin_norm == LangevinNorm::Batch && faces.len() * opts.samples > 1 {
         eprintln!(
-            "note: with --batch > 1 the faces of a batch share one noise stream, so a result depends on \
-             its batch companions (the same inputs, --batch and --seed reproduce it)"
+            "note: --langevin-norm batch couples the faces of a batch (as the original): a result depends \
+             on its batch companions"
         );
     }
 
@@ -311,18 +310,22 @@ pub fn run<B: Backend>(opts: &UpscaleOptions, backend: &B) -> Result<UpscaleRepo
             .map(|&v| if centered { 2.0 * v - 1.0 } else { v })
             .collect();
         let y = backend.from_f32(&[n, 3, size, size], &y_data)?;
-        let (f0, k0) = chunk[0];
-        let batch_seed = item_seed(seed, faces[f0].index, k0);
+        let noise = NoiseStream::per_image(
+            chunk
+                .iter()
+                .map(|&(f, k)| item_seed(seed, faces[f].index, k))
+                .collect(),
+        );
         // The trajectory follows the first face's first hypothesis: item 0 of batch 0.
         let mut frames: Option<Vec<(Vec<f32>, usize, usize)>> =
             (b == 0 && opts.trajectory.is_some()).then(|| vec![(guides[0].clone(), size, size)]);
-        let x = pc_sample(
+        let x = pc_sample_with_noise(
             backend,
             &model,
             &model.sde,
             &y,
             &cfg,
-            batch_seed,
+            noise,
             &mut |info: StepInfo<'_, B>| {
                 progress.advance(n as u64);
                 if let Some(frames) = frames.as_mut() {

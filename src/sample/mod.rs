@@ -11,7 +11,7 @@ pub mod pc;
 pub mod predictor;
 
 pub use corrector::{Langevin, LangevinNorm, NoneCorrector};
-pub use pc::{pc_sample, NoiseStream, StepInfo};
+pub use pc::{pc_sample, pc_sample_with_noise, NoiseStream, StepInfo};
 pub use predictor::{EulerMaruyama, NonePredictor, ReverseDiffusion};
 
 use crate::backend::Backend;

@@ -10,22 +10,62 @@ use crate::tensor::Tensor;
 
 /// Standard normal draws from the counter RNG: each draw starts where the last one ended, so every
 /// draw of a run is fresh and the whole run is reproducible from the seed (on any backend).
+///
+/// With [`NoiseStream::per_image`], image n of the batch draws from its own seed, so its noise —
+/// and, with per-image Langevin norms, its whole result — does not depend on which other images
+/// share its batch or where it sits in it.
 #[derive(Clone, Debug)]
 pub struct NoiseStream {
     pub seed: u64,
-    /// Index of the next element to draw.
+    /// Index of the next element to draw (per image, for per-image streams).
     pub offset: u64,
+    /// One seed per image of the batch; empty = one stream for the whole batch.
+    pub image_seeds: Vec<u64>,
 }
 
 impl NoiseStream {
     pub fn new(seed: u64) -> Self {
-        NoiseStream { seed, offset: 0 }
+        NoiseStream {
+            seed,
+            offset: 0,
+            image_seeds: Vec::new(),
+        }
     }
 
-    /// N(0, I) of `shape`; advances the offset by its size.
+    /// One independent stream per image of the batch.
+    pub fn per_image(seeds: Vec<u64>) -> Self {
+        NoiseStream {
+            seed: seeds.first().copied().unwrap_or(0),
+            offset: 0,
+            image_seeds: seeds,
+        }
+    }
+
+    /// N(0, I) of `shape`; advances the offset by its size (per image for per-image streams).
     pub fn next<B: Backend>(&mut self, backend: &B, shape: &[usize]) -> Result<Tensor<B>> {
-        let z = backend.randn(shape, self.seed, self.offset)?;
-        self.offset += z.numel() as u64;
+        if self.image_seeds.is_empty() {
+            let z = backend.randn(shape, self.seed, self.offset)?;
+            self.offset += z.numel() as u64;
+            return Ok(z);
+        }
+        let n = self.image_seeds.len();
+        if shape.first() != Some(&n) {
+            return Err(Error::shape(
+                "noise",
+                format!("{shape:?} for {n} per-image streams"),
+            ));
+        }
+        let per: usize = shape[1..].iter().product();
+        // Draw each image's block, then lay the blocks end to end: a concat along dim 1 of
+        // [1, per, 1, 1] views is exactly the contiguous batch.
+        let parts = self
+            .image_seeds
+            .iter()
+            .map(|&s| backend.randn(&[1, per, 1, 1], s, self.offset))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Tensor<B>> = parts.iter().collect();
+        let z = backend.concat_channels(&refs)?.reshape(shape)?;
+        self.offset += per as u64;
         Ok(z)
     }
 }
@@ -60,6 +100,19 @@ pub fn pc_sample<B: Backend, S: ScoreFn<B>>(
     seed: u64,
     observer: &mut dyn FnMut(StepInfo<'_, B>) -> Result<()>,
 ) -> Result<Tensor<B>> {
+    pc_sample_with_noise(backend, score, sde, y, cfg, NoiseStream::new(seed), observer)
+}
+
+/// [`pc_sample`] drawing from a given noise stream (e.g. [`NoiseStream::per_image`]).
+pub fn pc_sample_with_noise<B: Backend, S: ScoreFn<B>>(
+    backend: &B,
+    score: &S,
+    sde: &Sde,
+    y: &Tensor<B>,
+    cfg: &SamplerConfig,
+    mut noise: NoiseStream,
+    observer: &mut dyn FnMut(StepInfo<'_, B>) -> Result<()>,
+) -> Result<Tensor<B>> {
     cfg.validate()?;
     if y.shape().is_empty() || y.numel() == 0 {
         return Err(Error::shape(
@@ -70,7 +123,6 @@ pub fn pc_sample<B: Backend, S: ScoreFn<B>>(
     let sde = sde.with_steps(cfg.steps)?;
     let langevin = cfg.langevin();
     let shape = y.shape().to_vec();
-    let mut noise = NoiseStream::new(seed);
 
     let mut x = backend.affine(&noise.next(backend, &shape)?, sde.prior_std(), 0.0)?;
     let mut x_mean = x.clone();
