@@ -127,7 +127,9 @@ pub fn network_parity<B: Backend>(other: &B, preset: &str, batch: usize, seed: u
     let size = cfg.data.image_size;
     let shape = [batch, cfg.data.num_channels, size, size];
     let x = cpu.to_f32(&cpu.rand_uniform(&shape, seed + 1, 0)?)?;
-    let labels: Vec<f32> = (0..batch).map(|i| 0.05 + 10.0 * i as f32 / batch as f32).collect();
+    let labels: Vec<f32> = (0..batch)
+        .map(|i| 0.05 + 10.0 * i as f32 / batch as f32)
+        .collect();
     let run = |be: &dyn Fn() -> Result<Vec<f32>>| be();
     let want = run(&|| {
         let g = Graph::inference(&cpu);

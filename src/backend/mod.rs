@@ -71,7 +71,9 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;
+    #[allow(clippy::wrong_self_convention)] // a backend creates tensors on its own device
     fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor<Self>>;
+    #[allow(clippy::wrong_self_convention)]
     fn from_f64(&self, shape: &[usize], data: &[f64]) -> Result<Tensor<Self>>;
     fn to_f32(&self, x: &Tensor<Self>) -> Result<Vec<f32>>;
     fn to_f64(&self, x: &Tensor<Self>) -> Result<Vec<f64>>;
@@ -151,6 +153,7 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         silu: bool,
     ) -> Result<Tensor<Self>>;
     /// Gradients of `group_norm` (input, gamma, beta); recomputes the statistics.
+    #[allow(clippy::too_many_arguments)] // the forward's arguments plus dy
     fn group_norm_backward(
         &self,
         x: &Tensor<Self>,

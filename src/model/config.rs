@@ -280,13 +280,13 @@ impl NetConfig {
                 "nf ≥ 4, a non-empty ch_mult and num_res_blocks ≥ 1 are required".into(),
             ));
         }
-        if self.data.num_channels % 2 != 0 {
+        if !self.data.num_channels.is_multiple_of(2) {
             return Err(Error::Config(
                 "data.num_channels must be even (x and y interleaved)".into(),
             ));
         }
         let levels = m.ch_mult.len() as u32;
-        if self.data.image_size % (1 << (levels - 1)) != 0 {
+        if !self.data.image_size.is_multiple_of(1 << (levels - 1)) {
             return Err(Error::Config(format!(
                 "image_size {} is not divisible by 2^{} (ch_mult has {levels} levels)",
                 self.data.image_size,

@@ -39,6 +39,9 @@ pub struct Ncsnpp<B: Backend> {
     backend: B,
 }
 
+/// Receives (module index, output) during a forward pass.
+pub type CaptureFn<'a, B> = &'a mut dyn FnMut(usize, &Tensor<B>);
+
 /// Options of one forward pass.
 pub struct Forward<'a, B: Backend> {
     /// Dropout probability to apply (training); 0 for inference.
@@ -46,7 +49,7 @@ pub struct Forward<'a, B: Backend> {
     pub dropout_seed: u64,
     /// Called with (module index, output) after each module of `all_modules`, for layer-by-layer
     /// debugging against the reference.
-    pub capture: Option<&'a mut dyn FnMut(usize, &Tensor<B>)>,
+    pub capture: Option<CaptureFn<'a, B>>,
 }
 
 impl<B: Backend> Default for Forward<'_, B> {
