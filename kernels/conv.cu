@@ -7,117 +7,206 @@
 //   out[n, m, oy, ox] = C[m, p].
 // Linear layers are the 1×1 case with H = W = 1. CPU twins: conv2d, nin, linear.
 //
-// Three kernels with the same arguments:
-//   conv_f32   SIMT f32, 64×64×16 tiles, 4×4 outputs per thread (the exact reference path);
-//   conv_tf32  WMMA m16n16k8 TF32 tensor cores, f32 accumulate, 64×64×32 tiles, 4 warps;
-//   conv_bf16  WMMA m16n16k16 bf16 tensor cores, f32 accumulate, same tiling.
+// Kernels (same arguments):
+//   conv_f32                 SIMT f32, 128×128×8 tiles, 8×8 outputs per thread (the exact path);
+//   conv_tf32, conv_tf32_n64 WMMA m16n16k8 TF32, f32 accumulate, 128×128 / 128×64 tiles, K tile 16;
+//   conv_bf16, conv_bf16_n64 WMMA m16n16k16 bf16, f32 accumulate, 128×128 / 128×64 tiles, K tile 32.
+// All use 256 threads, two shared-memory stages (the next K tile is loaded into registers while the
+// tensor cores work on the current one; one barrier per K tile) and split-K over blockIdx.z: block
+// z sums k in [z·k_chunk, (z+1)·k_chunk) and writes out + z·numel; with gridDim.z > 1 the caller
+// passes a workspace and no bias, and conv_splitk_reduce adds the partials and the bias.
+//
+// The im2col gather walks each thread's k sequence (an arithmetic progression) incrementally, so the
+// inner loop has no integer division (see ColWalker).
 #include "common.cuh"
 
 struct ConvGeom {
     int N, C, H, W;      // input
     int O, OH, OW;       // output
     int KH, KW, stride, pad;
+    int k_chunk;           // K range per blockIdx.z (split-K); a multiple of every kernel's K tile
     long long a_sm, a_sk;  // weight strides of A[m, k]
 };
 
-// Decomposes an output pixel index p into the input-space origin of its receptive field.
-struct PixelOrigin {
-    bool valid;
-    int n, iy0, ix0;
-    long long out_off;  // offset of out[n, 0, oy, ox]
+#define CONV_THREADS 256
+
+// Offset of out[n, 0, oy, ox] for output pixel p (p < P).
+__device__ __forceinline__ long long out_offset(const ConvGeom& g, long long p) {
+    const long long ohw = (long long)g.OH * g.OW;
+    const long long n = p / ohw;
+    return n * g.O * ohw + (p - n * ohw);
+}
+
+// One thread's column of B: a fixed output pixel, k = k_first, k_first + step, ... Each advance
+// adds the precomputed (channel, ky, kx) decomposition of `step` with one carry per digit.
+struct ColWalker {
+    const float* xp;  // x + n·C·H·W of the pixel's sample
+    int iy0, ix0;     // input origin of the receptive field
+    bool pvalid;
+    int k, c_off, ky, kx;          // current k = c·KH·KW + ky·KW + kx, c_off = c·H·W
+    int s_coff, s_ky, s_kx, step;  // the step, decomposed the same way
+
+    __device__ __forceinline__ void init(const float* x, const ConvGeom& g, long long p, long long P,
+                                         int k_first, int step_) {
+        pvalid = p < P;
+        if (!pvalid) p = 0;
+        const int ohw = g.OH * g.OW, hw = g.H * g.W, khw = g.KH * g.KW;
+        const int n = (int)(p / ohw);
+        const int r = (int)(p - (long long)n * ohw);
+        const int oy = r / g.OW, ox = r - oy * g.OW;
+        iy0 = oy * g.stride - g.pad;
+        ix0 = ox * g.stride - g.pad;
+        xp = x + (long long)n * g.C * hw;
+        k = k_first;
+        int c = k / khw, rk = k - c * khw;
+        ky = rk / g.KW;
+        kx = rk - ky * g.KW;
+        c_off = c * hw;
+        step = step_;
+        int sc = step / khw, rs = step - sc * khw;
+        s_ky = rs / g.KW;
+        s_kx = rs - s_ky * g.KW;
+        s_coff = sc * hw;
+    }
+    // B[k, p] for the current k (0 past `kend` or outside the image), then advance.
+    __device__ __forceinline__ float next(const ConvGeom& g, int kend) {
+        const int iy = iy0 + ky, ix = ix0 + kx;
+        const bool ok = pvalid && k < kend && (unsigned)iy < (unsigned)g.H && (unsigned)ix < (unsigned)g.W;
+        const float v = ok ? __ldg(xp + c_off + iy * g.W + ix) : 0.0f;
+        k += step;
+        c_off += s_coff;
+        kx += s_kx;
+        ky += s_ky;
+        if (kx >= g.KW) { kx -= g.KW; ++ky; }
+        if (ky >= g.KH) { ky -= g.KH; c_off += g.H * g.W; }
+        return v;
+    }
 };
 
-__device__ __forceinline__ PixelOrigin pixel_origin(const ConvGeom& g, long long p, long long P) {
-    PixelOrigin o;
-    o.valid = p < P;
-    if (!o.valid) p = 0;
-    const int ohw = g.OH * g.OW;
-    o.n = (int)(p / ohw);
-    int r = (int)(p - (long long)o.n * ohw);
-    int oy = r / g.OW, ox = r - oy * g.OW;
-    o.iy0 = oy * g.stride - g.pad;
-    o.ix0 = ox * g.stride - g.pad;
-    o.out_off = (long long)o.n * g.O * ohw + r;
-    return o;
+// One thread's share of a BM×BK tile of A. Conv weights (a_sk = 1) are read along k (a warp reads
+// whole rows), NIN weights (a_sm = 1) along m; element i is (m_first + i·dm, k_first + i·dk).
+template <int BM, int BK>
+struct RowWalker {
+    static_assert(CONV_THREADS % BM == 0 && CONV_THREADS % BK == 0, "loader mapping");
+    const float* w;
+    long long a_sm, a_sk;
+    int m, k, dm, dk;  // tile-relative coordinates of element 0 and the per-element steps
+
+    __device__ __forceinline__ void init(const float* w_, const ConvGeom& g, int t) {
+        w = w_;
+        a_sm = g.a_sm;
+        a_sk = g.a_sk;
+        if (g.a_sk == 1) {
+            m = t / BK; k = t % BK; dm = CONV_THREADS / BK; dk = 0;
+        } else {
+            m = t % BM; k = t / BM; dm = 0; dk = CONV_THREADS / BM;
+        }
+    }
+    __device__ __forceinline__ float get(int i, int m0, int k0, int M, int kend) const {
+        const int mm = m0 + m + i * dm, kk = k0 + k + i * dk;
+        return (mm < M && kk < kend) ? __ldg(w + (long long)mm * a_sm + (long long)kk * a_sk) : 0.0f;
+    }
+};
+
+// ---- split-K reduction ---------------------------------------------------------------------------
+
+// out[i] = Σ_z ws[z·numel + i] + bias[m(i)], m(i) = (i / ohw) mod O.
+extern "C" __global__ void conv_splitk_reduce(const float* __restrict__ ws, const float* __restrict__ bias,
+                                              float* __restrict__ out, long long numel, int splits, int O,
+                                              long long ohw) {
+    GRID_STRIDE(i, numel) {
+        float s = 0.0f;
+        for (int z = 0; z < splits; ++z) s += ws[(long long)z * numel + i];
+        if (bias) s += bias[(i / ohw) % O];
+        out[i] = s;
+    }
 }
 
-// B[k, p] for a pixel with origin `o`.
-__device__ __forceinline__ float load_b(const float* __restrict__ x, const ConvGeom& g,
-                                        const PixelOrigin& o, int k, int K) {
-    if (!o.valid || k >= K) return 0.0f;
-    const int khw = g.KH * g.KW;
-    int c = k / khw;
-    int r = k - c * khw;
-    int ky = r / g.KW, kx = r - ky * g.KW;
-    int iy = o.iy0 + ky, ix = o.ix0 + kx;
-    if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return 0.0f;
-    return __ldg(&x[(((long long)o.n * g.C + c) * g.H + iy) * g.W + ix]);
-}
+// ---- SIMT f32 ------------------------------------------------------------------------------------
+// 128×128 tile, K tile 8, 16×16 threads each owning rows {ty·4 + i, 64 + ty·4 + i} and columns
+// {tx·4 + j, 64 + tx·4 + j} (i, j < 4), read from shared memory as float4.
 
-__device__ __forceinline__ float load_a(const float* __restrict__ w, const ConvGeom& g, int m, int k,
-                                        int M, int K) {
-    if (m >= M || k >= K) return 0.0f;
-    return __ldg(&w[(long long)m * g.a_sm + (long long)k * g.a_sk]);
-}
+#define F_BM 128
+#define F_BN 128
+#define F_BK 8
+#define F_LD (F_BM + 4)
 
-// ---- SIMT f32 ----------------------------------------------------------------------------------
-
-#define F_BM 64
-#define F_BN 64
-#define F_BK 16
-
-extern "C" __global__ void __launch_bounds__(256) conv_f32(const float* __restrict__ x,
-                                                           const float* __restrict__ w,
-                                                           const float* __restrict__ bias,
-                                                           float* __restrict__ out, ConvGeom g) {
-    __shared__ __align__(16) float As[F_BK][F_BM];
-    __shared__ __align__(16) float Bs[F_BK][F_BN];
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_f32(const float* __restrict__ x,
+                                                                    const float* __restrict__ w,
+                                                                    const float* __restrict__ bias,
+                                                                    float* __restrict__ out, ConvGeom g) {
+    __shared__ __align__(16) float As[2][F_BK][F_LD];  // [k][m]
+    __shared__ __align__(16) float Bs[2][F_BK][F_LD];  // [k][p]
+    constexpr int EA = F_BM * F_BK / CONV_THREADS, EB = F_BK * F_BN / CONV_THREADS;
     const int M = g.O, K = g.C * g.KH * g.KW;
     const long long P = (long long)g.N * g.OH * g.OW;
     const int t = threadIdx.x;
     const int m0 = blockIdx.y * F_BM;
     const long long p0 = (long long)blockIdx.x * F_BN;
+    const int kb = blockIdx.z * g.k_chunk;
+    const int kend = min(K, kb + g.k_chunk);
+    const int ntiles = kend > kb ? (kend - kb + F_BK - 1) / F_BK : 0;
 
-    // Loader roles: A by (row a_m + 16·i, column a_k); B by (row b_k + 4·i, pixel b_p).
-    const int a_k = t % F_BK, a_m = t / F_BK;
-    const int b_p = t % F_BN, b_k = t / F_BN;
-    const PixelOrigin org = pixel_origin(g, p0 + b_p, P);
+    RowWalker<F_BM, F_BK> aw;
+    aw.init(w, g, t);
+    ColWalker bw;
+    bw.init(x, g, p0 + t % F_BN, P, kb + t / F_BN, CONV_THREADS / F_BN);
+    float ra[EA], rb[EB];
+    auto fetch = [&](int k0) {
+#pragma unroll
+        for (int i = 0; i < EA; ++i) ra[i] = aw.get(i, m0, k0, M, kend);
+#pragma unroll
+        for (int i = 0; i < EB; ++i) rb[i] = bw.next(g, kend);
+    };
+    auto stash = [&](int s) {
+#pragma unroll
+        for (int i = 0; i < EA; ++i) As[s][aw.k + i * aw.dk][aw.m + i * aw.dm] = ra[i];
+#pragma unroll
+        for (int i = 0; i < EB; ++i) Bs[s][t / F_BN + i * (CONV_THREADS / F_BN)][t % F_BN] = rb[i];
+    };
 
-    // Compute roles: 4 output channels × 4 pixels per thread.
     const int tx = t % 16, ty = t / 16;
-    float acc[4][4] = {};
-
-    for (int k0 = 0; k0 < K; k0 += F_BK) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) As[a_k][a_m + 16 * i] = load_a(w, g, m0 + a_m + 16 * i, k0 + a_k, M, K);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) Bs[b_k + 4 * i][b_p] = load_b(x, g, org, k0 + b_k + 4 * i, K);
-        __syncthreads();
+    float acc[8][8] = {};
+    if (ntiles > 0) {
+        fetch(kb);
+        stash(0);
+    }
+    __syncthreads();
+    for (int tile = 0; tile < ntiles; ++tile) {
+        const int s = tile & 1;
+        const bool more = tile + 1 < ntiles;
+        if (more) fetch(kb + (tile + 1) * F_BK);
 #pragma unroll
         for (int kk = 0; kk < F_BK; ++kk) {
-            float4 a = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
-            float4 b = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
-            float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+            const float4 a0 = *reinterpret_cast<const float4*>(&As[s][kk][ty * 4]);
+            const float4 a1 = *reinterpret_cast<const float4*>(&As[s][kk][64 + ty * 4]);
+            const float4 b0 = *reinterpret_cast<const float4*>(&Bs[s][kk][tx * 4]);
+            const float4 b1 = *reinterpret_cast<const float4*>(&Bs[s][kk][64 + tx * 4]);
+            const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < 8; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
         }
+        if (more) stash(s ^ 1);
         __syncthreads();
     }
 
+    float* dst = out + (long long)blockIdx.z * ((long long)g.N * M * g.OH * g.OW);
     const long long ohw = (long long)g.OH * g.OW;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        PixelOrigin o = pixel_origin(g, p0 + tx * 4 + j, P);
-        if (!o.valid) continue;
+    for (int j = 0; j < 8; ++j) {
+        const long long p = p0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + j - 4);
+        if (p >= P) continue;
+        const long long off = out_offset(g, p);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int m = m0 + ty * 4 + i;
+        for (int i = 0; i < 8; ++i) {
+            const int m = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
             if (m >= M) continue;
             float v = acc[i][j];
             if (bias) v += bias[m];
-            out[o.out_off + (long long)m * ohw] = v;
+            dst[off + (long long)m * ohw] = v;
         }
     }
 }
@@ -129,141 +218,170 @@ extern "C" __global__ void __launch_bounds__(256) conv_f32(const float* __restri
 #include <cuda_bf16.h>
 using namespace nvcuda;
 
-// ---- tensor cores (WMMA) -----------------------------------------------------------------------
-// 128 threads = 4 warps in a 2×2 grid; each warp owns a 32×32 piece (2×2 fragments of 16×16).
-// Global loads for the next K tile are issued into registers before the current tile's MMAs.
-
-#define T_BM 64
-#define T_BN 64
-#define T_BK 32
-#define C_LD (T_BN + 4)  // f32 epilogue staging row stride
+// ---- tensor cores (WMMA) -------------------------------------------------------------------------
+// 8 warps over a 128×BN tile: for BN = 128 a 2×4 warp grid of 64×32 pieces (4×2 fragments),
+// for BN = 64 a 4×2 grid of 32×32 pieces (2×2 fragments). Operands are converted (bf16) or rounded
+// (TF32) when staged into shared memory; accumulation is f32.
 
 template <typename E>
 struct TcTraits;
 
 template <>
 struct TcTraits<float> {  // TF32: the tile is stored as f32 holding TF32-rounded values
-    static constexpr int KSTEP = 8;
-    static constexpr int A_LD = T_BK + 4;
-    static constexpr int B_LD = T_BN + 4;
+    static constexpr int BK = 16, KSTEP = 8, PAD = 4;
     typedef wmma::precision::tf32 FragT;
     static __device__ __forceinline__ float conv(float v) { return wmma::__float_to_tf32(v); }
 };
 
 template <>
 struct TcTraits<__nv_bfloat16> {
-    static constexpr int KSTEP = 16;
-    static constexpr int A_LD = T_BK + 8;
-    static constexpr int B_LD = T_BN + 8;
+    static constexpr int BK = 32, KSTEP = 16, PAD = 8;
     typedef __nv_bfloat16 FragT;
     static __device__ __forceinline__ __nv_bfloat16 conv(float v) { return __float2bfloat16_rn(v); }
 };
 
-template <typename E>
+#define T_BM 128
+#define EPI_LD 20  // per-warp 16×16 epilogue staging row stride (floats)
+
+template <typename E, int BN>
 __device__ __forceinline__ void conv_tc(const float* __restrict__ x, const float* __restrict__ w,
                                         const float* __restrict__ bias, float* __restrict__ out,
                                         const ConvGeom& g) {
     typedef TcTraits<E> Tr;
-    constexpr int A_LD = Tr::A_LD, B_LD = Tr::B_LD, KSTEP = Tr::KSTEP;
-    constexpr int A_BYTES = T_BM * A_LD * sizeof(E), B_BYTES = T_BK * B_LD * sizeof(E);
-    constexpr int C_BYTES = T_BM * C_LD * sizeof(float);
-    constexpr int SMEM = (A_BYTES + B_BYTES) > C_BYTES ? (A_BYTES + B_BYTES) : C_BYTES;
+    constexpr int BM = T_BM, BK = Tr::BK, KSTEP = Tr::KSTEP;
+    constexpr int WARPS_M = BN == 128 ? 2 : 4, WARPS_N = 8 / WARPS_M;
+    constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, FM = WTM / 16, FN = WTN / 16;
+    constexpr int A_LD = BK + Tr::PAD, B_LD = BN + Tr::PAD;
+    constexpr int STAGE = BM * A_LD + BK * B_LD;  // elements of E per stage: A[BM][A_LD], B[BK][B_LD]
+    constexpr int TILE_BYTES = 2 * STAGE * (int)sizeof(E);
+    constexpr int EPI_BYTES = 8 * 16 * EPI_LD * (int)sizeof(float);
+    constexpr int SMEM = TILE_BYTES > EPI_BYTES ? TILE_BYTES : EPI_BYTES;
+    constexpr int EA = BM * BK / CONV_THREADS, EB = BK * BN / CONV_THREADS;
+    constexpr int B_ROWS = CONV_THREADS / BN;  // k rows covered by one pass of the B loader
+    static_assert((STAGE * sizeof(E)) % 32 == 0, "WMMA pointers need 32-byte alignment");
     __shared__ __align__(128) unsigned char smem[SMEM];
-    E* As = reinterpret_cast<E*>(smem);            // [T_BM][A_LD]  row-major A tile (m, k)
-    E* Bs = reinterpret_cast<E*>(smem + A_BYTES);  // [T_BK][B_LD]  row-major B tile (k, p)
-    float* Cs = reinterpret_cast<float*>(smem);    // [T_BM][C_LD]  epilogue, reuses the tiles
+    E* const tiles = reinterpret_cast<E*>(smem);
 
     const int M = g.O, K = g.C * g.KH * g.KW;
     const long long P = (long long)g.N * g.OH * g.OW;
-    const int t = threadIdx.x, warp = t / 32;
-    const int wm = warp / 2, wn = warp % 2;
-    const int m0 = blockIdx.y * T_BM;
-    const long long p0 = (long long)blockIdx.x * T_BN;
+    const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    const int m0 = blockIdx.y * BM;
+    const long long p0 = (long long)blockIdx.x * BN;
+    const int kb = blockIdx.z * g.k_chunk;
+    const int kend = min(K, kb + g.k_chunk);
+    const int ntiles = kend > kb ? (kend - kb + BK - 1) / BK : 0;
 
-    // Loader roles: A by (rows a_m + 4·i, column a_k), B by (rows b_k + 2·i, pixel b_p).
-    const int a_k = t % T_BK, a_m = t / T_BK;
-    const int b_p = t % T_BN, b_k = t / T_BN;
-    const PixelOrigin org = pixel_origin(g, p0 + b_p, P);
-    float ra[16], rb[16];
-
+    RowWalker<BM, BK> aw;
+    aw.init(w, g, t);
+    ColWalker bw;
+    bw.init(x, g, p0 + t % BN, P, kb + t / BN, B_ROWS);
+    float ra[EA], rb[EB];
     auto fetch = [&](int k0) {
 #pragma unroll
-        for (int i = 0; i < 16; ++i) ra[i] = load_a(w, g, m0 + a_m + 4 * i, k0 + a_k, M, K);
+        for (int i = 0; i < EA; ++i) ra[i] = aw.get(i, m0, k0, M, kend);
 #pragma unroll
-        for (int i = 0; i < 16; ++i) rb[i] = load_b(x, g, org, k0 + b_k + 2 * i, K);
+        for (int i = 0; i < EB; ++i) rb[i] = bw.next(g, kend);
     };
-    auto stash = [&]() {
+    auto stash = [&](int s) {
+        E* As = tiles + s * STAGE;
+        E* Bs = As + BM * A_LD;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) As[(a_m + 4 * i) * A_LD + a_k] = Tr::conv(ra[i]);
+        for (int i = 0; i < EA; ++i) As[(aw.m + i * aw.dm) * A_LD + aw.k + i * aw.dk] = Tr::conv(ra[i]);
 #pragma unroll
-        for (int i = 0; i < 16; ++i) Bs[(b_k + 2 * i) * B_LD + b_p] = Tr::conv(rb[i]);
+        for (int i = 0; i < EB; ++i) Bs[(t / BN + i * B_ROWS) * B_LD + t % BN] = Tr::conv(rb[i]);
     };
 
-    wmma::fragment<wmma::accumulator, 16, 16, KSTEP, float> acc[2][2];
+    wmma::fragment<wmma::accumulator, 16, 16, KSTEP, float> acc[FM][FN];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < FM; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-    fetch(0);
-    stash();
+    if (ntiles > 0) {
+        fetch(kb);
+        stash(0);
+    }
     __syncthreads();
-    for (int k0 = 0; k0 < K; k0 += T_BK) {
-        const bool more = k0 + T_BK < K;
-        if (more) fetch(k0 + T_BK);
+    for (int tile = 0; tile < ntiles; ++tile) {
+        const int s = tile & 1;
+        const bool more = tile + 1 < ntiles;
+        if (more) fetch(kb + (tile + 1) * BK);  // in flight while the tensor cores work
+        const E* As = tiles + s * STAGE;
+        const E* Bs = As + BM * A_LD;
 #pragma unroll
-        for (int kk = 0; kk < T_BK; kk += KSTEP) {
-            wmma::fragment<wmma::matrix_a, 16, 16, KSTEP, typename Tr::FragT, wmma::row_major> fa[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, KSTEP, typename Tr::FragT, wmma::row_major> fb[2];
+        for (int kk = 0; kk < BK; kk += KSTEP) {
+            wmma::fragment<wmma::matrix_a, 16, 16, KSTEP, typename Tr::FragT, wmma::row_major> fa[FM];
+            wmma::fragment<wmma::matrix_b, 16, 16, KSTEP, typename Tr::FragT, wmma::row_major> fb[FN];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 32 + i * 16) * A_LD + kk, A_LD);
+            for (int i = 0; i < FM; ++i) wmma::load_matrix_sync(fa[i], As + (wm * WTM + i * 16) * A_LD + kk, A_LD);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], Bs + kk * B_LD + wn * 32 + j * 16, B_LD);
+            for (int j = 0; j < FN; ++j) wmma::load_matrix_sync(fb[j], Bs + kk * B_LD + wn * WTN + j * 16, B_LD);
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < FM; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
         }
+        if (more) stash(s ^ 1);  // the other stage was last read before the previous barrier
         __syncthreads();
-        if (more) {
-            stash();
-            __syncthreads();
-        }
     }
 
-    // Epilogue: stage the 64×64 tile in shared memory, then write it with the bias, pixel-contiguous.
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * C_LD + wn * 32 + j * 16, acc[i][j], C_LD,
-                                    wmma::mem_row_major);
-    __syncthreads();
+    // Epilogue: each warp passes its fragments one at a time through a private 16×16 staging
+    // area (reusing the tile memory after the last barrier) and writes them with the bias;
+    // lane owns column lane % 16, rows lane / 16 + 2·r, so 16 lanes write 16 adjacent pixels.
+    float* stg = reinterpret_cast<float*>(smem) + warp * 16 * EPI_LD;
+    float* dst = out + (long long)blockIdx.z * ((long long)g.N * M * g.OH * g.OW);
     const long long ohw = (long long)g.OH * g.OW;
-    const int e_p = t % T_BN, e_m = t / T_BN;
-    PixelOrigin o = pixel_origin(g, p0 + e_p, P);
-    if (o.valid) {
-        for (int mm = e_m; mm < T_BM; mm += 128 / T_BN) {
-            int m = m0 + mm;
-            if (m >= M) break;
-            float v = Cs[mm * C_LD + e_p];
-            if (bias) v += bias[m];
-            out[o.out_off + (long long)m * ohw] = v;
+    const int col = lane % 16, half = lane / 16;
+    long long poff[FN];
+    bool pok[FN];
+#pragma unroll
+    for (int j = 0; j < FN; ++j) {
+        const long long p = p0 + wn * WTN + j * 16 + col;
+        pok[j] = p < P;
+        poff[j] = pok[j] ? out_offset(g, p) : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < FM; ++i) {
+#pragma unroll
+        for (int j = 0; j < FN; ++j) {
+            wmma::store_matrix_sync(stg, acc[i][j], EPI_LD, wmma::mem_row_major);
+            __syncwarp();
+            if (pok[j]) {
+#pragma unroll
+                for (int r = 0; r < 8; ++r) {
+                    const int row = 2 * r + half;
+                    const int m = m0 + wm * WTM + i * 16 + row;
+                    if (m < M) {
+                        float v = stg[row * EPI_LD + col];
+                        if (bias) v += bias[m];
+                        dst[poff[j] + (long long)m * ohw] = v;
+                    }
+                }
+            }
+            __syncwarp();
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) conv_tf32(const float* __restrict__ x,
-                                                            const float* __restrict__ w,
-                                                            const float* __restrict__ bias,
-                                                            float* __restrict__ out, ConvGeom g) {
-    conv_tc<float>(x, w, bias, out, g);
+// One entry point per (precision, tile width); build.rs lists kernels by these declarations.
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_tf32(const float* __restrict__ x,
+    const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g) {
+    conv_tc<float, 128>(x, w, bias, out, g);
 }
 
-extern "C" __global__ void __launch_bounds__(128) conv_bf16(const float* __restrict__ x,
-                                                            const float* __restrict__ w,
-                                                            const float* __restrict__ bias,
-                                                            float* __restrict__ out, ConvGeom g) {
-    conv_tc<__nv_bfloat16>(x, w, bias, out, g);
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_tf32_n64(const float* __restrict__ x,
+    const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g) {
+    conv_tc<float, 64>(x, w, bias, out, g);
+}
+
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_bf16(const float* __restrict__ x,
+    const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g) {
+    conv_tc<__nv_bfloat16, 128>(x, w, bias, out, g);
+}
+
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_bf16_n64(const float* __restrict__ x,
+    const float* __restrict__ w, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g) {
+    conv_tc<__nv_bfloat16, 64>(x, w, bias, out, g);
 }
 #endif  // SRSDE_NO_WMMA

@@ -37,6 +37,7 @@ inline float __int_as_float(int v) { float f; memcpy(&f, &v, 4); return f; }
 inline float __int_as_float(unsigned v) { float f; memcpy(&f, &v, 4); return f; }
 inline int lane_id() { return threadIdx.x & 31; }
 inline std::barrier<>& warp_bar() { return *g_warp_bars[threadIdx.x / 32]; }
+inline void __syncwarp(unsigned = 0xffffffffu) { warp_bar().arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     g_xchg_f[threadIdx.x] = v; warp_bar().arrive_and_wait();
     float r = g_xchg_f[(threadIdx.x & ~31u) | (lane_id() ^ o)]; warp_bar().arrive_and_wait(); return r;

@@ -15,7 +15,10 @@ static void report(const std::string& name, double e, double bound) {
 static std::vector<float> poison(size_t n) { return std::vector<float>(n, NAN); }
 
 // ---- conv ------------------------------------------------------------------------------------
-static void test_conv(int N, int C, int H, int W, int O, int k, int s, int p, bool bias, int prec, bool nin_layout = false) {
+// prec: 0 f32, 1 tf32, 2 bf16; bn: tensor-core tile width (128 or 64); splits: split-K parts
+// (partials in a workspace, then conv_splitk_reduce), as the launcher in src/backend/cuda does.
+static void test_conv(int N, int C, int H, int W, int O, int k, int s, int p, bool bias, int prec,
+                      bool nin_layout = false, int bn = 128, int splits = 1) {
     int OH = (H + 2 * p - k) / s + 1, OW = (W + 2 * p - k) / s + 1, K = C * k * k;
     auto x = randv((size_t)N * C * H * W), w = randv((size_t)O * K, 1.f / sqrtf(K)), b = randv(O);
     std::vector<double> ref((size_t)N * O * OH * OW);
@@ -28,13 +31,21 @@ static void test_conv(int N, int C, int H, int W, int O, int k, int s, int p, bo
             acc += (double)A(o, (c * k + ky) * k + kx) * x[(((size_t)n * C + c) * H + iy) * W + ix]; }
         ref[(((size_t)n * O + o) * OH + oy) * OW + ox] = acc; }
     auto out = poison(ref.size());
-    ConvGeom g{N, C, H, W, O, OH, OW, k, k, s, p, nin_layout ? 1LL : (long long)K, nin_layout ? (long long)O : 1LL};
-    long long P = (long long)N * OH * OW;
-    const float* bp = bias ? b.data() : nullptr;
-    if (prec == 0) launch({(unsigned)((P + 63) / 64), (unsigned)((O + 63) / 64), 1}, {256}, [&] { conv_f32(x.data(), w.data(), bp, out.data(), g); });
-    if (prec == 1) launch({(unsigned)((P + 63) / 64), (unsigned)((O + 63) / 64), 1}, {128}, [&] { conv_tf32(x.data(), w.data(), bp, out.data(), g); });
-    if (prec == 2) launch({(unsigned)((P + 63) / 64), (unsigned)((O + 63) / 64), 1}, {128}, [&] { conv_bf16(x.data(), w.data(), bp, out.data(), g); });
-    char name[128]; snprintf(name, sizeof name, "%s%s N%d C%d %dx%d O%d k%d s%d p%d", nin_layout ? "nin " : "conv ", prec == 0 ? "f32" : prec == 1 ? "tf32" : "bf16", N, C, H, W, O, k, s, p);
+    const int ktile = 32;  // a multiple of every kernel's K tile (8, 16, 32)
+    int per = ((K + ktile - 1) / ktile + splits - 1) / splits * ktile;
+    ConvGeom g{N, C, H, W, O, OH, OW, k, k, s, p, splits > 1 ? per : K, nin_layout ? 1LL : (long long)K, nin_layout ? (long long)O : 1LL};
+    unsigned gz = splits > 1 ? (unsigned)((K + per - 1) / per) : 1;
+    long long P = (long long)N * OH * OW, numel = (long long)ref.size();
+    std::vector<float> ws = poison((size_t)numel * gz);
+    float* dst = gz > 1 ? ws.data() : out.data();
+    const float* bp = gz > 1 ? nullptr : (bias ? b.data() : nullptr);
+    int tn = prec == 0 ? 128 : bn;
+    dim3 grid{(unsigned)((P + tn - 1) / tn), (unsigned)((O + 127) / 128), gz};
+    if (prec == 0) launch(grid, {256}, [&] { conv_f32(x.data(), w.data(), bp, dst, g); });
+    if (prec == 1) launch(grid, {256}, [&] { (bn == 128 ? conv_tf32 : conv_tf32_n64)(x.data(), w.data(), bp, dst, g); });
+    if (prec == 2) launch(grid, {256}, [&] { (bn == 128 ? conv_bf16 : conv_bf16_n64)(x.data(), w.data(), bp, dst, g); });
+    if (gz > 1) launch({4, 1, 1}, {256}, [&] { conv_splitk_reduce(ws.data(), bias ? b.data() : nullptr, out.data(), numel, (int)gz, O, (long long)OH * OW); });
+    char name[128]; snprintf(name, sizeof name, "%s%s/%d N%d C%d %dx%d O%d k%d s%d p%d split%u", nin_layout ? "nin " : "conv ", prec == 0 ? "f32" : prec == 1 ? "tf32" : "bf16", tn, N, C, H, W, O, k, s, p, gz);
     report(name, relerr(out, ref), prec == 0 ? 1e-6 : prec == 1 ? 2e-3 : 2e-2);
 }
 
@@ -143,14 +154,19 @@ int main() {
     test_attn(2, 32, 35);
     test_attn(1, 70, 20);
     test_attn(1, 16, 260);
-    for (int prec = 0; prec < 3; ++prec) {
-        test_conv(1, 6, 9, 9, 70, 3, 1, 1, true, prec);
-        test_conv(2, 5, 11, 13, 7, 3, 2, 1, true, prec);
-        test_conv(2, 4, 10, 10, 6, 5, 3, 2, false, prec);
-        test_conv(1, 40, 6, 6, 130, 1, 1, 0, true, prec);
-        test_conv(2, 19, 5, 7, 11, 1, 1, 0, true, prec, true);
+    for (int prec = 0; prec < 3; ++prec) for (int bn : {128, 64}) {
+        if (prec == 0 && bn == 64) continue;  // one f32 tile shape
+        test_conv(1, 6, 9, 9, 70, 3, 1, 1, true, prec, false, bn);
+        test_conv(2, 5, 11, 13, 7, 3, 2, 1, true, prec, false, bn);
+        test_conv(2, 4, 10, 10, 6, 5, 3, 2, false, prec, false, bn);
+        test_conv(1, 40, 6, 6, 130, 1, 1, 0, true, prec, false, bn);
+        test_conv(2, 19, 5, 7, 11, 1, 1, 0, true, prec, true, bn);
+        test_conv(1, 37, 5, 5, 9, 3, 1, 1, true, prec, false, bn, 3);    // split-K, ragged last part
+        test_conv(3, 70, 1, 1, 20, 1, 1, 0, false, prec, true, bn, 2);   // linear-like, NIN layout
+        test_conv(2, 3, 12, 13, 5, 3, 1, 1, true, prec, false, bn);      // several pixel tiles
     }
     for (int prec = 0; prec < 3; ++prec) test_conv(2, 64, 8, 8, 128, 3, 1, 1, true, prec);
+    for (int prec = 0; prec < 3; ++prec) test_conv(1, 64, 4, 4, 136, 3, 1, 1, true, prec, false, 64, 5);
     {   Philox4 r = philox4x32_10(0, 0);
         bool ok = r.v[0] == 0x6627e8d5u && r.v[1] == 0xe169c58du && r.v[2] == 0xbc57ac4cu && r.v[3] == 0x9b00dbd8u;
         report("philox known answer", ok ? 0 : 1, 0);

@@ -106,6 +106,8 @@ struct Inner {
     pool: Arc<Pool>,
     kernels: HashMap<&'static str, CudaFunction>,
     device_name: String,
+    /// Streaming multiprocessors: sizes the split-K of small GEMMs.
+    sm_count: usize,
     /// How the modules were loaded, e.g. "cubin sm_90 (8 modules)".
     loaded_from: String,
 }
@@ -197,7 +199,8 @@ struct ConvGeom {
     kw: i32,
     stride: i32,
     pad: i32,
-    _align: i32,
+    /// K range per split-K part (`blockIdx.z`); a multiple of every kernel's K tile.
+    k_chunk: i32,
     a_sm: i64,
     a_sk: i64,
 }
@@ -233,6 +236,65 @@ const ATTN_TQ: usize = 16;
 
 fn to_i32(op: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::shape(op, format!("size {v} exceeds the kernels' 32-bit range")))
+}
+
+/// Threads of every conv kernel (kernels/conv.cu `CONV_THREADS`).
+const CONV_THREADS: u32 = 256;
+/// Output channels per block of every conv kernel.
+const CONV_TILE_M: usize = 128;
+/// The split-K chunk is a multiple of this (every kernel's K tile divides it).
+const CONV_K_ALIGN: usize = 32;
+/// Smallest K range worth a split of its own.
+const CONV_MIN_SPLIT_K: usize = 128;
+const CONV_MAX_SPLITS: usize = 64;
+
+/// How one implicit-GEMM launch is tiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ConvPlan {
+    kernel: &'static str,
+    /// Output pixels per block (the GEMM's N tile).
+    tile_n: usize,
+    /// Split-K parts (`gridDim.z`); 1 = no workspace.
+    splits: usize,
+    /// K range per part (covers K with `splits` non-empty parts).
+    k_chunk: usize,
+}
+
+/// The kernel, tile width and split-K for an M×P×K product (M output channels, P output pixels
+/// over the batch, K = C·KH·KW) on a device with `sms` multiprocessors. Wide tiles when they
+/// alone fill the device; otherwise 64-pixel tensor-core tiles, and when the blocks still number
+/// fewer than the multiprocessors, K is split so that about two blocks per multiprocessor run
+/// (the batch-1 low-resolution layers: P = 4..1024 with K up to 4608).
+fn conv_plan(precision: Precision, m: usize, p: usize, k: usize, sms: usize) -> ConvPlan {
+    let blocks_for = |tile_n: usize| m.div_ceil(CONV_TILE_M) * p.div_ceil(tile_n);
+    let (kernel, tile_n) = match precision {
+        Precision::F32 => ("conv_f32", 128),
+        Precision::Tf32 if blocks_for(128) >= sms => ("conv_tf32", 128),
+        Precision::Tf32 => ("conv_tf32_n64", 64),
+        Precision::Bf16 if blocks_for(128) >= sms => ("conv_bf16", 128),
+        Precision::Bf16 => ("conv_bf16_n64", 64),
+    };
+    let blocks = blocks_for(tile_n).max(1);
+    let mut splits = 1;
+    if blocks < sms {
+        let want = (2 * sms).div_ceil(blocks);
+        splits = want.min(k / CONV_MIN_SPLIT_K).min(CONV_MAX_SPLITS).max(1);
+    }
+    if splits == 1 {
+        return ConvPlan {
+            kernel,
+            tile_n,
+            splits,
+            k_chunk: k.max(1),
+        };
+    }
+    let k_chunk = k.div_ceil(splits).div_ceil(CONV_K_ALIGN) * CONV_K_ALIGN;
+    ConvPlan {
+        kernel,
+        tile_n,
+        splits: k.div_ceil(k_chunk),
+        k_chunk,
+    }
 }
 
 impl Cuda {
@@ -273,6 +335,11 @@ impl Cuda {
         let stream = drv("creating a CUDA stream", ctx.new_stream())?;
         let device_name = drv("cuDeviceGetName", ctx.name())?;
         let (major, minor) = drv("compute capability", ctx.compute_capability())?;
+        let sm_count = drv(
+            "multiprocessor count",
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+        )?
+        .max(1) as usize;
 
         let mut kernels = HashMap::new();
         let (mut from_cubin, mut from_ptx) = (0, 0);
@@ -313,6 +380,7 @@ impl Cuda {
                 pool,
                 kernels,
                 device_name,
+                sm_count,
                 loaded_from,
             }),
             precision: Precision::default(),
@@ -506,41 +574,71 @@ impl Cuda {
         )
     }
 
-    /// The implicit-GEMM kernel for conv2d / nin / linear.
+    /// The implicit-GEMM kernel for conv2d / nin / linear (tiling chosen by [`conv_plan`]; with
+    /// split-K the partial sums go to a workspace that `conv_splitk_reduce` adds up with the bias).
     fn gemm_conv(
         &self,
         precision: Precision,
         x: &Tensor<Cuda>,
         w: &Tensor<Cuda>,
         b: Option<&Tensor<Cuda>>,
-        g: ConvGeom,
+        mut g: ConvGeom,
         out_shape: &[usize],
     ) -> Result<Tensor<Cuda>> {
         let out = self.out(out_shape)?;
         if out.numel() == 0 {
             return Ok(out);
         }
+        let m = g.o as usize;
         let p = g.n as usize * g.oh as usize * g.ow as usize;
-        let (tile, block) = match precision {
-            Precision::F32 => (64, 256),
-            Precision::Tf32 | Precision::Bf16 => (64, 128),
-        };
-        let grid_x = u32::try_from(p.div_ceil(tile))
+        let k = g.c as usize * g.kh as usize * g.kw as usize;
+        let plan = conv_plan(precision, m, p, k, self.inner.sm_count);
+        let grid_x = u32::try_from(p.div_ceil(plan.tile_n))
             .map_err(|_| Error::shape("conv2d", format!("{p} output pixels are too many")))?;
-        let grid_y = (g.o as usize).div_ceil(tile) as u32;
+        let grid_y = m.div_ceil(CONV_TILE_M) as u32;
         if grid_y > 65535 {
             return Err(Error::shape(
                 "conv2d",
                 format!("{} output channels are too many", g.o),
             ));
         }
-        let bias = b.map_or(Arg::Ptr(0), ptr);
+        g.k_chunk = to_i32("conv2d", plan.k_chunk)?;
+        let grid = (grid_x, grid_y, plan.splits as u32);
+        let bias = || b.map_or(Arg::Ptr(0), ptr);
+        if plan.splits == 1 {
+            self.launch(
+                plan.kernel,
+                grid,
+                CONV_THREADS,
+                0,
+                vec![ptr(x), ptr(w), bias(), ptr(&out), raw(&g)],
+            )?;
+            return Ok(out);
+        }
+        // The workspace is written in full by the GEMM, so it is never poisoned; it returns to
+        // the pool when dropped, safely since all later users queue on the same stream.
+        let numel = out.numel();
+        let ws_len = numel * plan.splits;
+        let ws = self.inner.pool.alloc(ws_len * 4, ws_len)?;
         self.launch(
-            precision.conv_kernel(),
-            (grid_x, grid_y, 1),
-            block,
+            plan.kernel,
+            grid,
+            CONV_THREADS,
             0,
-            vec![ptr(x), ptr(w), bias, ptr(&out), raw(&g)],
+            vec![ptr(x), ptr(w), Arg::Ptr(0), Arg::Ptr(ws.device_ptr()), raw(&g)],
+        )?;
+        self.launch_n(
+            "conv_splitk_reduce",
+            numel,
+            vec![
+                Arg::Ptr(ws.device_ptr()),
+                bias(),
+                ptr(&out),
+                Arg::I64(numel as i64),
+                Arg::I32(plan.splits as i32),
+                Arg::I32(g.o),
+                Arg::I64(g.oh as i64 * g.ow as i64),
+            ],
         )?;
         Ok(out)
     }
@@ -931,7 +1029,7 @@ impl Backend for Cuda {
             kw: 1,
             stride: 1,
             pad: 0,
-            _align: 0,
+            k_chunk: 0, // set by gemm_conv
             a_sm: i as i64,
             a_sk: 1,
         };
@@ -969,7 +1067,7 @@ impl Backend for Cuda {
             kw: 1,
             stride: 1,
             pad: 0,
-            _align: 0,
+            k_chunk: 0, // set by gemm_conv
             a_sm: 1,
             a_sk: o as i64,
         };
@@ -1036,7 +1134,7 @@ impl Backend for Cuda {
             kw: to_i32(op, kw)?,
             stride: to_i32(op, stride)?,
             pad: to_i32(op, pad)?,
-            _align: 0,
+            k_chunk: 0, // set by gemm_conv
             a_sm: (c * kh * kw) as i64,
             a_sk: 1,
         };
@@ -1276,5 +1374,48 @@ impl Backend for Cuda {
             ],
         )?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conv_plan_covers_k_with_nonempty_aligned_parts() {
+        for precision in Precision::ALL {
+            for &m in &[3, 128, 256, 1000] {
+                for &p in &[1, 4, 64, 256, 1024, 16384, 1 << 20] {
+                    for &k in &[1, 27, 128, 1152, 2304, 4608, 9999] {
+                        let plan = conv_plan(precision, m, p, k, 132);
+                        let what = format!("{precision} m{m} p{p} k{k}: {plan:?}");
+                        assert!(plan.splits >= 1 && plan.splits <= CONV_MAX_SPLITS, "{what}");
+                        assert!(plan.splits * plan.k_chunk >= k, "{what}");
+                        assert!(
+                            (plan.splits - 1) * plan.k_chunk < k.max(1),
+                            "{what}: an empty part"
+                        );
+                        if plan.splits > 1 {
+                            assert_eq!(plan.k_chunk % CONV_K_ALIGN, 0, "{what}");
+                            assert!(plan.k_chunk >= CONV_MIN_SPLIT_K / 2, "{what}");
+                        }
+                        assert!(plan.tile_n == 64 || plan.tile_n == 128, "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conv_plan_splits_small_gemms_only() {
+        // Batch 64 at 128×128: plenty of blocks, wide tiles, no workspace.
+        let big = conv_plan(Precision::Bf16, 128, 64 * 128 * 128, 1152, 132);
+        assert_eq!((big.kernel, big.tile_n, big.splits), ("conv_bf16", 128, 1));
+        // Batch 1 at 16×16 with 256 channels: 8 narrow blocks, so K is split.
+        let small = conv_plan(Precision::Tf32, 256, 256, 2304, 132);
+        assert_eq!((small.kernel, small.tile_n), ("conv_tf32_n64", 64));
+        assert!(small.splits >= 8, "{small:?}");
+        let f32_small = conv_plan(Precision::F32, 256, 64, 2304, 132);
+        assert!(f32_small.splits > 1, "{f32_small:?}");
     }
 }
