@@ -2,3 +2,4 @@
 //! the cosine similarity of dlib ResNet face descriptors of the SR face and its ground truth.
 pub mod face;
 pub mod metrics;
+pub mod plot;
