@@ -89,22 +89,28 @@ template <int BM, int BK>
 struct RowWalker {
     static_assert(CONV_THREADS % BM == 0 && CONV_THREADS % BK == 0, "loader mapping");
     const float* w;
-    long long a_sm, a_sk;
     int m, k, dm, dk;  // tile-relative coordinates of element 0 and the per-element steps
+    int a_sm, a_sk;    // weight strides (a layer's weights hold fewer than 2^31 elements)
 
     __device__ __forceinline__ void init(const float* w_, const ConvGeom& g, int t) {
         w = w_;
-        a_sm = g.a_sm;
-        a_sk = g.a_sk;
+        a_sm = (int)g.a_sm;
+        a_sk = (int)g.a_sk;
         if (g.a_sk == 1) {
             m = t / BK; k = t % BK; dm = CONV_THREADS / BK; dk = 0;
         } else {
             m = t % BM; k = t / BM; dm = 0; dk = CONV_THREADS / BM;
         }
     }
-    __device__ __forceinline__ float get(int i, int m0, int k0, int M, int kend) const {
-        const int mm = m0 + m + i * dm, kk = k0 + k + i * dk;
-        return (mm < M && kk < kend) ? __ldg(w + (long long)mm * a_sm + (long long)kk * a_sk) : 0.0f;
+    // Loads elements 0..E-1 of the tile at (m0, k0) into r.
+    template <int E>
+    __device__ __forceinline__ void fetch(float (&r)[E], int m0, int k0, int M, int kend) const {
+        const int mm = m0 + m, kk = k0 + k;
+        const float* base = w + (mm * a_sm + kk * a_sk);
+        const int step = dm * a_sm + dk * a_sk;
+#pragma unroll
+        for (int i = 0; i < E; ++i)
+            r[i] = (mm + i * dm < M && kk + i * dk < kend) ? __ldg(base + i * step) : 0.0f;
     }
 };
 
@@ -153,8 +159,7 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_f32(const float*
     bw.init(x, g, p0 + t % F_BN, P, kb + t / F_BN, CONV_THREADS / F_BN);
     float ra[EA], rb[EB];
     auto fetch = [&](int k0) {
-#pragma unroll
-        for (int i = 0; i < EA; ++i) ra[i] = aw.get(i, m0, k0, M, kend);
+        aw.fetch(ra, m0, k0, M, kend);
 #pragma unroll
         for (int i = 0; i < EB; ++i) rb[i] = bw.next(g, kend);
     };
@@ -278,8 +283,7 @@ __device__ __forceinline__ void conv_tc(const float* __restrict__ x, const float
     bw.init(x, g, p0 + t % BN, P, kb + t / BN, B_ROWS);
     float ra[EA], rb[EB];
     auto fetch = [&](int k0) {
-#pragma unroll
-        for (int i = 0; i < EA; ++i) ra[i] = aw.get(i, m0, k0, M, kend);
+        aw.fetch(ra, m0, k0, M, kend);
 #pragma unroll
         for (int i = 0; i < EB; ++i) rb[i] = bw.next(g, kend);
     };

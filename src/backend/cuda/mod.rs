@@ -14,9 +14,9 @@
 //! What is fused: bias into the conv/NIN/linear epilogue; SiLU into GroupNorm; QKᵀ, softmax and
 //! ·V into one attention kernel; zero-insertion, padding, FIR and decimation into one upfirdn2d
 //! kernel. Not fused yet: the residual adds and the time-embedding bias (`add_channel_bias`) are
-//! separate elementwise launches; GroupNorm reads its input three times; conv gathers its
-//! im2col tile with integer division per element and uses single-stage shared memory (no TMA,
-//! no wgmma); nothing is captured in a CUDA graph yet. Training ops (the backward of conv,
+//! separate elementwise launches; GroupNorm reads its input three times; the conv GEMMs use
+//! WMMA (mma.sync) with register-staged double buffering, not TMA/wgmma, and small GEMMs pay
+//! a second launch for the split-K reduction; nothing is captured in a CUDA graph yet. Training ops (the backward of conv,
 //! linear, NIN, GroupNorm, attention) are not implemented on CUDA and return an error.
 //!
 //! Checking: [`selftest`] runs every op against the CPU backend on fresh random inputs with
@@ -278,7 +278,7 @@ fn conv_plan(precision: Precision, m: usize, p: usize, k: usize, sms: usize) -> 
     let mut splits = 1;
     if blocks < sms {
         let want = (2 * sms).div_ceil(blocks);
-        splits = want.min(k / CONV_MIN_SPLIT_K).min(CONV_MAX_SPLITS).max(1);
+        splits = want.min(k / CONV_MIN_SPLIT_K).clamp(1, CONV_MAX_SPLITS);
     }
     if splits == 1 {
         return ConvPlan {
@@ -592,6 +592,17 @@ impl Cuda {
         let m = g.o as usize;
         let p = g.n as usize * g.oh as usize * g.ow as usize;
         let k = g.c as usize * g.kh as usize * g.kw as usize;
+        // The kernels index one sample's input and one layer's weights with 32-bit offsets.
+        let per_sample = g.c as usize * g.h as usize * g.w as usize;
+        if per_sample > i32::MAX as usize || m * k > i32::MAX as usize {
+            return Err(Error::shape(
+                "conv2d",
+                format!(
+                    "{per_sample} inputs per sample or {} weights exceed the kernels' 32-bit offsets",
+                    m * k
+                ),
+            ));
+        }
         let plan = conv_plan(precision, m, p, k, self.inner.sm_count);
         let grid_x = u32::try_from(p.div_ceil(plan.tile_n))
             .map_err(|_| Error::shape("conv2d", format!("{p} output pixels are too many")))?;
