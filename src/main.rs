@@ -100,6 +100,13 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
     },
+    /// Evaluate on HR faces: PSNR, SSIM, consistency, CS table (+ snr sweep figures), resumable.
+    Eval {
+        #[command(flatten)]
+        opts: srsde_fast::eval::run::EvalOptions,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+    },
 }
 
 fn main() {
@@ -228,6 +235,12 @@ fn run(cli: Cli) -> Result<()> {
                 Picked::Cuda(be) => srsde_fast::upscale::run(&opts, &be)?,
             };
             report.into_result()?;
+        }
+        Cmd::Eval { opts, device } => {
+            match pick_device(device)? {
+                Picked::Cpu(be) => srsde_fast::eval::run::run(&opts, &be)?,
+                Picked::Cuda(be) => srsde_fast::eval::run::run(&opts, &be)?,
+            };
         }
     }
     Ok(())

@@ -4,3 +4,4 @@ pub mod face;
 pub mod metrics;
 pub mod plot;
 pub mod report;
+pub mod run;
