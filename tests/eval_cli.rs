@@ -54,7 +54,7 @@ fn write_model(path: &Path) {
     save_weights(path, &cfg, &weights, StorageType::F32).unwrap();
 }
 
-/// Four validation faces copied into `dir` (the eval uses `--limit 3`).
+/// Four validation faces copied into `dir` (the evals use `--limit`).
 fn write_faces(dir: &Path) -> Vec<PathBuf> {
     std::fs::create_dir_all(dir).unwrap();
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/val128");
@@ -75,7 +75,7 @@ fn write_faces(dir: &Path) -> Vec<PathBuf> {
 
 fn eval(model: &Path, hr: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<String> = [
-        "eval", "--device", "cpu", "--steps", "3", "--limit", "3", "--seed", "7", "--batch", "2",
+        "eval", "--device", "cpu", "--steps", "3", "--seed", "7", "--batch", "2",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -85,11 +85,10 @@ fn eval(model: &Path, hr: &Path, out: &Path, extra: &[&str]) -> Output {
         args.push(p.display().to_string());
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    let out = Command::new(env!("CARGO_BIN_EXE_srsde-fast"))
+    Command::new(env!("CARGO_BIN_EXE_srsde-fast"))
         .args(&args)
         .output()
-        .unwrap();
-    out
+        .unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -126,7 +125,7 @@ fn eval_end_to_end_with_sweep_and_resume() {
     let hr_dir = tmp.path("hr");
     let faces = write_faces(&hr_dir);
     let out = tmp.path("out");
-    let sweep = ["--snr-sweep", "0.05:0.1:0.05"];
+    let sweep = ["--snr-sweep", "0.05:0.1:0.05", "--limit", "3"];
 
     let o = eval(&model, &hr_dir, &out, &sweep);
     assert!(o.status.success(), "{}", text(&o));
@@ -233,12 +232,68 @@ fn eval_end_to_end_with_sweep_and_resume() {
     }
     assert_eq!(read(&out.join("results.jsonl")), jsonl.as_bytes());
 
+    // EVAL_CLI_KEEP=DIR keeps a copy of the reports for a look.
+    if let Some(keep) = std::env::var_os("EVAL_CLI_KEEP") {
+        std::fs::create_dir_all(&keep).unwrap();
+        for f in REPORTS {
+            std::fs::copy(out.join(f), Path::new(&keep).join(f)).unwrap();
+        }
+    }
+
     // Other options in the same OUTDIR: a clear error (before any sampling).
-    let o = eval(&model, &hr_dir, &out, &["--snr-sweep", "0.05:0.15:0.05"]);
+    let o = eval(
+        &model,
+        &hr_dir,
+        &out,
+        &["--snr-sweep", "0.05:0.15:0.05", "--limit", "3"],
+    );
     assert!(!o.status.success());
     assert!(
         text(&o).contains("--force") && text(&o).contains("snr"),
         "{}",
         text(&o)
     );
+}
+
+/// `--samples 2` on one face without a sweep: mean ± spread in the table, two CSV rows per SR
+/// method, two different samples, and no sweep figures.
+#[test]
+fn eval_with_two_samples_reports_spread() {
+    let tmp = TempDir::new("samples");
+    let model = tmp.path("model.safetensors");
+    write_model(&model);
+    let hr_dir = tmp.path("hr");
+    write_faces(&hr_dir);
+    let out = tmp.path("out");
+    let o = eval(
+        &model,
+        &hr_dir,
+        &out,
+        &["--samples", "2", "--limit", "1", "--sheet", "1"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let md = String::from_utf8(read(&out.join("report.md"))).unwrap();
+    let sr_row = md
+        .lines()
+        .find(|l| l.starts_with("| sde-ve-cs (snr 0.075) |"))
+        .expect("SR row");
+    assert_eq!(sr_row.matches('±').count(), 5, "{sr_row}");
+    assert!(!out.join("fig4_snr.png").exists() && !out.join("fig5_cs_psnr.png").exists());
+    assert_eq!(png_size(&out.join("contact_sheet.png")), (130 + 2, 3 * 130 + 2));
+    let csv = String::from_utf8(read(&out.join("per_image.csv"))).unwrap();
+    let sr: Vec<&str> = csv.lines().filter(|l| l.contains(",sde-ve-cs,")).collect();
+    assert_eq!(sr.len(), 2, "{csv}");
+    assert!(
+        sr[0].starts_with("0,celebahq_000004.jpg,sde-ve-cs,0.075,0,"),
+        "{}",
+        sr[0]
+    );
+    assert!(
+        sr[1].starts_with("0,celebahq_000004.jpg,sde-ve-cs,0.075,1,"),
+        "{}",
+        sr[1]
+    );
+    // Different noise per sample: different metrics.
+    let tail = |l: &str| l.splitn(6, ',').nth(5).unwrap().to_string();
+    assert_ne!(tail(sr[0]), tail(sr[1]));
 }

@@ -400,8 +400,8 @@ fn prepare_out_dir(opts: &EvalOptions, config: &EvalConfig) -> Result<Vec<ImageR
     };
     let same = old.as_ref() == Some(config);
     if !same {
-        if old.is_some() && !opts.force {
-            let diff = differing_fields(old.as_ref().unwrap(), config);
+        if let (Some(old), false) = (&old, opts.force) {
+            let diff = differing_fields(old, config);
             return Err(Error::Config(format!(
                 "{} holds an evaluation with other options (differing: {}); use another OUTDIR or pass \
                  --force to discard it",
@@ -751,10 +751,20 @@ fn contact_sheet(
         rows[0].push(nearest(&lr, size));
         for m in 0..config.snrs.len() {
             let p = opts.out_dir.join(SHEET_DIR).join(tile_name(i, m));
-            let img = image::open(&p)
-                .map_err(|e| Error::format(p.display().to_string(), e.to_string()))?
-                .to_rgb8();
-            rows[1 + m].push(img.into_raw());
+            // A face computed by a run with a smaller --sheet has no tile: shown grey.
+            let tile = match image::open(&p) {
+                Ok(img) if (img.width() as usize, img.height() as usize) == (size, size) => {
+                    img.to_rgb8().into_raw()
+                }
+                _ => {
+                    eprintln!(
+                        "note: {} missing; its contact sheet tile is left grey",
+                        p.display()
+                    );
+                    vec![128; size * size * 3]
+                }
+            };
+            rows[1 + m].push(tile);
         }
         rows[config.snrs.len() + 1].push(face.hr_u8.data.clone());
     }
