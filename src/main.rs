@@ -237,10 +237,16 @@ fn run(cli: Cli) -> Result<()> {
             report.into_result()?;
         }
         Cmd::Eval { opts, device } => {
-            match pick_device(device)? {
+            let summary = match pick_device(device)? {
                 Picked::Cpu(be) => srsde_fast::eval::run::run(&opts, &be)?,
                 Picked::Cuda(be) => srsde_fast::eval::run::run(&opts, &be)?,
             };
+            if !summary.skipped.is_empty() {
+                bail!(
+                    "{} HR file(s) could not be evaluated (named above)",
+                    summary.skipped.len()
+                );
+            }
         }
     }
     Ok(())

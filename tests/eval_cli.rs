@@ -297,3 +297,29 @@ fn eval_with_two_samples_reports_spread() {
     let tail = |l: &str| l.splitn(6, ',').nth(5).unwrap().to_string();
     assert_ne!(tail(sr[0]), tail(sr[1]));
 }
+
+/// A corrupt HR file is reported by name and skipped; the other faces are still evaluated, the
+/// reports are written, and the exit code is non-zero.
+#[test]
+fn a_bad_hr_file_does_not_stop_the_others() {
+    let tmp = TempDir::new("badfile");
+    let model = tmp.path("model.safetensors");
+    write_model(&model);
+    let hr_dir = tmp.path("hr");
+    write_faces(&hr_dir);
+    // Sorted first, so it is met before the good faces.
+    std::fs::write(hr_dir.join("aaa_broken.png"), b"not a png at all").unwrap();
+    let out = tmp.path("out");
+    let o = eval(&model, &hr_dir, &out, &["--limit", "1", "--sheet", "1"]);
+    assert!(
+        !o.status.success(),
+        "a skipped file must make the exit code non-zero"
+    );
+    let t = text(&o);
+    assert!(t.contains("aaa_broken.png"), "{t}");
+    let csv = String::from_utf8(read(&out.join("per_image.csv"))).unwrap();
+    assert!(
+        csv.contains("celebahq_000004.jpg") && !csv.contains("aaa_broken"),
+        "{csv}"
+    );
+}

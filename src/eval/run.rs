@@ -146,6 +146,8 @@ pub struct EvalSummary {
     pub rows: Vec<MethodSummary>,
     /// Reports written.
     pub written: Vec<PathBuf>,
+    /// HR files left out, each with the reason (the file name is in the message).
+    pub skipped: Vec<String>,
 }
 
 /// One SR method: a sampler configuration.
@@ -245,11 +247,8 @@ pub fn run<B: Backend>(opts: &EvalOptions, backend: &B) -> Result<EvalSummary> {
     if opts.limit == Some(0) {
         return Err(Error::Config("--limit must be at least 1".into()));
     }
-    let mut files = io::collect_images(std::slice::from_ref(&opts.hr))?;
-    if let Some(n) = opts.limit {
-        files.truncate(n);
-    }
-    if files.is_empty() {
+    let all_files = io::collect_images(std::slice::from_ref(&opts.hr))?;
+    if all_files.is_empty() {
         return Err(Error::Config(format!("no images found in {}", opts.hr.display())));
     }
 
@@ -259,6 +258,28 @@ pub fn run<B: Backend>(opts: &EvalOptions, backend: &B) -> Result<EvalSummary> {
     }
     let centered = net.config.data.centered;
     let size = net.config.data.image_size;
+    // One unreadable or unsuitable HR file is reported by name and left out; the others still run
+    // (the caller exits non-zero at the end when any was skipped).
+    let mut skipped = Vec::new();
+    let mut files = Vec::new();
+    for f in all_files {
+        if opts.limit.is_some_and(|n| files.len() >= n) {
+            break;
+        }
+        match io::load_hr_face(&f, size, CropMode::Reject) {
+            Ok(_) => files.push(f),
+            Err(e) => {
+                eprintln!("error: skipping {e}");
+                skipped.push(e.to_string());
+            }
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::Config(format!(
+            "no usable images in {}",
+            opts.hr.display()
+        )));
+    }
     let model = ScoreModel::new(net);
     let (sampler, methods) = methods(opts, &model.sde)?;
     let config = EvalConfig {
@@ -355,6 +376,7 @@ pub fn run<B: Backend>(opts: &EvalOptions, backend: &B) -> Result<EvalSummary> {
         reused,
         rows,
         written,
+        skipped,
     })
 }
 
