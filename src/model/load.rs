@@ -133,36 +133,13 @@ pub fn infer_config(w: &BTreeMap<String, HostTensor>) -> std::result::Result<Net
         .get(conv_in)
         .map(|t| t.shape[0])
         .ok_or_else(|| format!("cannot infer the network layout: `{conv_in}` not found"))?;
-    let modules = w
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix("all_modules.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map(|m| m + 1)
-        .unwrap_or(0);
+    let modules = module_count(w.keys());
     let base = if fourier { "ve-paper" } else { "vp-paper" };
     let mut cfg = NetConfig::preset(base).map_err(|e| e.to_string())?;
     cfg.model.nf = nf;
     for blocks in 1..=16 {
         cfg.model.num_res_blocks = blocks;
-        let count = param_specs(&cfg)
-            .iter()
-            .filter_map(|(k, _, _)| {
-                k.strip_prefix("all_modules.")?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .max()
-            .map(|m| m + 1)
-            .unwrap_or(0);
-        if count == modules {
+        if module_count(param_specs(&cfg).iter().map(|s| &s.0)) == modules {
             if cfg.model.embedding_type == EmbeddingType::Positional {
                 cfg.model.dropout = 0.0; // inference
             }
@@ -172,6 +149,20 @@ pub fn infer_config(w: &BTreeMap<String, HostTensor>) -> std::result::Result<Net
     Err(format!(
         "cannot infer the network layout from {modules} modules (nf {nf})"
     ))
+}
+
+/// Number of `all_modules` entries named by a set of parameter names (highest index + 1).
+fn module_count<'a>(names: impl Iterator<Item = &'a String>) -> usize {
+    names
+        .filter_map(|k| {
+            k.strip_prefix("all_modules.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1)
 }
 
 /// Load a network onto a backend.
