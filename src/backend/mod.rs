@@ -10,6 +10,7 @@
 //! rather than panicking.
 pub mod cpu;
 pub mod cuda;
+pub(crate) mod shapes;
 
 use crate::error::Result;
 use crate::tensor::Tensor;

@@ -5,7 +5,8 @@ use rayon::prelude::*;
 
 use super::float::CpuFloat;
 use super::matmul::{gemm, gemm_unchecked, Mat, Par};
-use crate::error::{Error, Result};
+use crate::backend::shapes;
+use crate::error::Result;
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one output buffer.
 #[derive(Clone, Copy)]
@@ -167,32 +168,21 @@ pub(crate) struct ConvGeom {
 }
 
 impl ConvGeom {
+    /// Validated by the shared [`shapes::conv2d`] check, so both backends accept the same calls.
     pub fn new(op: &'static str, x: &[usize], wt: &[usize], stride: usize, pad: usize) -> Result<Self> {
-        let &[n, c, h, w] = x else {
-            return Err(Error::shape(op, format!("input must be NCHW, got {x:?}")));
-        };
-        let &[o, ci, kh, kw] = wt else {
-            return Err(Error::shape(op, format!("weight must be OIHW, got {wt:?}")));
-        };
-        if ci != c {
-            return Err(Error::shape(
-                op,
-                format!("input {x:?} has {c} channels, weight {wt:?} expects {ci}"),
-            ));
-        }
-        if stride == 0 || kh == 0 || kw == 0 {
-            return Err(Error::shape(
-                op,
-                format!("stride {stride} / kernel {kh}x{kw} must be positive"),
-            ));
-        }
-        if h + 2 * pad < kh || w + 2 * pad < kw {
-            return Err(Error::shape(
-                op,
-                format!("kernel {kh}x{kw} larger than padded input {x:?} pad {pad}"),
-            ));
-        }
-        let (oh, ow) = ((h + 2 * pad - kh) / stride + 1, (w + 2 * pad - kw) / stride + 1);
+        let shapes::Conv2d {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            stride,
+            pad,
+            oh,
+            ow,
+        } = shapes::conv2d(op, x, wt, stride, pad)?;
         Ok(ConvGeom {
             n,
             c,

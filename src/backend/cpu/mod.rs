@@ -34,6 +34,7 @@ use self::conv::ConvGeom;
 use self::fir::FirGeom;
 pub use self::float::CpuFloat;
 use self::norm::NormGeom;
+use super::shapes::{self, expect_shape};
 use super::{Backend, Fir, Grads3, UpFirDn};
 use crate::error::{Error, Result};
 use crate::rng;
@@ -155,24 +156,6 @@ fn generate<T: CpuFloat>(n: usize, f: impl Fn(u64) -> T + Sync + Send) -> Vec<T>
     }
 }
 
-/// 1-d shape check.
-fn dims1(op: &'static str, x: &[usize]) -> Result<usize> {
-    match x {
-        &[n] => Ok(n),
-        _ => Err(Error::shape(op, format!("expected 1-d, got {x:?}"))),
-    }
-}
-
-fn expect_shape(op: &'static str, what: &str, got: &[usize], want: &[usize]) -> Result<()> {
-    if got != want {
-        return Err(Error::shape(
-            op,
-            format!("{what} has shape {got:?}, expected {want:?}"),
-        ));
-    }
-    Ok(())
-}
-
 fn check_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
     let n: usize = shape.iter().product();
     if n != len {
@@ -183,37 +166,13 @@ fn check_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
 
 /// Validate an upfirdn2d call and return its geometry.
 fn fir_geom(op: &'static str, x_shape: &[usize], fir: &Fir, geom: UpFirDn) -> Result<FirGeom> {
-    let &[n, c, h, w] = x_shape else {
-        return Err(Error::shape(op, format!("expected NCHW, got {x_shape:?}")));
-    };
-    if fir.kh == 0 || fir.kw == 0 || fir.taps.len() != fir.kh * fir.kw {
-        return Err(Error::shape(
-            op,
-            format!("FIR {}x{} with {} taps", fir.kh, fir.kw, fir.taps.len()),
-        ));
-    }
-    if geom.up == 0 || geom.down == 0 {
-        return Err(Error::shape(
-            op,
-            format!("up {} / down {} must be positive", geom.up, geom.down),
-        ));
-    }
-    let span = |len: usize, k: usize| (len * geom.up) as isize + geom.pad0 + geom.pad1 - k as isize;
-    if span(h, fir.kh) < 0 || span(w, fir.kw) < 0 {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{x_shape:?} with {geom:?} is smaller than the {}x{} FIR",
-                fir.kh, fir.kw
-            ),
-        ));
-    }
+    let g = shapes::upfirdn2d(op, x_shape, fir, geom)?;
     Ok(FirGeom {
-        planes: n * c,
-        h,
-        w,
-        oh: geom.out_size(h, fir.kh),
-        ow: geom.out_size(w, fir.kw),
+        planes: g.n * g.c,
+        h: g.h,
+        w: g.w,
+        oh: g.oh,
+        ow: g.ow,
     })
 }
 
@@ -288,12 +247,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
     fn scale_per_sample(&self, x: &Tensor<Self>, s: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "scale_per_sample";
-        let n = x
-            .shape()
-            .first()
-            .copied()
-            .ok_or_else(|| Error::shape(op, "x is a scalar"))?;
-        expect_shape(op, "s", s.shape(), &[n])?;
+        let n = shapes::scale_per_sample(op, x.shape(), s.shape())?;
         let (xs, ss) = (data(op, x)?, data(op, s)?);
         let per = xs.len().checked_div(n).unwrap_or(0);
         let out = self.run(|| {
@@ -322,8 +276,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
     fn add_channel_bias(&self, x: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "add_channel_bias";
-        let (n, c, h, w) = x.dims4(op)?;
-        expect_shape(op, "bias", b.shape(), &[n, c])?;
+        let (_, _, h, w) = shapes::channel_bias(op, x.shape(), b.shape())?;
         let (xs, bs) = (data(op, x)?, data(op, b)?);
         let hw = h * w;
         let out = self.run(|| {
@@ -351,11 +304,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
     fn sum_squares_per_sample(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "sum_squares_per_sample";
-        let n = x
-            .shape()
-            .first()
-            .copied()
-            .ok_or_else(|| Error::shape(op, "x is a scalar"))?;
+        let n = shapes::batch(op, x.shape())?;
         let xs = data(op, x)?;
         let per = xs.len().checked_div(n).unwrap_or(0);
         let out = self.run(|| {
@@ -376,20 +325,11 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     // ---- layout -------------------------------------------------------------------------------
     fn concat_channels(&self, xs: &[&Tensor<Self>]) -> Result<Tensor<Self>> {
         let op = "concat_channels";
-        let first = xs.first().ok_or_else(|| Error::shape(op, "no inputs"))?;
-        let (n, _, h, w) = first.dims4(op)?;
-        let mut chans = Vec::with_capacity(xs.len());
-        for x in xs {
-            let (nx, cx, hx, wx) = x.dims4(op)?;
-            if (nx, hx, wx) != (n, h, w) {
-                return Err(Error::shape(
-                    op,
-                    format!("{:?} vs {:?}", x.shape(), first.shape()),
-                ));
-            }
-            chans.push((data(op, x)?, cx));
-        }
-        let ctot: usize = chans.iter().map(|c| c.1).sum();
+        let (n, ctot, h, w) = shapes::concat_channels(op, xs.iter().map(|x| x.shape()))?;
+        let chans = xs
+            .iter()
+            .map(|x| Ok((data(op, x)?, x.shape()[1])))
+            .collect::<Result<Vec<_>>>()?;
         let hw = h * w;
         let mut out = Vec::with_capacity(n * ctot * hw);
         for img in 0..n {
@@ -401,13 +341,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
     fn slice_channels(&self, x: &Tensor<Self>, start: usize, len: usize) -> Result<Tensor<Self>> {
         let op = "slice_channels";
-        let (n, c, h, w) = x.dims4(op)?;
-        if start.checked_add(len).is_none_or(|end| end > c) {
-            return Err(Error::shape(
-                op,
-                format!("channels [{start}, {start}+{len}) of {:?}", x.shape()),
-            ));
-        }
+        let (n, c, h, w) = shapes::slice_channels(op, x.shape(), start, len)?;
         let xs = data(op, x)?;
         let hw = h * w;
         let mut out = Vec::with_capacity(n * len * hw);
@@ -436,21 +370,8 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     // ---- dense layers -------------------------------------------------------------------------
     fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: Option<&Tensor<Self>>) -> Result<Tensor<Self>> {
         let op = "linear";
-        let (n, i) = x.dims2(op)?;
-        let (o, wi) = w.dims2(op)?;
-        if wi != i {
-            return Err(Error::shape(
-                op,
-                format!("x {:?} · w {:?}ᵀ", x.shape(), w.shape()),
-            ));
-        }
-        let bs = match b {
-            Some(b) => {
-                expect_shape(op, "bias", b.shape(), &[o])?;
-                Some(data(op, b)?)
-            }
-            None => None,
-        };
+        let (n, i, o) = shapes::linear(op, x.shape(), w.shape(), b.map(|b| b.shape()))?;
+        let bs = b.map(|b| data(op, b)).transpose()?;
         let (xs, ws) = (data(op, x)?, data(op, w)?);
         Ok(Self::wrap(
             &[n, o],
@@ -459,14 +380,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
     fn linear_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>> {
         let op = "linear_backward";
-        let (n, i) = x.dims2(op)?;
-        let (o, wi) = w.dims2(op)?;
-        if wi != i {
-            return Err(Error::shape(
-                op,
-                format!("x {:?} · w {:?}ᵀ", x.shape(), w.shape()),
-            ));
-        }
+        let (n, i, o) = shapes::linear(op, x.shape(), w.shape(), None)?;
         expect_shape(op, "dy", dy.shape(), &[n, o])?;
         let (xs, ws, ds) = (data(op, x)?, data(op, w)?, data(op, dy)?);
         let g = self.run(|| conv::linear_backward(xs, ws, ds, n, i, o));
@@ -474,15 +388,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
     fn nin(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "nin";
-        let (n, c, h, wd) = x.dims4(op)?;
-        let (wc, o) = w.dims2(op)?;
-        if wc != c {
-            return Err(Error::shape(
-                op,
-                format!("x {:?} with weight (in, out) {:?}", x.shape(), w.shape()),
-            ));
-        }
-        expect_shape(op, "bias", b.shape(), &[o])?;
+        let (n, c, h, wd, o) = shapes::nin(op, x.shape(), w.shape(), Some(b.shape()))?;
         let (xs, ws, bs) = (data(op, x)?, data(op, w)?, data(op, b)?);
         Ok(Self::wrap(
             &[n, o, h, wd],
@@ -491,14 +397,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     }
     fn nin_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>> {
         let op = "nin_backward";
-        let (n, c, h, wd) = x.dims4(op)?;
-        let (wc, o) = w.dims2(op)?;
-        if wc != c {
-            return Err(Error::shape(
-                op,
-                format!("x {:?} with weight (in, out) {:?}", x.shape(), w.shape()),
-            ));
-        }
+        let (n, c, h, wd, o) = shapes::nin(op, x.shape(), w.shape(), None)?;
         expect_shape(op, "dy", dy.shape(), &[n, o, h, wd])?;
         let (xs, ws, ds) = (data(op, x)?, data(op, w)?, data(op, dy)?);
         let g = self.run(|| conv::nin_backward(xs, ws, ds, n, c, o, h * wd));
@@ -514,13 +413,10 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     ) -> Result<Tensor<Self>> {
         let op = "conv2d";
         let g = ConvGeom::new(op, x.shape(), w.shape(), stride, pad)?;
-        let bs = match b {
-            Some(b) => {
-                expect_shape(op, "bias", b.shape(), &[g.o])?;
-                Some(data(op, b)?)
-            }
-            None => None,
-        };
+        if let Some(b) = b {
+            expect_shape(op, "bias", b.shape(), &[g.o])?;
+        }
+        let bs = b.map(|b| data(op, b)).transpose()?;
         let (xs, ws) = (data(op, x)?, data(op, w)?);
         Ok(Self::wrap(
             &[g.n, g.o, g.oh, g.ow],
@@ -585,9 +481,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     // ---- attention ----------------------------------------------------------------------------
     fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "attention";
-        let (n, c, h, w) = q.dims4(op)?;
-        same_shape(op, q.shape(), k.shape())?;
-        same_shape(op, q.shape(), v.shape())?;
+        let (n, c, h, w) = shapes::attention(op, q.shape(), &[k.shape(), v.shape()])?;
         let (qs, ks, vs) = (data(op, q)?, data(op, k)?, data(op, v)?);
         Ok(Self::wrap(
             q.shape(),
@@ -602,10 +496,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         dy: &Tensor<Self>,
     ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
         let op = "attention_backward";
-        let (n, c, h, w) = q.dims4(op)?;
-        for t in [k, v, dy] {
-            same_shape(op, q.shape(), t.shape())?;
-        }
+        let (n, c, h, w) = shapes::attention(op, q.shape(), &[k.shape(), v.shape(), dy.shape()])?;
         let (qs, ks, vs, ds) = (data(op, q)?, data(op, k)?, data(op, v)?, data(op, dy)?);
         let (dq, dk, dv) = self.run(|| attention::attention_backward(qs, ks, vs, ds, n, c, h * w));
         Ok((
@@ -644,8 +535,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     /// product would already be off by ~10⁻⁴.
     fn fourier_embedding(&self, sigma: &Tensor<Self>, w: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "fourier_embedding";
-        let n = dims1(op, sigma.shape())?;
-        let m = dims1(op, w.shape())?;
+        let (n, m) = shapes::fourier_embedding(op, sigma.shape(), w.shape())?;
         let (ss, ws) = (data(op, sigma)?, data(op, w)?);
         let mut out = Vec::with_capacity(n * 2 * m);
         for &s in ss {
@@ -660,10 +550,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     /// in the original), so the f32 backend reproduces the reference rounding.
     fn sinusoidal_embedding(&self, t: &Tensor<Self>, dim: usize, max_positions: f64) -> Result<Tensor<Self>> {
         let op = "sinusoidal_embedding";
-        let n = dims1(op, t.shape())?;
-        if !dim.is_multiple_of(2) || dim < 4 {
-            return Err(Error::shape(op, format!("dim {dim} must be even and at least 4")));
-        }
+        let n = shapes::sinusoidal_embedding(op, t.shape(), dim)?;
         let h = dim / 2;
         let step = T::from_f64(-(max_positions.ln() / (h - 1) as f64));
         let omega: Vec<T> = (0..h).map(|k| (T::from_usize(k) * step).exp()).collect();
@@ -687,11 +574,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(Self::wrap(shape, out))
     }
     fn dropout_mask(&self, shape: &[usize], p: f64, seed: u64, offset: u64) -> Result<Tensor<Self>> {
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::Config(format!(
-                "dropout probability {p} must lie in [0, 1)"
-            )));
-        }
+        shapes::dropout_probability(p)?;
         let n = shape.iter().product();
         let keep = T::from_f64(1.0 / (1.0 - p));
         let out = self.run(|| {
@@ -716,15 +599,7 @@ fn norm_geom<T: CpuFloat>(
     eps: f64,
     silu: bool,
 ) -> Result<NormGeom> {
-    let (_, c, h, w) = x.dims4(op)?;
-    if groups == 0 || c % groups != 0 {
-        return Err(Error::shape(
-            op,
-            format!("{c} channels do not split into {groups} groups"),
-        ));
-    }
-    expect_shape(op, "gamma", gamma.shape(), &[c])?;
-    expect_shape(op, "beta", beta.shape(), &[c])?;
+    let (_, c, h, w) = shapes::group_norm(op, x.shape(), gamma.shape(), beta.shape(), groups)?;
     Ok(NormGeom {
         c,
         hw: h * w,

@@ -37,6 +37,7 @@ use cudarc::nvrtc::Ptx;
 
 pub use self::memory::CudaBuf;
 use self::memory::{Pool, PoolStats};
+use super::shapes::{self, expect_shape};
 use super::{Backend, Fir, Grads3, UpFirDn};
 use crate::error::{Error, Result};
 use crate::tensor::{same_shape, Tensor};
@@ -661,39 +662,14 @@ impl Cuda {
     }
 }
 
-fn expect_shape(op: &'static str, what: &str, got: &[usize], want: &[usize]) -> Result<()> {
-    if got != want {
-        return Err(Error::shape(
-            op,
-            format!("{what} has shape {got:?}, expected {want:?}"),
-        ));
-    }
-    Ok(())
-}
-
-fn dims1(op: &'static str, x: &[usize]) -> Result<usize> {
-    match x {
-        &[n] => Ok(n),
-        _ => Err(Error::shape(op, format!("expected 1-d, got {x:?}"))),
-    }
-}
-
-/// Validated FIR geometry plus the output size (mirrors the CPU backend's checks).
+/// Validated FIR geometry (the shared checks plus the kernel's tap limit) and the output size.
 fn fir_setup(
     op: &'static str,
     x_shape: &[usize],
     fir: &Fir,
     geom: UpFirDn,
 ) -> Result<(FirGeomC, FirTaps, usize, usize)> {
-    let &[_, _, h, w] = x_shape else {
-        return Err(Error::shape(op, format!("expected NCHW, got {x_shape:?}")));
-    };
-    if fir.kh == 0 || fir.kw == 0 || fir.taps.len() != fir.kh * fir.kw {
-        return Err(Error::shape(
-            op,
-            format!("FIR {}x{} with {} taps", fir.kh, fir.kw, fir.taps.len()),
-        ));
-    }
+    let shapes::UpFirDn2d { h, w, oh, ow, .. } = shapes::upfirdn2d(op, x_shape, fir, geom)?;
     if fir.taps.len() > FIR_MAX_TAPS {
         return Err(Error::shape(
             op,
@@ -703,23 +679,6 @@ fn fir_setup(
             ),
         ));
     }
-    if geom.up == 0 || geom.down == 0 {
-        return Err(Error::shape(
-            op,
-            format!("up {} / down {} must be positive", geom.up, geom.down),
-        ));
-    }
-    let span = |len: usize, k: usize| (len * geom.up) as isize + geom.pad0 + geom.pad1 - k as isize;
-    if span(h, fir.kh) < 0 || span(w, fir.kw) < 0 {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{x_shape:?} with {geom:?} is smaller than the {}x{} FIR",
-                fir.kh, fir.kw
-            ),
-        ));
-    }
-    let (oh, ow) = (geom.out_size(h, fir.kh), geom.out_size(w, fir.kw));
     let g = FirGeomC {
         h: to_i32(op, h)?,
         w: to_i32(op, w)?,
@@ -853,12 +812,7 @@ impl Backend for Cuda {
     }
     fn scale_per_sample(&self, x: &Tensor<Self>, s: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "scale_per_sample";
-        let n = x
-            .shape()
-            .first()
-            .copied()
-            .ok_or_else(|| Error::shape(op, "x is a scalar"))?;
-        expect_shape(op, "s", s.shape(), &[n])?;
+        let n = shapes::scale_per_sample(op, x.shape(), s.shape())?;
         let out = self.out(x.shape())?;
         let total = x.numel();
         let per = total.checked_div(n).unwrap_or(0);
@@ -886,8 +840,7 @@ impl Backend for Cuda {
     }
     fn add_channel_bias(&self, x: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "add_channel_bias";
-        let (n, c, h, w) = x.dims4(op)?;
-        expect_shape(op, "bias", b.shape(), &[n, c])?;
+        let (_, _, h, w) = shapes::channel_bias(op, x.shape(), b.shape())?;
         let out = self.out(x.shape())?;
         let total = x.numel();
         self.launch_n(
@@ -921,11 +874,7 @@ impl Backend for Cuda {
     }
     fn sum_squares_per_sample(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "sum_squares_per_sample";
-        let n = x
-            .shape()
-            .first()
-            .copied()
-            .ok_or_else(|| Error::shape(op, "x is a scalar"))?;
+        let n = shapes::batch(op, x.shape())?;
         let out = self.out(&[n])?;
         if n == 0 {
             return Ok(out);
@@ -955,19 +904,7 @@ impl Backend for Cuda {
     // ---- layout -------------------------------------------------------------------------------
     fn concat_channels(&self, xs: &[&Tensor<Self>]) -> Result<Tensor<Self>> {
         let op = "concat_channels";
-        let first = xs.first().ok_or_else(|| Error::shape(op, "no inputs"))?;
-        let (n, _, h, w) = first.dims4(op)?;
-        let mut ctot = 0;
-        for x in xs {
-            let (nx, cx, hx, wx) = x.dims4(op)?;
-            if (nx, hx, wx) != (n, h, w) {
-                return Err(Error::shape(
-                    op,
-                    format!("{:?} vs {:?}", x.shape(), first.shape()),
-                ));
-            }
-            ctot += cx;
-        }
+        let (n, ctot, h, w) = shapes::concat_channels(op, xs.iter().map(|x| x.shape()))?;
         let out = self.out(&[n, ctot, h, w])?;
         let hw = h * w;
         let mut c0 = 0;
@@ -980,13 +917,7 @@ impl Backend for Cuda {
     }
     fn slice_channels(&self, x: &Tensor<Self>, start: usize, len: usize) -> Result<Tensor<Self>> {
         let op = "slice_channels";
-        let (n, c, h, w) = x.dims4(op)?;
-        if start.checked_add(len).is_none_or(|end| end > c) {
-            return Err(Error::shape(
-                op,
-                format!("channels [{start}, {start}+{len}) of {:?}", x.shape()),
-            ));
-        }
+        let (n, c, h, w) = shapes::slice_channels(op, x.shape(), start, len)?;
         let out = self.out(&[n, len, h, w])?;
         let hw = h * w;
         self.copy_rows(x, &out, n, len * hw, c * hw, start * hw, len * hw, 0)?;
@@ -1016,17 +947,7 @@ impl Backend for Cuda {
     // ---- dense layers -------------------------------------------------------------------------
     fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: Option<&Tensor<Self>>) -> Result<Tensor<Self>> {
         let op = "linear";
-        let (n, i) = x.dims2(op)?;
-        let (o, wi) = w.dims2(op)?;
-        if wi != i {
-            return Err(Error::shape(
-                op,
-                format!("x {:?} · w {:?}ᵀ", x.shape(), w.shape()),
-            ));
-        }
-        if let Some(b) = b {
-            expect_shape(op, "bias", b.shape(), &[o])?;
-        }
+        let (n, i, o) = shapes::linear(op, x.shape(), w.shape(), b.map(|b| b.shape()))?;
         // A 1×1 convolution of [N, I, 1, 1]; always f32 (these layers are tiny).
         let g = ConvGeom {
             n: to_i32(op, n)?,
@@ -1056,15 +977,7 @@ impl Backend for Cuda {
     }
     fn nin(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "nin";
-        let (n, c, h, wd) = x.dims4(op)?;
-        let (wc, o) = w.dims2(op)?;
-        if wc != c {
-            return Err(Error::shape(
-                op,
-                format!("x {:?} with weight (in, out) {:?}", x.shape(), w.shape()),
-            ));
-        }
-        expect_shape(op, "bias", b.shape(), &[o])?;
+        let (n, c, h, wd, o) = shapes::nin(op, x.shape(), w.shape(), Some(b.shape()))?;
         // A 1×1 convolution whose weight is stored (in, out): A[m, k] = w[k·O + m].
         let g = ConvGeom {
             n: to_i32(op, n)?,
@@ -1096,42 +1009,21 @@ impl Backend for Cuda {
         pad: usize,
     ) -> Result<Tensor<Self>> {
         let op = "conv2d";
-        let (n, c, h, wd) = x.dims4(op)?;
-        let &[o, ci, kh, kw] = w.shape() else {
-            return Err(Error::shape(
-                op,
-                format!("weight must be OIHW, got {:?}", w.shape()),
-            ));
-        };
-        if ci != c {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "input {:?} has {c} channels, weight {:?} expects {ci}",
-                    x.shape(),
-                    w.shape()
-                ),
-            ));
-        }
-        if stride == 0 || kh == 0 || kw == 0 {
-            return Err(Error::shape(
-                op,
-                format!("stride {stride} / kernel {kh}x{kw} must be positive"),
-            ));
-        }
-        if h + 2 * pad < kh || wd + 2 * pad < kw {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "kernel {kh}x{kw} larger than padded input {:?} pad {pad}",
-                    x.shape()
-                ),
-            ));
-        }
+        let shapes::Conv2d {
+            n,
+            c,
+            h,
+            w: wd,
+            o,
+            kh,
+            kw,
+            oh,
+            ow,
+            ..
+        } = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
         if let Some(b) = b {
             expect_shape(op, "bias", b.shape(), &[o])?;
         }
-        let (oh, ow) = ((h + 2 * pad - kh) / stride + 1, (wd + 2 * pad - kw) / stride + 1);
         to_i32(op, c * kh * kw)?;
         let g = ConvGeom {
             n: to_i32(op, n)?,
@@ -1173,15 +1065,7 @@ impl Backend for Cuda {
         silu: bool,
     ) -> Result<Tensor<Self>> {
         let op = "group_norm";
-        let (n, c, h, w) = x.dims4(op)?;
-        if groups == 0 || c % groups != 0 {
-            return Err(Error::shape(
-                op,
-                format!("{c} channels do not split into {groups} groups"),
-            ));
-        }
-        expect_shape(op, "gamma", gamma.shape(), &[c])?;
-        expect_shape(op, "beta", beta.shape(), &[c])?;
+        let (n, c, h, w) = shapes::group_norm(op, x.shape(), gamma.shape(), beta.shape(), groups)?;
         let out = self.out(x.shape())?;
         let blocks = n * groups;
         if out.numel() == 0 {
@@ -1224,9 +1108,7 @@ impl Backend for Cuda {
     // ---- attention ----------------------------------------------------------------------------
     fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "attention";
-        let (n, c, h, w) = q.dims4(op)?;
-        same_shape(op, q.shape(), k.shape())?;
-        same_shape(op, q.shape(), v.shape())?;
+        let (n, c, h, w) = shapes::attention(op, q.shape(), &[k.shape(), v.shape()])?;
         let l = h * w;
         if l > ATTENTION_MAX_L {
             return Err(Error::Backend(format!(
@@ -1302,8 +1184,7 @@ impl Backend for Cuda {
     // ---- embeddings ---------------------------------------------------------------------------
     fn fourier_embedding(&self, sigma: &Tensor<Self>, w: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "fourier_embedding";
-        let n = dims1(op, sigma.shape())?;
-        let m = dims1(op, w.shape())?;
+        let (n, m) = shapes::fourier_embedding(op, sigma.shape(), w.shape())?;
         let out = self.out(&[n, 2 * m])?;
         self.launch_n(
             "embed_fourier",
@@ -1320,10 +1201,7 @@ impl Backend for Cuda {
     }
     fn sinusoidal_embedding(&self, t: &Tensor<Self>, dim: usize, max_positions: f64) -> Result<Tensor<Self>> {
         let op = "sinusoidal_embedding";
-        let n = dims1(op, t.shape())?;
-        if !dim.is_multiple_of(2) || dim < 4 {
-            return Err(Error::shape(op, format!("dim {dim} must be even and at least 4")));
-        }
+        let n = shapes::sinusoidal_embedding(op, t.shape(), dim)?;
         let half = dim / 2;
         // Rounded to f32 exactly as the CPU twin does.
         let step = (-(max_positions.ln() / (half - 1) as f64)) as f32;
@@ -1364,11 +1242,7 @@ impl Backend for Cuda {
         Ok(out)
     }
     fn dropout_mask(&self, shape: &[usize], p: f64, seed: u64, offset: u64) -> Result<Tensor<Self>> {
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::Config(format!(
-                "dropout probability {p} must lie in [0, 1)"
-            )));
-        }
+        shapes::dropout_probability(p)?;
         let keep = (1.0 / (1.0 - p)) as f32;
         let out = self.out(shape)?;
         let n = out.numel();
