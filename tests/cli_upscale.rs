@@ -2,58 +2,18 @@
 //! over a folder of good, odd and broken inputs.
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use image::{ColorType, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use srsde_fast::io::{load_hr_face, make_lr_chw, save_png, CropMode};
-use srsde_fast::model::load::save_weights;
-use srsde_fast::model::weights::StorageType;
-use srsde_fast::model::NetConfig;
-use srsde_fast::tensor::HostTensor;
 
-/// A fresh folder for one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!("srsde-cli-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{write_golden_model, TempDir};
 
 /// The golden nf16 VE network as a weights file (`param.*` minus the derived `sigmas`, config and
 /// data from the metadata).
 fn write_model(path: &Path) {
     write_golden_model("ncsnpp_ve_nf16.safetensors", path)
-}
-
-fn write_golden_model(golden: &str, path: &Path) {
-    let g = common::Golden::load(golden);
-    let cfg =
-        NetConfig::from_json(&g.metadata["config"], g.metadata.get("data").map(|s| s.as_str())).unwrap();
-    let weights: BTreeMap<String, HostTensor> = g
-        .names_with_prefix("param.")
-        .into_iter()
-        .filter(|n| n != "param.sigmas")
-        .map(|n| (n["param.".len()..].to_string(), g.host(&n)))
-        .collect();
-    save_weights(path, &cfg, &weights, StorageType::F32).unwrap();
 }
 
 /// The inputs: a real 16×16 LR face (a validation face degraded as the paper does), a 16-bit

@@ -3,7 +3,6 @@
 //! figures, and resuming after a lost JSONL line.
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -11,47 +10,12 @@ use srsde_fast::backend::cpu::CpuF32;
 use srsde_fast::eval::face::FaceNet;
 use srsde_fast::eval::metrics::{consistency, psnr, ssim, FloatImage, ImageU8, Layout};
 use srsde_fast::io::{load_hr_face, make_lr_chw, CropMode};
-use srsde_fast::model::load::save_weights;
-use srsde_fast::model::weights::StorageType;
-use srsde_fast::model::NetConfig;
-use srsde_fast::tensor::HostTensor;
 
-/// A fresh folder for one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!("srsde-eval-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::TempDir;
 
 /// The golden nf16 VE network as a weights file.
 fn write_model(path: &Path) {
-    let g = common::Golden::load("ncsnpp_ve_nf16.safetensors");
-    let cfg =
-        NetConfig::from_json(&g.metadata["config"], g.metadata.get("data").map(|s| s.as_str())).unwrap();
-    let weights: BTreeMap<String, HostTensor> = g
-        .names_with_prefix("param.")
-        .into_iter()
-        .filter(|n| n != "param.sigmas")
-        .map(|n| (n["param.".len()..].to_string(), g.host(&n)))
-        .collect();
-    save_weights(path, &cfg, &weights, StorageType::F32).unwrap();
+    common::write_golden_model("ncsnpp_ve_nf16.safetensors", path)
 }
 
 /// Four validation faces copied into `dir` (the evals use `--limit`).

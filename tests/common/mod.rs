@@ -1,9 +1,13 @@
-//! Shared helpers for integration tests: reading ../shared/golden.
+//! Shared helpers for integration tests: reading ../shared/golden, a self-removing temp folder and
+//! the golden nf16 model as a weights file.
 #![allow(dead_code)]
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
+use srsde_fast::model::load::save_weights;
+use srsde_fast::model::weights::StorageType;
+use srsde_fast::model::NetConfig;
 use srsde_fast::tensor::HostTensor;
 
 /// Path of a file in ../shared/golden (next to the checkout).
@@ -84,4 +88,52 @@ impl Golden {
         v.sort();
         v
     }
+}
+
+/// A fresh, empty folder for one test, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!("srsde-test-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    /// The names in the folder, sorted.
+    pub fn files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A golden network as a weights file: its `param.*` tensors minus the derived `sigmas`, with the
+/// config and data from the metadata.
+pub fn write_golden_model(golden: &str, path: &Path) {
+    let g = Golden::load(golden);
+    let cfg =
+        NetConfig::from_json(&g.metadata["config"], g.metadata.get("data").map(|s| s.as_str())).unwrap();
+    let weights: BTreeMap<String, HostTensor> = g
+        .names_with_prefix("param.")
+        .into_iter()
+        .filter(|n| n != "param.sigmas")
+        .map(|n| (n["param.".len()..].to_string(), g.host(&n)))
+        .collect();
+    save_weights(path, &cfg, &weights, StorageType::F32).unwrap();
 }
