@@ -6,7 +6,6 @@ use rayon::prelude::*;
 use super::float::CpuFloat;
 use super::matmul::{gemm, gemm_unchecked, Mat, Par};
 use crate::backend::shapes;
-use crate::error::Result;
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one output buffer.
 #[derive(Clone, Copy)]
@@ -151,52 +150,11 @@ pub(crate) fn channel_sums<T: CpuFloat>(y: &[T], n: usize, c: usize, p: usize) -
 
 // ---- conv2d ----------------------------------------------------------------------------------
 
-/// The geometry of one conv2d: input [n,c,h,w], weight [o,c,kh,kw], output [n,o,oh,ow].
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ConvGeom {
-    pub n: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    pub o: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub pad: usize,
-    pub oh: usize,
-    pub ow: usize,
-}
+/// The geometry of one conv2d: input [n,c,h,w], weight [o,c,kh,kw], output [n,o,oh,ow], as the
+/// shared [`shapes::conv2d`] check validates it (so both backends accept the same calls).
+pub(crate) type ConvGeom = shapes::Conv2d;
 
 impl ConvGeom {
-    /// Validated by the shared [`shapes::conv2d`] check, so both backends accept the same calls.
-    pub fn new(op: &'static str, x: &[usize], wt: &[usize], stride: usize, pad: usize) -> Result<Self> {
-        let shapes::Conv2d {
-            n,
-            c,
-            h,
-            w,
-            o,
-            kh,
-            kw,
-            stride,
-            pad,
-            oh,
-            ow,
-        } = shapes::conv2d(op, x, wt, stride, pad)?;
-        Ok(ConvGeom {
-            n,
-            c,
-            h,
-            w,
-            o,
-            kh,
-            kw,
-            stride,
-            pad,
-            oh,
-            ow,
-        })
-    }
     /// Rows of the column matrix: one per (input channel, tap).
     pub fn k(&self) -> usize {
         self.c * self.kh * self.kw

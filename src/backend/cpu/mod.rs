@@ -30,7 +30,6 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use self::conv::ConvGeom;
 use self::fir::FirGeom;
 pub use self::float::CpuFloat;
 use self::norm::NormGeom;
@@ -412,7 +411,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         pad: usize,
     ) -> Result<Tensor<Self>> {
         let op = "conv2d";
-        let g = ConvGeom::new(op, x.shape(), w.shape(), stride, pad)?;
+        let g = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
         if let Some(b) = b {
             expect_shape(op, "bias", b.shape(), &[g.o])?;
         }
@@ -432,7 +431,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         pad: usize,
     ) -> Result<Grads3<Self>> {
         let op = "conv2d_backward";
-        let g = ConvGeom::new(op, x.shape(), w.shape(), stride, pad)?;
+        let g = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
         expect_shape(op, "dy", dy.shape(), &[g.n, g.o, g.oh, g.ow])?;
         let (xs, ws, ds) = (data(op, x)?, data(op, w)?, data(op, dy)?);
         let gr = self.run(|| conv::conv2d_backward(&g, xs, ws, ds));
