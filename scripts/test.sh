@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-nvrtc.sh
-cargo test --all-targets 2>&1
+# --show-output: the output of passing tests too, so a GPU test that skipped says so in the log.
+cargo test --all-targets -- --show-output 2>&1
