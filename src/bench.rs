@@ -108,6 +108,38 @@ pub fn time_pc_step<B: Backend>(model: &ScoreModel<B>, batch: usize, iters: usiz
     )
 }
 
+/// One full training step (DSM loss, backward, grad clip, Adam, EMA update) of a `preset` network
+/// at `batch` on random data at `image_size`, timed. Needs a backend with backward kernels.
+pub fn time_train_step<B: Backend>(
+    backend: &B,
+    preset: &str,
+    image_size: usize,
+    batch: usize,
+    iters: usize,
+) -> Result<Timing> {
+    use crate::train::{data::Batch, run::Trainer, Hyper};
+    let mut cfg = NetConfig::preset(preset)?;
+    cfg.data.image_size = image_size;
+    cfg.validate()?;
+    let mut hyper = Hyper::paper(preset, &cfg);
+    hyper.batch = batch;
+    hyper.warmup = 0;
+    let mut trainer = Trainer::new(backend, cfg, hyper)?;
+    let shape = [batch, 3, image_size, image_size];
+    let data = Batch {
+        hr: backend.to_f32(&backend.rand_uniform(&shape, 5, 0)?)?,
+        guide: backend.to_f32(&backend.rand_uniform(&shape, 6, 0)?)?,
+        len: batch,
+        size: image_size,
+        files: vec![0; batch],
+    };
+    time_it(
+        iters,
+        || trainer.train_step(&data).map(|_| ()),
+        || backend.synchronize(),
+    )
+}
+
 /// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

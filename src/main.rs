@@ -74,6 +74,9 @@ enum Cmd {
         /// Also time one predictor–corrector step (2 NFE + updates).
         #[arg(long)]
         pc_step: bool,
+        /// Time one training step instead (loss, backward, clip, Adam, EMA; random data, CPU only).
+        #[arg(long)]
+        train: bool,
     },
     /// Check every CUDA kernel against the CPU backend on fresh random inputs.
     Selftest {
@@ -162,7 +165,12 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             iters,
             pc_step,
+            train,
         } => match pick_device(device)? {
+            Picked::Cpu(be) if train => bench_train(&be, &preset, batch, iters)?,
+            Picked::Cuda(_) if train => {
+                println!("bench --train: not available yet on CUDA (no backward kernels); use --device cpu")
+            }
             Picked::Cpu(be) => bench_on(&be, &preset, batch, iters, pc_step)?,
             Picked::Cuda(be) => {
                 for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
@@ -296,6 +304,23 @@ fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_ste
             t.median_ms, t.min_ms
         );
     }
+    if let Some(b) = bench::peak_rss_bytes() {
+        println!("peak memory (RSS): {:.0} MiB", b as f64 / (1 << 20) as f64);
+    }
+    Ok(())
+}
+
+fn bench_train<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize) -> Result<()> {
+    let size = NetConfig::preset(preset)?.data.image_size;
+    println!("device: {}", be.name());
+    let t = bench::time_train_step(be, preset, size, batch, iters)?;
+    println!(
+        "train step ({preset}, {size}×{size}) batch {batch}: median {:.1} ms (min {:.1}, {} runs), {:.2} images/s",
+        t.median_ms,
+        t.min_ms,
+        t.runs,
+        batch as f64 / (t.median_ms / 1e3)
+    );
     if let Some(b) = bench::peak_rss_bytes() {
         println!("peak memory (RSS): {:.0} MiB", b as f64 / (1 << 20) as f64);
     }

@@ -692,3 +692,70 @@ fn export_writes_ema_weights_loadable_for_inference() {
         Ncsnpp::from_weights(&be, lw.config, &lw.weights, "export").unwrap();
     }
 }
+
+#[test]
+fn validation_faces_are_held_out_by_name() {
+    let data = face_subset("split", 8);
+    let all = FaceFolder::open(&data).unwrap();
+    let (train_a, val_a) = all.clone().split_validation(0.25).unwrap();
+    let (train_b, val_b) = all.clone().split_validation(0.25).unwrap();
+    assert_eq!((val_a.len(), train_a.files.len()), (2, 6));
+    assert_eq!(
+        (&val_a, &train_a.files),
+        (&val_b, &train_b.files),
+        "split is deterministic"
+    );
+    for f in &all.files {
+        assert!(
+            val_a.contains(f) != train_a.files.contains(f),
+            "{f:?} in exactly one part"
+        );
+    }
+    // Three epochs of the training stream (two seeds) never draw a held-out face.
+    for seed in [1, 2] {
+        let mut loader = Loader::start(train_a.clone(), loader_opts(seed, false), 0).unwrap();
+        for _ in 0..(3 * 6 / 2) {
+            for &i in &loader.next_batch().unwrap().files {
+                assert!(!val_a.contains(&loader.folder().files[i]));
+            }
+        }
+    }
+    // 5% of 8 rounds up to one face; 0 holds none out; a bad fraction is refused.
+    assert_eq!(all.clone().split_validation(0.05).unwrap().1.len(), 1);
+    assert!(all.clone().split_validation(0.0).unwrap().1.is_empty());
+    assert!(all.split_validation(1.0).is_err());
+}
+
+#[test]
+fn validation_loss_and_sample_grids_are_written() {
+    let data = face_subset("val", 8);
+    let out = scratch("val_run");
+    let mut o = tiny_options(&data, &out, 4);
+    o.val_fraction = 0.25;
+    o.val_every = 2;
+    o.grid_every = Some(4);
+    o.grid_steps = 3;
+    train(&CpuF32::new(), &o, &AtomicBool::new(false)).unwrap();
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let val: Vec<(u64, f64)> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| !v["val_loss"].is_null())
+        .map(|v| (v["step"].as_u64().unwrap(), v["val_loss"].as_f64().unwrap()))
+        .collect();
+    println!("val_loss: {val:?}");
+    assert_eq!(val.iter().map(|v| v.0).collect::<Vec<_>>(), vec![2, 4]);
+    assert!(val.iter().all(|v| v.1.is_finite() && v.1 > 0.0));
+    // Grid: 2 held-out faces → 2 rows of LR | SR | HR at 32×32; only at step 4.
+    let grid = out.join("samples/step_0000004.png");
+    assert_eq!(image::image_dimensions(&grid).unwrap(), (3 * 32, 2 * 32));
+    assert!(!out.join("samples/step_0000002.png").exists());
+}
+
+#[test]
+fn bench_times_a_full_training_step() {
+    let t = srsde_fast::bench::time_train_step(&CpuF32::new(), "ve-tiny", 128, 1, 1).unwrap();
+    assert_eq!(t.runs, 1);
+    assert!(t.median_ms > 0.0 && t.median_ms.is_finite());
+    assert!(srsde_fast::bench::time_train_step(&CpuF32::new(), "ve-tiny", 20, 1, 1).is_err());
+}

@@ -51,6 +51,58 @@ impl FaceFolder {
     }
 }
 
+/// Default share of a training folder held out for validation.
+pub const VAL_FRACTION: f64 = 0.05;
+
+/// FNV-1a of a file's path relative to the folder root: a stable, seed-independent key that
+/// does not change when other files are added or removed.
+fn path_hash(rel: &Path) -> u64 {
+    rel.to_string_lossy()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+impl FaceFolder {
+    /// Split off a held-out validation set: the ⌈fraction·n⌉ files with the smallest path hash
+    /// (at least one file always stays for training; fraction 0 holds nothing out). The choice
+    /// depends only on the file names, never on the run seed, so every run of a folder holds out
+    /// the same faces. Returns (training folder, validation files sorted by path).
+    pub fn split_validation(self, fraction: f64) -> Result<(FaceFolder, Vec<PathBuf>)> {
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(Error::Config(format!(
+                "validation fraction {fraction} must lie in [0, 1)"
+            )));
+        }
+        let n = self.files.len();
+        let k = ((fraction * n as f64).ceil() as usize).min(n.saturating_sub(1));
+        let mut ranked: Vec<(u64, usize)> = self
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (path_hash(f.strip_prefix(&self.root).unwrap_or(f)), i))
+            .collect();
+        ranked.sort();
+        let held: HashSet<usize> = ranked.iter().take(k).map(|r| r.1).collect();
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for (i, f) in self.files.into_iter().enumerate() {
+            if held.contains(&i) {
+                val.push(f);
+            } else {
+                train.push(f);
+            }
+        }
+        Ok((
+            FaceFolder {
+                root: self.root,
+                files: train,
+            },
+            val,
+        ))
+    }
+}
+
 /// Fisher–Yates permutation of 0..n for one epoch, keyed by (seed, epoch).
 pub fn epoch_permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let key = stream_seed(seed, Stream::Shuffle, epoch);

@@ -13,6 +13,7 @@ pub mod init;
 pub mod loss;
 pub mod optim;
 pub mod run;
+pub mod validate;
 
 use serde::{Deserialize, Serialize};
 

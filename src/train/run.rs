@@ -21,6 +21,7 @@ use crate::train::checkpoint::{adam_config, Checkpoint, CheckpointRef, TrainStat
 use crate::train::data::{Batch, FaceFolder, Loader, LoaderOptions};
 use crate::train::loss::{draw_noise, draw_times, dropout_seed, dsm_loss};
 use crate::train::optim::{Adam, Ema};
+use crate::train::validate::{write_grid, ValSet};
 use crate::train::Hyper;
 
 /// File name of a run's JSONL log inside the run folder.
@@ -196,6 +197,22 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
+    /// A copy of the network carrying the EMA weights (what inference, validation and the
+    /// sample grids use).
+    pub fn ema_model(&self) -> Result<ScoreModel<B>> {
+        let w: BTreeMap<String, HostTensor> = self
+            .params
+            .iter()
+            .map(|(name, p)| match self.ema.shadow.get(name) {
+                Some(s) => (name.clone(), HostTensor::new(p.shape.clone(), s.clone())),
+                None => (name.clone(), p.clone()),
+            })
+            .collect();
+        let be = self.model.net.backend();
+        let net = Ncsnpp::from_weights(be, self.model.net.config.clone(), &w, "<EMA weights>")?;
+        Ok(ScoreModel::new(net))
+    }
+
     /// Copy the updated master weights to the device network.
     fn upload(&mut self) -> Result<()> {
         let be = self.model.net.backend().clone();
@@ -238,6 +255,14 @@ pub struct TrainOptions {
     pub log_every: u64,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Share of the data files held out for validation (never trained on; 0: none).
+    pub val_fraction: f64,
+    /// Log the validation loss every this many steps (0: never).
+    pub val_every: u64,
+    /// Write a sample grid every this many steps (None: as `val_every`; 0: never).
+    pub grid_every: Option<u64>,
+    /// Sampler steps of the grid samples.
+    pub grid_steps: usize,
 }
 
 impl TrainOptions {
@@ -264,6 +289,10 @@ impl TrainOptions {
             workers: 2,
             log_every: 1,
             progress: false,
+            val_fraction: crate::train::data::VAL_FRACTION,
+            val_every: 500,
+            grid_every: None,
+            grid_steps: 50,
         }
     }
 
@@ -388,6 +417,9 @@ struct LogLine {
     ema_decay: f64,
     images_per_s: f64,
     elapsed_s: f64,
+    /// DSM loss of the held-out batch with the EMA weights (on validation steps only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_loss: Option<f64>,
 }
 
 /// Open the run's log for appending. A fresh run starts it empty; a resumed run drops the lines
@@ -454,7 +486,22 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         .steps
         .unwrap_or_else(|| paper_steps(trainer.model.net.config.sde()));
     let h = trainer.hyper.clone();
-    let folder = FaceFolder::open(&opts.data)?;
+    let (folder, held_out) = FaceFolder::open(&opts.data)?.split_validation(opts.val_fraction)?;
+    let grid_every = opts.grid_every.unwrap_or(opts.val_every);
+    if grid_every > 0 && opts.grid_steps < 2 {
+        return Err(Error::Config(format!(
+            "--grid-steps must be at least 2, got {}",
+            opts.grid_steps
+        )));
+    }
+    let val_set = if opts.val_every > 0 || grid_every > 0 {
+        ValSet::load(&held_out, trainer.model.net.config.data.image_size)
+    } else {
+        None
+    };
+    if val_set.is_none() && (opts.val_every > 0 || grid_every > 0) && opts.progress {
+        eprintln!("note: no readable held-out validation face; no val_loss or sample grids");
+    }
     let mut loader = Loader::start(
         folder,
         LoaderOptions {
@@ -500,7 +547,23 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         let rep = trainer.train_step(&batch)?;
         let ips = batch.len as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         losses.push(rep.loss);
-        if rep.step % opts.log_every.max(1) == 0 || rep.step == steps {
+        let due = |every: u64| every > 0 && rep.step % every == 0;
+        let mut val_loss = None;
+        if let Some(vs) = &val_set {
+            if due(opts.val_every) || due(grid_every) {
+                let ema = trainer.ema_model()?;
+                if due(opts.val_every) {
+                    let v = vs.loss(&ema, h.t_eps)?;
+                    bar.println(format!("step {}: val_loss {v:.4}", rep.step));
+                    val_loss = Some(v);
+                }
+                if due(grid_every) {
+                    let (img, gh, gw) = vs.grid(&ema, opts.grid_steps)?;
+                    write_grid(&opts.out.join("samples"), rep.step, &img, gh, gw)?;
+                }
+            }
+        }
+        if rep.step % opts.log_every.max(1) == 0 || rep.step == steps || val_loss.is_some() {
             let line = LogLine {
                 step: rep.step,
                 loss: rep.loss,
@@ -510,6 +573,7 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
                 ema_decay: rep.ema_decay,
                 images_per_s: ips,
                 elapsed_s: started.elapsed().as_secs_f64(),
+                val_loss,
             };
             let text = serde_json::to_string(&line).map_err(|e| Error::Other(e.to_string()))?;
             writeln!(log, "{text}").map_err(|e| Error::io(opts.out.join(LOG_FILE), e))?;
@@ -640,6 +704,19 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Share of the data files held out for validation, chosen by file-name hash (seed-independent)
+    /// and never trained on; 0 holds none out.
+    #[arg(long, default_value_t = crate::train::data::VAL_FRACTION)]
+    pub val_fraction: f64,
+    /// Log the EMA weights' DSM loss on a fixed held-out batch (`val_loss`) every K steps (0: never).
+    #[arg(long, default_value_t = 500)]
+    pub val_every: u64,
+    /// Write RUN/samples/step_NNNNNNN.png (rows LR | SR | HR) every K steps [default: --val-every; 0: never].
+    #[arg(long)]
+    pub grid_every: Option<u64>,
+    /// Sampler steps of the grid samples (the model's default sampler, shortened).
+    #[arg(long, default_value_t = 50)]
+    pub grid_steps: usize,
 }
 
 impl TrainArgs {
@@ -665,6 +742,10 @@ impl TrainArgs {
             workers: self.workers,
             log_every: self.log_every,
             progress: !self.quiet,
+            val_fraction: self.val_fraction,
+            val_every: self.val_every,
+            grid_every: self.grid_every,
+            grid_steps: self.grid_steps,
         }
     }
 }
