@@ -731,7 +731,7 @@ fn validation_loss_and_sample_grids_are_written() {
     let data = face_subset("val", 8);
     let out = scratch("val_run");
     let mut o = tiny_options(&data, &out, 4);
-    o.val_fraction = 0.25;
+    o.val_fraction = Some(0.25);
     o.val_every = 2;
     o.grid_every = Some(4);
     o.grid_steps = 3;
@@ -758,4 +758,31 @@ fn bench_times_a_full_training_step() {
     assert_eq!(t.runs, 1);
     assert!(t.median_ms > 0.0 && t.median_ms.is_finite());
     assert!(srsde_fast::bench::time_train_step(&CpuF32::new(), "ve-tiny", 20, 1, 1).is_err());
+}
+
+/// The held-out share decides which files are trained on, so a resumed run keeps the checkpoint's:
+/// a different explicit --val-fraction is refused, and leaving it out continues exactly.
+#[test]
+fn resume_keeps_the_validation_split() {
+    let data = face_subset("resume_split", 8);
+    let (a, b) = (scratch("split_a"), scratch("split_b"));
+    let stop = AtomicBool::new(false);
+    let be = CpuF32::new();
+    let mut whole = tiny_options(&data, &a, 4);
+    whole.val_fraction = Some(0.25);
+    let full = train(&be, &whole, &stop).unwrap();
+
+    let mut first = tiny_options(&data, &b, 2);
+    first.val_fraction = Some(0.25);
+    let first = train(&be, &first, &stop).unwrap();
+    let mut wrong = tiny_options(&data, &b, 4);
+    wrong.resume = true;
+    wrong.val_fraction = Some(0.5);
+    let err = train(&be, &wrong, &stop).unwrap_err().to_string();
+    assert!(err.contains("--val-fraction"), "{err}");
+    let mut cont = tiny_options(&data, &b, 4);
+    cont.resume = true; // no --val-fraction: the checkpoint's 0.25
+    let second = train(&be, &cont, &stop).unwrap();
+    let joined: Vec<f64> = first.losses.iter().chain(&second.losses).copied().collect();
+    assert_eq!(joined, full.losses, "resumed losses differ");
 }

@@ -67,6 +67,10 @@ pub struct Hyper {
     /// Random horizontal flips of the training faces (VE: off, VP/subVP: on in the original).
     pub flip: bool,
     pub seed: u64,
+    /// Share of the data files held out for validation: it decides the training stream, so a
+    /// resumed run keeps it. Checkpoints written before the split existed held out none.
+    #[serde(default)]
+    pub val_fraction: f64,
 }
 
 impl Hyper {
@@ -86,6 +90,7 @@ impl Hyper {
             t_eps: 1e-5,
             flip: config.sde() != crate::model::SdeKind::Ve,
             seed: 42,
+            val_fraction: crate::train::data::VAL_FRACTION,
         }
     }
 

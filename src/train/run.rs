@@ -255,8 +255,9 @@ pub struct TrainOptions {
     pub log_every: u64,
     /// Show a progress bar on stderr.
     pub progress: bool,
-    /// Share of the data files held out for validation (never trained on; 0: none).
-    pub val_fraction: f64,
+    /// Share of the data files held out for validation (never trained on; 0: none). None: the
+    /// default for a fresh run, the checkpoint's value on resume (it decides the training stream).
+    pub val_fraction: Option<f64>,
     /// Log the validation loss every this many steps (0: never).
     pub val_every: u64,
     /// Write a sample grid every this many steps (None: as `val_every`; 0: never).
@@ -289,7 +290,7 @@ impl TrainOptions {
             workers: 2,
             log_every: 1,
             progress: false,
-            val_fraction: crate::train::data::VAL_FRACTION,
+            val_fraction: None,
             val_every: 500,
             grid_every: None,
             grid_steps: 50,
@@ -322,6 +323,7 @@ impl TrainOptions {
         h.grad_clip = self.grad_clip.unwrap_or(h.grad_clip);
         h.flip = self.flip.unwrap_or(h.flip);
         h.seed = self.seed.unwrap_or(h.seed);
+        h.val_fraction = self.val_fraction.unwrap_or(h.val_fraction);
         h
     }
 
@@ -351,6 +353,11 @@ impl TrainOptions {
         );
         cmp("flip", self.flip.map(|v| v.to_string()), h.flip.to_string());
         cmp("seed", self.seed.map(|v| v.to_string()), h.seed.to_string());
+        cmp(
+            "val-fraction",
+            self.val_fraction.map(|v| v.to_string()),
+            h.val_fraction.to_string(),
+        );
         cmp(
             "image-size",
             self.image_size.map(|v| v.to_string()),
@@ -486,7 +493,7 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         .steps
         .unwrap_or_else(|| paper_steps(trainer.model.net.config.sde()));
     let h = trainer.hyper.clone();
-    let (folder, held_out) = FaceFolder::open(&opts.data)?.split_validation(opts.val_fraction)?;
+    let (folder, held_out) = FaceFolder::open(&opts.data)?.split_validation(h.val_fraction)?;
     let grid_every = opts.grid_every.unwrap_or(opts.val_every);
     if grid_every > 0 && opts.grid_steps < 2 {
         return Err(Error::Config(format!(
@@ -705,9 +712,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Share of the data files held out for validation, chosen by file-name hash (seed-independent)
-    /// and never trained on; 0 holds none out.
-    #[arg(long, default_value_t = crate::train::data::VAL_FRACTION)]
-    pub val_fraction: f64,
+    /// and never trained on; 0 holds none out [default: 0.05; on --resume, the checkpoint's]
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
     /// Log the EMA weights' DSM loss on a fixed held-out batch (`val_loss`) every K steps (0: never).
     #[arg(long, default_value_t = 500)]
     pub val_every: u64,
