@@ -11,7 +11,7 @@ use srsde_fast::backend::cpu::CpuF32;
 use srsde_fast::backend::Backend;
 use srsde_fast::check::rel_err;
 use srsde_fast::model::ncsnpp::{param_specs, Forward};
-use srsde_fast::model::{Ncsnpp, NetConfig, SdeKind};
+use srsde_fast::model::{Ncsnpp, NetConfig, ScoreModel, SdeKind};
 use srsde_fast::tensor::HostTensor;
 
 const TOL: f64 = 1e-4;
@@ -34,26 +34,6 @@ fn load(golden: &Golden) -> (NetConfig, BTreeMap<String, HostTensor>) {
         }
     }
     (cfg, w)
-}
-
-/// (time label fed to the net, marginal std) for the golden times.
-fn conditioning(cfg: &NetConfig, t: &[f32]) -> (Vec<f32>, Vec<f64>) {
-    let m = &cfg.model;
-    t.iter()
-        .map(|&t| {
-            let t = t as f64;
-            match cfg.sde() {
-                SdeKind::Ve => {
-                    let s = m.sigma_min * (m.sigma_max / m.sigma_min).powf(t);
-                    (s as f32, s)
-                }
-                SdeKind::Vp | SdeKind::Subvp => {
-                    let lmc = -0.25 * t * t * (m.beta_max - m.beta_min) - 0.5 * t * m.beta_min;
-                    ((999.0 * t) as f32, (1.0 - (2.0 * lmc).exp()).sqrt())
-                }
-            }
-        })
-        .unzip()
 }
 
 fn check_network(file: &str) {
@@ -81,17 +61,18 @@ fn check_network(file: &str) {
     let xt = golden.host("input.xt").to_device(&be).unwrap();
     let y = golden.host("input.y").to_device(&be).unwrap();
     let z = golden.host("input.z").to_device(&be).unwrap();
-    let input = be.interleave_channels(&xt, &y).unwrap();
+    let input = be.interleave_channels(&xt, &y).unwrap(); // what score_var feeds the net
     let want_input = golden.host("input.net_input");
     assert!(
         rel_err(&be.to_f32(&input).unwrap(), &want_input.data) < 1e-7,
         "interleave"
     );
 
-    let t = golden.host("input.t").data;
-    let (labels, std) = conditioning(&cfg, &t);
+    // The score through the library's ScoreModel (σ(t) labels for VE, 999·t and −h/std for VP).
+    let model = ScoreModel::new(net);
+    let t: Vec<f64> = golden.get("input.t").1.clone();
     let n = t.len();
-    let labels = be.from_f32(&[n], &labels).unwrap();
+    let std: Vec<f64> = t.iter().map(|&t| model.sde.marginal_std(t)).collect();
 
     // Training graph: forward with activation capture, loss, backward.
     let g = Graph::training(&be);
@@ -99,28 +80,18 @@ fn check_network(file: &str) {
     let mut cap = |i: usize, v: &srsde_fast::tensor::Tensor<CpuF32>| {
         acts.insert(i, be.to_f32(v).unwrap());
     };
-    let inp = g.constant(input);
-    let out = net
-        .forward(
+    let score = model
+        .score_var(
             &g,
-            &inp,
-            &labels,
+            &xt,
+            &y,
+            &t,
             Forward {
                 capture: Some(&mut cap),
                 ..Default::default()
             },
         )
         .expect("forward");
-    // score: VE output is the score already; VP score = −h/std.
-    let score = match cfg.sde() {
-        SdeKind::Ve => out.clone(),
-        _ => {
-            let s = be
-                .from_f64(&[n], &std.iter().map(|s| -1.0 / s).collect::<Vec<_>>())
-                .unwrap();
-            g.scale_per_sample(&out, &s).unwrap()
-        }
-    };
     let got = be.to_f32(&score.value).unwrap();
     let e = rel_err(&got, &golden.host("output.score").data);
     println!("{file}: score rel err {e:.2e}");
