@@ -12,11 +12,18 @@ trap 'rm -rf "$work"' EXIT
 {
     echo '#include "emu.h"'
     cat "$K/common.cuh" "$K/rng.cuh"
-    for f in elementwise reduce norm attention fir conv embed rng; do
-        sed -e 's/#include "common.cuh"//' -e 's/#include "rng.cuh"//' \
-            -e 's/extern __shared__ float S\[\];/float* S = (float*)g_dyn_smem;/' "$K/$f.cu"
+    for f in "$K"/*.cu; do
+        sed -e 's/#include "common.cuh"//' -e 's/#include "rng.cuh"//' -e 's/#include "mma.cuh"//' \
+            -e 's/extern __shared__ float S\[\];/float* S = (float*)g_dyn_smem;/' "$f"
     done
 } > "$work/all_kernels.cpp"
-g++ -std=c++20 -O2 -pthread -Wno-pragma-once-outside-header -I"$here/stub" -I"$here" -I"$work" \
-    "$here/test.cpp" -o "$work/test" 2>&1 | grep -v "pragma once" || true
-"$work/test"
+# One test program per family: test.cpp (forward kernels) and every test_*.cpp beside it.
+status=0
+for t in "$here"/test*.cpp; do
+    name="$(basename "$t" .cpp)"
+    echo "== $name"
+    g++ -std=c++20 -O2 -pthread -Wno-pragma-once-outside-header -I"$here/stub" -I"$here" -I"$work" \
+        "$t" -o "$work/$name" 2>&1 | grep -v "pragma once" || true
+    "$work/$name" || status=1
+done
+exit $status

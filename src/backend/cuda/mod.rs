@@ -23,6 +23,7 @@
 //! NaN-poisoned outputs (wired into `srsde-fast selftest` and tests/cuda_ops.rs); [`bench`]
 //! times the heaviest layer shapes per precision; scripts/kernel_emu runs the kernels' C++ on the
 //! CPU (threads and barriers emulated) to check indexing and tiling where there is no GPU.
+mod backward;
 pub mod bench;
 mod kernels;
 pub mod memory;
@@ -655,7 +656,7 @@ impl Cuda {
         Ok(out)
     }
 
-    fn not_on_cuda<T>(op: &str) -> Result<T> {
+    pub(super) fn not_on_cuda<T>(op: &str) -> Result<T> {
         Err(Error::Backend(format!(
             "{op} is not implemented on CUDA yet (training runs on the CPU backend)"
         )))
@@ -967,13 +968,8 @@ impl Backend for Cuda {
         };
         self.gemm_conv(Precision::F32, x, w, b, g, &[n, o])
     }
-    fn linear_backward(
-        &self,
-        _x: &Tensor<Self>,
-        _w: &Tensor<Self>,
-        _dy: &Tensor<Self>,
-    ) -> Result<Grads3<Self>> {
-        Self::not_on_cuda("linear backward")
+    fn linear_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>> {
+        backward::linear_backward(self, x, w, dy)
     }
     fn nin(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
         let op = "nin";
@@ -997,8 +993,8 @@ impl Backend for Cuda {
         };
         self.gemm_conv(self.precision, x, w, Some(b), g, &[n, o, h, wd])
     }
-    fn nin_backward(&self, _x: &Tensor<Self>, _w: &Tensor<Self>, _dy: &Tensor<Self>) -> Result<Grads3<Self>> {
-        Self::not_on_cuda("nin backward")
+    fn nin_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>> {
+        backward::nin_backward(self, x, w, dy)
     }
     fn conv2d(
         &self,
@@ -1045,13 +1041,13 @@ impl Backend for Cuda {
     }
     fn conv2d_backward(
         &self,
-        _x: &Tensor<Self>,
-        _w: &Tensor<Self>,
-        _dy: &Tensor<Self>,
-        _stride: usize,
-        _pad: usize,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        stride: usize,
+        pad: usize,
     ) -> Result<Grads3<Self>> {
-        Self::not_on_cuda("conv2d backward")
+        backward::conv2d_backward(self, x, w, dy, stride, pad)
     }
 
     // ---- normalisation ------------------------------------------------------------------------
@@ -1094,15 +1090,15 @@ impl Backend for Cuda {
     }
     fn group_norm_backward(
         &self,
-        _x: &Tensor<Self>,
-        _gamma: &Tensor<Self>,
-        _beta: &Tensor<Self>,
-        _dy: &Tensor<Self>,
-        _groups: usize,
-        _eps: f64,
-        _silu: bool,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
     ) -> Result<Grads3<Self>> {
-        Self::not_on_cuda("group_norm backward")
+        backward::group_norm_backward(self, x, gamma, beta, dy, groups, eps, silu)
     }
 
     // ---- attention ----------------------------------------------------------------------------
@@ -1140,12 +1136,12 @@ impl Backend for Cuda {
     }
     fn attention_backward(
         &self,
-        _q: &Tensor<Self>,
-        _k: &Tensor<Self>,
-        _v: &Tensor<Self>,
-        _dy: &Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        dy: &Tensor<Self>,
     ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
-        Self::not_on_cuda("attention backward")
+        backward::attention_backward(self, q, k, v, dy)
     }
 
     // ---- FIR resampling -----------------------------------------------------------------------
