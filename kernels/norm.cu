@@ -38,3 +38,102 @@ extern "C" __global__ void __launch_bounds__(512) gn_forward(const float* __rest
         }
     }
 }
+
+// ---- backward ------------------------------------------------------------------------------------
+// With x̂ = (x − mean)·rstd, z = x̂·γ + β, dz = dy·SiLU'(z) (or dy without SiLU):
+//   dx = rstd·(dz·γ − mean(dz·γ) − x̂·mean(dz·γ·x̂)) over the group, dγ = Σ dz·x̂, dβ = Σ dz.
+// gn_backward: one block per (sample, group); recomputes the statistics exactly as gn_forward,
+// takes the per-channel sums Σ dz and Σ dz·x̂ (in double; the group means follow from them and γ),
+// writes dx and the per-(sample, channel) partial sums; gn_backward_params adds those over the
+// batch in order (deterministic). CPU twin: group_norm_backward.
+
+__device__ __forceinline__ float gn_dz(float dy, float xhat, float gam, float bet, int silu) {
+    if (!silu) return dy;
+    const float z = xhat * gam + bet;
+    const float s = sigmoidf_(z);
+    return dy * s * (1.0f + z * (1.0f - s));
+}
+
+extern "C" __global__ void __launch_bounds__(512) gn_backward(const float* __restrict__ x,
+                                                              const float* __restrict__ gamma,
+                                                              const float* __restrict__ beta,
+                                                              const float* __restrict__ dy,
+                                                              float* __restrict__ dx,
+                                                              double* __restrict__ part_dgamma,
+                                                              double* __restrict__ part_dbeta, int C,
+                                                              int groups, i64 hw, double eps, int silu) {
+    __shared__ double scratch[32];
+    const int g = blockIdx.x % groups;
+    const int cg = C / groups;
+    const i64 len = (i64)cg * hw;
+    const i64 base = (i64)blockIdx.x * len;
+    const float* xs = x + base;
+    const float* dys = dy + base;
+
+    double s = 0.0;
+    for (i64 j = threadIdx.x; j < len; j += blockDim.x) s += (double)xs[j];
+    const double mean = block_sum_d(s, scratch) / (double)len;
+    double q = 0.0;
+    for (i64 j = threadIdx.x; j < len; j += blockDim.x) {
+        double d = (double)xs[j] - mean;
+        q += d * d;
+    }
+    const double var = block_sum_d(q, scratch) / (double)len;
+    const double rstd = 1.0 / sqrt(var + eps);
+    const float meanf = (float)mean, rstdf = (float)rstd;
+
+    // Per channel: Σ dz and Σ dz·x̂; the group sums of dz·γ and dz·γ·x̂ follow.
+    double sum_g = 0.0, sum_gx = 0.0;
+    for (int j = 0; j < cg; ++j) {
+        const int c = g * cg + j;
+        const float gam = gamma[c], bet = beta[c];
+        const float* xc = xs + (i64)j * hw;
+        const float* dc = dys + (i64)j * hw;
+        double sd = 0.0, sdx = 0.0;
+        for (i64 p = threadIdx.x; p < hw; p += blockDim.x) {
+            const float xhat = (xc[p] - meanf) * rstdf;
+            const float dz = gn_dz(dc[p], xhat, gam, bet, silu);
+            sd += (double)dz;
+            sdx += (double)dz * (double)xhat;
+        }
+        sd = block_sum_d(sd, scratch);
+        sdx = block_sum_d(sdx, scratch);
+        sum_g += sd * (double)gam;
+        sum_gx += sdx * (double)gam;
+        if (threadIdx.x == 0) {
+            const i64 nc = (i64)(blockIdx.x / groups) * C + c;
+            part_dbeta[nc] = sd;
+            part_dgamma[nc] = sdx;
+        }
+    }
+    const float mg = (float)(sum_g / (double)len), mgx = (float)(sum_gx / (double)len);
+
+    for (int j = 0; j < cg; ++j) {
+        const int c = g * cg + j;
+        const float gam = gamma[c], bet = beta[c];
+        const float* xc = xs + (i64)j * hw;
+        const float* dc = dys + (i64)j * hw;
+        float* out = dx + base + (i64)j * hw;
+        for (i64 p = threadIdx.x; p < hw; p += blockDim.x) {
+            const float xhat = (xc[p] - meanf) * rstdf;
+            const float dz = gn_dz(dc[p], xhat, gam, bet, silu);
+            out[p] = rstdf * (dz * gam - mg - xhat * mgx);
+        }
+    }
+}
+
+// dgamma[c] = Σ_n part_dgamma[n·C + c], dbeta likewise, n in order.
+extern "C" __global__ void gn_backward_params(const double* __restrict__ part_dgamma,
+                                              const double* __restrict__ part_dbeta,
+                                              float* __restrict__ dgamma, float* __restrict__ dbeta, int N,
+                                              int C) {
+    GRID_STRIDE(c, C) {
+        double sg = 0.0, sb = 0.0;
+        for (int n = 0; n < N; ++n) {
+            sg += part_dgamma[(i64)n * C + c];
+            sb += part_dbeta[(i64)n * C + c];
+        }
+        dgamma[c] = (float)sg;
+        dbeta[c] = (float)sb;
+    }
+}
