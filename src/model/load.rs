@@ -1,4 +1,5 @@
-//! Loading a network from a file: our safetensors (config in the metadata) or the original sr-sde
+//! Loading a network from a file: our safetensors (config in the metadata; single file or a sharded
+//! export's folder / index, see [`crate::model::sharded`]) or the original sr-sde
 //! `checkpoint.pth` (EMA weights; the config is not stored there, so it is inferred from the
 //! tensor shapes and checked against every tensor).
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::config::{EmbeddingType, NetConfig};
 use crate::model::ncsnpp::{param_specs, Ncsnpp};
 use crate::model::pth::{is_trainable_default, load_checkpoint};
+use crate::model::sharded;
 use crate::model::weights::{load_safetensors, save_safetensors, StorageType, WeightFile, CONFIG_KEY};
 use crate::tensor::HostTensor;
 
@@ -34,6 +36,11 @@ pub fn load_weights(path: &Path, config_override: Option<NetConfig>) -> Result<L
         .to_ascii_lowercase();
     let mut notes = Vec::new();
     let (weights, stored_config) = match ext.as_str() {
+        // A sharded export (its folder or its index); see [`crate::model::sharded`].
+        _ if sharded::is_sharded_path(path) => {
+            let (_, config, weights) = sharded::load_sharded(path)?;
+            (weights, Some(config))
+        }
         "pth" | "pt" | "ckpt" => {
             let ck = load_checkpoint(path)?;
             notes.push(format!(

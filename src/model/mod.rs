@@ -24,4 +24,6 @@ pub use config::{NetConfig, SdeKind};
 pub use ncsnpp::Ncsnpp;
 pub use score::ScoreModel;
 pub mod pth;
+pub mod sha256;
+pub mod sharded;
 pub mod weights;

@@ -32,18 +32,23 @@ pub enum StorageType {
 /// a format error naming the file and the tensor.
 pub fn load_safetensors(path: impl AsRef<Path>) -> Result<WeightFile> {
     let path = path.as_ref();
-    let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    check_header_bounds(&bytes).map_err(|msg| Error::format(&file, msg))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(&file, format!("not a valid safetensors file: {e}")))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::format(&file, format!("not a valid safetensors file: {e}")))?;
+    parse_safetensors(&bytes, &path.display().to_string())
+}
+
+/// Parse safetensors bytes (a file's contents, or weights embedded in the binary); `file` names
+/// them in errors. Same conversions as [`load_safetensors`].
+pub fn parse_safetensors(bytes: &[u8], file: &str) -> Result<WeightFile> {
+    check_header_bounds(bytes).map_err(|msg| Error::format(file, msg))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::format(file, format!("not a valid safetensors file: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::format(file, format!("not a valid safetensors file: {e}")))?;
     let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
 
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let data = to_f32(&view).map_err(|msg| Error::format(&file, format!("tensor `{name}`: {msg}")))?;
+        let data = to_f32(&view).map_err(|msg| Error::format(file, format!("tensor `{name}`: {msg}")))?;
         tensors.insert(name, HostTensor::new(view.shape().to_vec(), data));
     }
     Ok(WeightFile { tensors, metadata })
@@ -117,13 +122,18 @@ fn to_f32(view: &TensorView<'_>) -> std::result::Result<Vec<f32>, String> {
 /// With [`StorageType::F16`] a value that is finite in f32 but overflows f16 is an error.
 pub fn save_safetensors(path: impl AsRef<Path>, wf: &WeightFile, storage: StorageType) -> Result<()> {
     let path = path.as_ref();
-    let file = path.display().to_string();
+    let bytes = encode_safetensors(wf, storage, &path.display().to_string())?;
+    write_atomic(path, &bytes)
+}
 
+/// The safetensors bytes of a weight file in the given storage type (`file` names it in errors).
+/// With [`StorageType::F16`] a value that is finite in f32 but overflows f16 is an error.
+pub fn encode_safetensors(wf: &WeightFile, storage: StorageType, file: &str) -> Result<Vec<u8>> {
     let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(wf.tensors.len());
     for (name, t) in &wf.tensors {
         if t.shape.iter().product::<usize>() != t.data.len() {
             return Err(Error::format(
-                &file,
+                file,
                 format!("tensor `{name}`: shape {:?} but {} values", t.shape, t.data.len()),
             ));
         }
@@ -135,7 +145,7 @@ pub fn save_safetensors(path: impl AsRef<Path>, wf: &WeightFile, storage: Storag
                     let h = half::f16::from_f32(v);
                     if v.is_finite() && !h.is_finite() {
                         return Err(Error::format(
-                            &file,
+                            file,
                             format!("tensor `{name}`: value {v} does not fit in f16"),
                         ));
                     }
@@ -149,14 +159,12 @@ pub fn save_safetensors(path: impl AsRef<Path>, wf: &WeightFile, storage: Storag
     let mut views = Vec::with_capacity(encoded.len());
     for (name, dtype, shape, bytes) in &encoded {
         let view = TensorView::new(*dtype, shape.clone(), bytes)
-            .map_err(|e| Error::format(&file, format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| Error::format(file, format!("tensor `{name}`: {e}")))?;
         views.push((name.as_str(), view));
     }
     let metadata: HashMap<String, String> = wf.metadata.clone().into_iter().collect();
     let metadata = if metadata.is_empty() { None } else { Some(metadata) };
-    let bytes = safetensors::serialize(views, metadata)
-        .map_err(|e| Error::format(&file, format!("cannot serialize: {e}")))?;
-    write_atomic(path, &bytes)
+    safetensors::serialize(views, metadata).map_err(|e| Error::format(file, format!("cannot serialize: {e}")))
 }
 
 /// Write `bytes` to `path` through a synced temporary file in the same directory and a rename.
