@@ -2,20 +2,26 @@
 //!
 //! - [`predictor`]: one reverse-time step — [`ReverseDiffusion`], [`EulerMaruyama`], [`NonePredictor`];
 //! - [`corrector`]: one Langevin MCMC step at fixed t — [`Langevin`], [`NoneCorrector`];
-//! - [`pc`]: the loop [`pc_sample`] from the prior to x̄₀.
+//! - [`pc`]: the loop [`pc_sample`] from the prior to x̄₀;
+//! - [`fast`]: solvers of the probability-flow ODE (Heun, DPM-Solver++) in tens of evaluations.
+//!
+//! [`sample_with_noise`] runs whichever a [`SamplerConfig`] names.
 //!
 //! Each update is a pure function of (x, score, unit noise, t) built from a few backend ops, so it
 //! can be checked against the original without a network and later fused into one kernel.
 pub mod corrector;
+pub mod fast;
 pub mod pc;
 pub mod predictor;
 
 pub use corrector::{Langevin, LangevinNorm, NoneCorrector};
+pub use fast::{fast_sample, fast_sample_from, FastConfig, FastSolver};
 pub use pc::{pc_sample, pc_sample_with_noise, NoiseStream, StepInfo};
 pub use predictor::{EulerMaruyama, NonePredictor, ReverseDiffusion};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::ScoreFn;
 use crate::sde::Sde;
 use crate::tensor::Tensor;
 
@@ -41,7 +47,8 @@ pub enum CorrectorKind {
     None,
 }
 
-/// Everything that defines a PC sampler run except the SDE, the score and the seed.
+/// Everything that defines a sampler run except the SDE, the score and the seed: a PC sampler, or a
+/// fast one when `fast` is set.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplerConfig {
     pub predictor: PredictorKind,
@@ -50,16 +57,59 @@ pub struct SamplerConfig {
     pub snr: f64,
     /// Langevin steps per time step (`n_steps_each`).
     pub corrector_steps: usize,
-    /// N: the number of time steps; the SDE's discrete schedule is rebuilt with this N.
+    /// PC: N, the number of time steps (the SDE's discrete schedule is rebuilt with this N).
+    /// Fast samplers: the number of network evaluations.
     pub steps: usize,
     /// How the Langevin step size averages norms (per image, or over the batch as the original).
     pub langevin_norm: LangevinNorm,
     /// Return x̄ of the last predictor step (the original's `noise_removal = True`) instead of x.
+    /// The fast samplers always end with their denoising step and need this set.
     pub denoise: bool,
+    /// A fast solver of the probability-flow ODE instead of the PC loop (the predictor, corrector
+    /// and Langevin fields are then unused).
+    pub fast: Option<FastConfig>,
 }
 
-/// Names accepted by [`SamplerConfig::preset`].
-pub const PRESETS: &[&str] = &["sde-ve", "sde-ve-cs", "sde-vp", "sde-subvp"];
+/// Names accepted by [`SamplerConfig::preset`]: the paper's PC samplers, then the fast ones.
+pub const PRESETS: &[&str] = &[
+    "sde-ve",
+    "sde-ve-cs",
+    "sde-vp",
+    "sde-subvp",
+    "ode-euler",
+    "ode-heun",
+    "dpm1",
+    "dpm2",
+    "dpm3",
+];
+
+/// The fast presets: (name, solver, default number of network evaluations).
+pub const FAST_PRESETS: &[(&str, FastSolver, usize)] = &[
+    ("ode-euler", FastSolver::Euler, 100),
+    ("ode-heun", FastSolver::Heun, 35),
+    ("dpm1", FastSolver::Dpm { order: 1 }, 50),
+    ("dpm2", FastSolver::Dpm { order: 2 }, 25),
+    ("dpm3", FastSolver::Dpm { order: 3 }, 20),
+];
+
+/// One line of help per preset (for `--help`), in the order of [`PRESETS`].
+pub fn preset_help(name: &str) -> String {
+    if let Some((_, solver, steps)) = FAST_PRESETS.iter().find(|p| p.0 == name) {
+        return format!(
+            "{}; any SDE; default {steps} network evaluations",
+            solver.describe()
+        );
+    }
+    match name {
+        "sde-ve" => "paper, VE: reverse diffusion; N = num_scales steps, 1 evaluation each".into(),
+        "sde-ve-cs" => {
+            "paper, VE default: reverse diffusion + Langevin (snr 0.075); N steps, 2 evaluations each".into()
+        }
+        "sde-vp" => "paper, VP: Euler–Maruyama; N = num_scales steps, 1 evaluation each".into(),
+        "sde-subvp" => "paper, subVP: Euler–Maruyama; N = num_scales steps, 1 evaluation each".into(),
+        _ => String::new(),
+    }
+}
 
 impl SamplerConfig {
     /// A named configuration of the paper, with N taken from `sde`:
@@ -68,7 +118,22 @@ impl SamplerConfig {
     /// - `sde-vp`, `sde-subvp`: Euler–Maruyama, no corrector.
     ///
     /// The preset must match the SDE kind (a VE preset on a VP SDE is an error).
+    ///
+    /// The fast presets (`ode-euler`, `ode-heun`, `dpm1`, `dpm2`, `dpm3`, see [`FAST_PRESETS`]) run on
+    /// any SDE with ρ = 7, no churn and their default number of network evaluations.
     pub fn preset(name: &str, sde: &Sde) -> Result<SamplerConfig> {
+        if let Some(&(_, solver, steps)) = FAST_PRESETS.iter().find(|p| p.0 == name) {
+            return Ok(SamplerConfig {
+                predictor: PredictorKind::None,
+                corrector: CorrectorKind::None,
+                snr: 0.075,
+                corrector_steps: 1,
+                steps,
+                langevin_norm: LangevinNorm::default(),
+                denoise: true,
+                fast: Some(FastConfig::new(solver)),
+            });
+        }
         let (predictor, corrector, kind) = match name {
             "sde-ve" => (PredictorKind::ReverseDiffusion, CorrectorKind::None, "ve"),
             "sde-ve-cs" => (PredictorKind::ReverseDiffusion, CorrectorKind::Langevin, "ve"),
@@ -95,6 +160,7 @@ impl SamplerConfig {
             steps: sde.n(),
             langevin_norm: LangevinNorm::default(),
             denoise: true,
+            fast: None,
         })
     }
 
@@ -118,8 +184,12 @@ impl SamplerConfig {
         }
     }
 
-    /// Network evaluations per sample: N·(corrector steps + 1) (fewer with `None` parts).
+    /// Network evaluations per sample: PC N·(corrector steps + 1) (fewer with `None` parts); fast
+    /// samplers `steps`.
     pub fn nfe(&self) -> usize {
+        if self.fast.is_some() {
+            return self.steps;
+        }
         let c = if self.corrector == CorrectorKind::Langevin {
             self.corrector_steps
         } else {
@@ -129,8 +199,16 @@ impl SamplerConfig {
         self.steps * (c + p)
     }
 
-    /// Check the values (N ≥ 2, a positive finite snr when Langevin runs).
+    /// Check the values (N ≥ 2, a positive finite snr when Langevin runs; the fast settings).
     pub fn validate(&self) -> Result<()> {
+        if let Some(fast) = &self.fast {
+            if !self.denoise {
+                return Err(Error::Config(
+                    "the fast samplers always end with their denoising step (denoise must be set)".into(),
+                ));
+            }
+            return fast.validate(self.steps);
+        }
         if self.steps < 2 {
             return Err(Error::Config(format!(
                 "sampler needs at least 2 steps, got {}",
@@ -144,6 +222,24 @@ impl SamplerConfig {
             )));
         }
         Ok(())
+    }
+}
+
+/// Sample x₀ ~ p₀(x | y) with the sampler `cfg` names: [`pc_sample_with_noise`] or, for a fast
+/// configuration, [`fast_sample`] (whose observer is called after every network evaluation).
+pub fn sample_with_noise<B: Backend, S: ScoreFn<B>>(
+    backend: &B,
+    score: &S,
+    sde: &Sde,
+    y: &Tensor<B>,
+    cfg: &SamplerConfig,
+    noise: NoiseStream,
+    observer: &mut dyn FnMut(StepInfo<'_, B>) -> Result<()>,
+) -> Result<Tensor<B>> {
+    cfg.validate()?;
+    match &cfg.fast {
+        Some(fast) => fast_sample(backend, score, sde, y, fast, cfg.steps, noise, observer),
+        None => pc_sample_with_noise(backend, score, sde, y, cfg, noise, observer),
     }
 }
 
@@ -173,5 +269,26 @@ mod tests {
             other => panic!("expected a config error, got {:?}", other.map(|_| ())),
         }
         assert!(SamplerConfig::preset("sde-vp", &ve).is_err());
+    }
+
+    #[test]
+    fn fast_presets() {
+        for sde in [Sde::paper_ve(), Sde::paper_vp(), Sde::paper_subvp()] {
+            for &(name, solver, steps) in FAST_PRESETS {
+                assert!(PRESETS.contains(&name));
+                let cfg = SamplerConfig::preset(name, &sde).unwrap();
+                assert_eq!(cfg.fast, Some(FastConfig::new(solver)));
+                assert_eq!((cfg.steps, cfg.nfe()), (steps, steps));
+                cfg.validate().unwrap();
+                assert!(!preset_help(name).is_empty());
+            }
+        }
+        let mut cfg = SamplerConfig::preset("dpm2", &Sde::paper_ve()).unwrap();
+        cfg.fast.as_mut().unwrap().churn = 1.5;
+        assert!(cfg.validate().is_err());
+        cfg.fast.as_mut().unwrap().churn = 1.0;
+        cfg.denoise = false;
+        assert!(cfg.validate().is_err());
+        assert!(PRESETS.iter().all(|p| !preset_help(p).is_empty()));
     }
 }

@@ -114,6 +114,12 @@ pub fn pc_sample_with_noise<B: Backend, S: ScoreFn<B>>(
     observer: &mut dyn FnMut(StepInfo<'_, B>) -> Result<()>,
 ) -> Result<Tensor<B>> {
     cfg.validate()?;
+    if cfg.fast.is_some() {
+        return Err(Error::Config(
+            "pc_sample: this configuration names a fast sampler; run it with sample::sample_with_noise"
+                .into(),
+        ));
+    }
     if y.shape().is_empty() || y.numel() == 0 {
         return Err(Error::shape(
             "pc_sample",
