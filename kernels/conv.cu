@@ -19,6 +19,7 @@
 // The im2col gather walks each thread's k sequence (an arithmetic progression) incrementally, so the
 // inner loop has no integer division (see ColWalker).
 #include "common.cuh"
+#include "mma.cuh"
 
 struct ConvGeom {
     int N, C, H, W;      // input
@@ -389,3 +390,195 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_bf16_n64(const f
     conv_tc<__nv_bfloat16, 64>(x, w, bias, out, g);
 }
 #endif  // SRSDE_NO_WMMA
+
+// ---- bf16 tensor cores, asynchronous pipeline (mma.sync m16n8k16) -------------------------------
+// conv_bf16_mma (128×128 tiles) and conv_bf16_mma_n64 (128×64): the fast bf16 path. Two changes
+// from conv_bf16 make the operand loads cheap enough to keep the tensor cores busy:
+//  * K is walked in the order (ky, kx, c) instead of (c, ky, kx), in tiles of 32 channels at one
+//    filter tap. Within a tile a thread's pixel and tap are fixed, so each B element is one load
+//    at base + c·H·W, with one bounds check per tile instead of a digit walk per element;
+//  * the weights are repacked once (conv_pack_bf16, cached by the host) into bf16
+//    wp[m][tap][c] (m padded to the 128-row tile, c to the 32-channel tile, zeros outside), so an
+//    A tile is 16-byte cp.async copies with no bounds checks.
+// Operands stream through MMA_STAGES shared-memory stages with cp.async (A as bf16, B as f32
+// zero-filled outside the image, rounded to bf16 when the fragments are built); A fragments come
+// from ldmatrix, B fragments from 64-bit loads of (k, k+1) pairs stored side by side.
+// Split-K over blockIdx.z counts K tiles: block z takes tiles [z·tiles_per_split, …).
+// CPU twins: conv2d / nin (with bf16-rounded operands).
+
+#define MMA_BK 32
+#define MMA_STAGES 4
+#define MMA_A_LD 40  // bf16 per A row in shared memory: 32 + 8 (80-byte rows: ldmatrix conflict-free)
+
+template <int BN>
+struct MmaTile {
+    static constexpr int BM = 128, BK = MMA_BK;
+    static constexpr int WARPS_M = BN == 128 ? 2 : 4, WARPS_N = 8 / WARPS_M;
+    static constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile 64×32 or 32×32
+    static constexpr int MI = WTM / 16, NI = WTN / 8;             // m16 × n8 fragments per warp
+    static constexpr int LDN = BN + 4;  // pixel stride of a B k-pair row (≡ 4 mod 16: conflict-free)
+    static constexpr int A_WORDS = BM * MMA_A_LD / 2;  // 32-bit words of one A stage
+    static constexpr int B_WORDS = BK / 2 * LDN * 2;   // floats of one B stage
+    static constexpr int STAGE_WORDS = A_WORDS + B_WORDS;
+    static constexpr int SMEM_BYTES = MMA_STAGES * STAGE_WORDS * 4;
+    static constexpr int B_ROWS = CONV_THREADS / BN, EB = BK / B_ROWS;  // B loader: k rows per pass
+};
+
+template <int BN>
+__device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const unsigned* __restrict__ wp,
+                                              const float* __restrict__ bias, float* __restrict__ out,
+                                              const ConvGeom& g, int tiles_per_split) {
+    typedef MmaTile<BN> T;
+    extern __shared__ float S[];
+    unsigned* const smem = reinterpret_cast<unsigned*>(S);
+
+    const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+    const int wm = warp / T::WARPS_N, wn = warp % T::WARPS_N;
+    const int M = g.O, KHW = g.KH * g.KW, HW = g.H * g.W;
+    const int cp = (g.C + T::BK - 1) / T::BK * T::BK, ctiles = cp / T::BK;
+    const long long P = (long long)g.N * g.OH * g.OW;
+    const int m0 = blockIdx.y * T::BM;
+    const long long p0 = (long long)blockIdx.x * BN;
+    const int tb = blockIdx.z * tiles_per_split;
+    const int ntiles = max(min(KHW * ctiles, tb + tiles_per_split) - tb, 0);
+
+    // B loader: this thread's pixel (column t % BN) and k rows t / BN + i·B_ROWS of every tile.
+    const int bcol = t % BN, brow0 = t / BN;
+    long long pb = p0 + bcol;
+    const bool pvalid = pb < P;
+    if (!pvalid) pb = 0;
+    const int ohw = g.OH * g.OW;
+    const int nb = (int)(pb / ohw), rb = (int)(pb - (long long)nb * ohw);
+    const int oy = rb / g.OW, ox = rb - oy * g.OW;
+    const float* const xn = x + (long long)nb * g.C * HW;
+
+    auto load_tile = [&](int stage, int tile) {
+        const int tap = tile / ctiles, c0 = (tile - tap * ctiles) * T::BK;
+        unsigned* As = smem + stage * T::STAGE_WORDS;
+        float* Bs = reinterpret_cast<float*>(As + T::A_WORDS);
+        // A: 128 rows × 4 chunks of 8 bf16; chunks t and t + 256.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int chunk = t + i * CONV_THREADS, row = chunk >> 2, c8 = chunk & 3;
+            const long long e = ((long long)(m0 + row) * KHW + tap) * cp + c0 + c8 * 8;  // bf16 index
+            cp_async16(As + row * (MMA_A_LD / 2) + c8 * 4, wp + e / 2);
+        }
+        const int ky = tap / g.KW, kx = tap - ky * g.KW;
+        const int iy = oy * g.stride - g.pad + ky, ix = ox * g.stride - g.pad + kx;
+        const bool inside = pvalid && (unsigned)iy < (unsigned)g.H && (unsigned)ix < (unsigned)g.W;
+        const float* base = inside ? xn + iy * g.W + ix : x;
+#pragma unroll
+        for (int i = 0; i < T::EB; ++i) {
+            const int k = brow0 + i * T::B_ROWS, c = c0 + k;
+            const bool ok = inside && c < g.C;
+            cp_async4(Bs + ((k >> 1) * T::LDN + bcol) * 2 + (k & 1), ok ? base + c * HW : x, ok);
+        }
+    };
+
+    float acc[T::MI][T::NI][4];
+#pragma unroll
+    for (int i = 0; i < T::MI; ++i)
+#pragma unroll
+        for (int j = 0; j < T::NI; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < MMA_STAGES - 1; ++s) {
+        if (s < ntiles) load_tile(s, tb + s);
+        cp_async_commit();  // empty groups keep the count uniform
+    }
+    for (int tile = 0; tile < ntiles; ++tile) {
+        cp_async_wait<MMA_STAGES - 2>();  // tile `tile` has landed (for this thread) ...
+        __syncthreads();                  // ... for every thread; stage (tile − 1) is free again
+        const int next = tile + MMA_STAGES - 1;
+        if (next < ntiles) load_tile(next % MMA_STAGES, tb + next);
+        cp_async_commit();
+        const unsigned* As = smem + (tile % MMA_STAGES) * T::STAGE_WORDS;
+        const float* Bs = reinterpret_cast<const float*>(As + T::A_WORDS);
+#pragma unroll
+        for (int kk = 0; kk < T::BK; kk += 16) {
+            unsigned af[T::MI][4], bfr[T::NI][2];
+#pragma unroll
+            for (int mi = 0; mi < T::MI; ++mi) {
+                const int row = wm * T::WTM + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                const int col = kk + (lane >> 4) * 8;
+                ldmatrix_x4(af[mi], As + row * (MMA_A_LD / 2) + col / 2);
+            }
+#pragma unroll
+            for (int ni = 0; ni < T::NI; ++ni) {
+                const int n = wn * T::WTN + ni * 8 + (lane >> 2);
+                const int kp = kk / 2 + (lane & 3);
+                const float2 v0 = *reinterpret_cast<const float2*>(Bs + (kp * T::LDN + n) * 2);
+                const float2 v1 = *reinterpret_cast<const float2*>(Bs + ((kp + 4) * T::LDN + n) * 2);
+                bfr[ni][0] = pack_bf16x2(v0.x, v0.y);
+                bfr[ni][1] = pack_bf16x2(v1.x, v1.y);
+            }
+#pragma unroll
+            for (int mi = 0; mi < T::MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < T::NI; ++ni) mma_bf16_16816(acc[mi][ni], af[mi], bfr[ni]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue straight from the accumulators: lane (g, q) holds rows g and g + 8 of each m16
+    // fragment at pixels 2q, 2q + 1 of each n8 fragment.
+    const int g8 = lane >> 2, q4 = lane & 3;
+    float* dst = out + (long long)blockIdx.z * (P * M);
+    const long long ohw_l = ohw;
+    long long poff[T::NI][2];
+    bool pok[T::NI][2];
+#pragma unroll
+    for (int ni = 0; ni < T::NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const long long p = p0 + wn * T::WTN + ni * 8 + q4 * 2 + j;
+            pok[ni][j] = p < P;
+            poff[ni][j] = pok[ni][j] ? out_offset(g, p) : 0;
+        }
+#pragma unroll
+    for (int mi = 0; mi < T::MI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m0 + wm * T::WTM + mi * 16 + g8 + h * 8;
+            if (m >= M) continue;
+            const float bv = bias ? bias[m] : 0.0f;
+#pragma unroll
+            for (int ni = 0; ni < T::NI; ++ni)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    if (pok[ni][j]) dst[poff[ni][j] + m * ohw_l] = acc[mi][ni][h * 2 + j] + bv;
+        }
+}
+
+// Dynamic shared memory: MmaTile<128>::SMEM_BYTES (108,544) / MmaTile<64>::SMEM_BYTES (75,776);
+// the host raises the kernels' limit above the default 48 KB once at start-up.
+extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_mma(const float* __restrict__ x,
+    const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
+    int tiles_per_split) {
+    conv_mma_body<128>(x, wp, bias, out, g, tiles_per_split);
+}
+
+extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_mma_n64(const float* __restrict__ x,
+    const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
+    int tiles_per_split) {
+    conv_mma_body<64>(x, wp, bias, out, g, tiles_per_split);
+}
+
+// wp[m][tap][c] (bf16 pairs along c) = A[m, c·KHW + tap] for m < M, c < C, else 0, where
+// A[m, k] = w[m·a_sm + k·a_sk] as in ConvGeom; mp, cp: M and C rounded up to the tiles.
+extern "C" __global__ void conv_pack_bf16(const float* __restrict__ w, unsigned* __restrict__ wp, int M,
+                                          int mp, int khw, int C, int cp, long long a_sm, long long a_sk) {
+    const long long pairs = (long long)mp * khw * cp / 2;
+    GRID_STRIDE(i, pairs) {
+        const int c = (int)(i % (cp / 2)) * 2;
+        const long long r = i / (cp / 2);
+        const int tap = (int)(r % khw), m = (int)(r / khw);
+        float v[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            v[j] = (m < M && c + j < C) ? w[m * a_sm + ((long long)(c + j) * khw + tap) * a_sk] : 0.0f;
+        wp[i] = pack_bf16x2(v[0], v[1]);
+    }
+}

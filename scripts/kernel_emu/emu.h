@@ -19,7 +19,7 @@ inline dim3 gridDim, blockDim;
 inline std::barrier<>* g_block_bar;
 inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_bars;
 inline float g_xchg_f[1024]; inline double g_xchg_d[1024];
-inline unsigned char g_dyn_smem[1 << 20];
+alignas(128) inline unsigned char g_dyn_smem[1 << 20];
 #define __global__
 #define __device__
 #define __host__
@@ -92,4 +92,47 @@ inline void launch(dim3 grid, dim3 block, std::function<void()> body) {
         for (unsigned t = 0; t < nt; ++t) ts.emplace_back([=] { threadIdx = dim3{t, 0, 0}; blockIdx = dim3{bx, by, bz}; body(); });
         for (auto& th : ts) th.join();
     }
+}
+// ---- kernels/mma.cuh (cp.async, ldmatrix, mma.sync m16n8k16 bf16) ---------------------------
+struct float2 { float x, y; };
+inline uint16_t bf16_bits(float f) { return __float2bfloat16_rn(f).b; }
+inline float bf16_val(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+inline unsigned pack_bf16x2(float lo, float hi) { return (unsigned)bf16_bits(lo) | ((unsigned)bf16_bits(hi) << 16); }
+// Copies happen at once; the pipeline's waits and barriers still order them like on the GPU.
+inline void cp_async4(void* dst, const void* src, bool valid) { if (valid) memcpy(dst, src, 4); else memset(dst, 0, 4); }
+inline void cp_async16(void* dst, const void* src) {
+    if ((uintptr_t)dst % 16 || (uintptr_t)src % 16) { fprintf(stderr, "cp_async16: misaligned\n"); abort(); }
+    memcpy(dst, src, 16); }
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+inline const void* g_xchg_p[1024]; inline unsigned g_xchg_u[1024][6];
+inline void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+    if ((uintptr_t)p % 16) { fprintf(stderr, "ldmatrix: misaligned row\n"); abort(); }
+    const unsigned base = threadIdx.x & ~31u, l = lane_id();
+    g_xchg_p[threadIdx.x] = p; warp_bar().arrive_and_wait();
+    for (int j = 0; j < 4; ++j) { unsigned v; memcpy(&v, (const unsigned char*)g_xchg_p[base + j * 8 + l / 4] + 4 * (l % 4), 4); r[j] = v; }
+    warp_bar().arrive_and_wait();
+}
+inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    const unsigned base = threadIdx.x & ~31u, l = lane_id();
+    for (int j = 0; j < 4; ++j) g_xchg_u[threadIdx.x][j] = a[j];
+    g_xchg_u[threadIdx.x][4] = b[0]; g_xchg_u[threadIdx.x][5] = b[1];
+    warp_bar().arrive_and_wait();
+    float A[16][16], B[16][8];
+    for (unsigned ln = 0; ln < 32; ++ln) {
+        const unsigned* u = g_xchg_u[base + ln]; const int g = ln / 4, t = ln % 4;
+        auto lo = [](unsigned v) { return bf16_val((uint16_t)(v & 0xFFFF)); };
+        auto hi = [](unsigned v) { return bf16_val((uint16_t)(v >> 16)); };
+        A[g][2 * t] = lo(u[0]); A[g][2 * t + 1] = hi(u[0]);
+        A[g + 8][2 * t] = lo(u[1]); A[g + 8][2 * t + 1] = hi(u[1]);
+        A[g][2 * t + 8] = lo(u[2]); A[g][2 * t + 9] = hi(u[2]);
+        A[g + 8][2 * t + 8] = lo(u[3]); A[g + 8][2 * t + 9] = hi(u[3]);
+        B[2 * t][g] = lo(u[4]); B[2 * t + 1][g] = hi(u[4]);
+        B[2 * t + 8][g] = lo(u[5]); B[2 * t + 9][g] = hi(u[5]);
+    }
+    warp_bar().arrive_and_wait();
+    const int g = l / 4, t = l % 4;
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + (i / 2) * 8, col = 2 * t + (i % 2);
+        double s = d[i]; for (int k = 0; k < 16; ++k) s += (double)A[row][k] * B[k][col]; d[i] = (float)s; }
 }

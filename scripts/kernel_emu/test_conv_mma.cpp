@@ -1,0 +1,60 @@
+// The pipelined bf16 conv (conv_bf16_mma / _n64 + conv_pack_bf16) against a double reference
+// computed from bf16-rounded operands (so only the f32 accumulation order differs: tight bound)
+// and from the raw f32 operands (the selftest's bf16 bound). See run.sh.
+#include "all_kernels.cpp"
+#include <random>
+#include <string>
+static std::mt19937 rng_(7);
+static std::vector<float> randv(size_t n, float s = 1.f) {
+    std::normal_distribution<float> d(0, s); std::vector<float> v(n); for (auto& x : v) x = d(rng_); return v; }
+static float rbf(float f) { return bf16_val(bf16_bits(f)); }
+static int fails = 0;
+static double relerr(const std::vector<float>& a, const std::vector<double>& b) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) { if (!std::isfinite(a[i])) return INFINITY; num += (a[i] - b[i]) * (a[i] - b[i]); den += b[i] * b[i]; }
+    return den == 0 ? (num == 0 ? 0 : INFINITY) : sqrt(num / den); }
+static void report(const std::string& name, double e, double bound) {
+    bool ok = e <= bound; if (!ok) ++fails; printf("%-60s %10.3e %s\n", name.c_str(), e, ok ? "ok" : "FAIL"); }
+
+// nin_layout: weights stored (in, out) like the NIN layer (k = 1 only).
+static void test(int N, int C, int H, int W, int O, int k, int s, int p, bool bias, int bn, int splits,
+                 bool nin_layout = false) {
+    const int OH = (H + 2 * p - k) / s + 1, OW = (W + 2 * p - k) / s + 1, K = C * k * k, KHW = k * k;
+    auto x = randv((size_t)N * C * H * W), w = randv((size_t)O * K, 1.f / sqrtf(K)), b = randv(O);
+    auto A = [&](int m, int kk) { return nin_layout ? w[(size_t)kk * O + m] : w[(size_t)m * K + kk]; };
+    std::vector<double> ref_r((size_t)N * O * OH * OW), ref((size_t)N * O * OH * OW);
+    for (int n = 0; n < N; ++n) for (int o = 0; o < O; ++o) for (int oy = 0; oy < OH; ++oy) for (int ox = 0; ox < OW; ++ox) {
+        double a = bias ? b[o] : 0, ar = a;
+        for (int c = 0; c < C; ++c) for (int ky = 0; ky < k; ++ky) for (int kx = 0; kx < k; ++kx) {
+            int iy = oy * s - p + ky, ix = ox * s - p + kx; if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+            float wv = A(o, (c * k + ky) * k + kx), xv = x[(((size_t)n * C + c) * H + iy) * W + ix];
+            a += (double)wv * xv; ar += (double)rbf(wv) * rbf(xv); }
+        size_t i = (((size_t)n * O + o) * OH + oy) * OW + ox; ref[i] = a; ref_r[i] = ar; }
+    const int mp = (O + 127) / 128 * 128, cp = (C + 31) / 32 * 32;
+    std::vector<unsigned> wp((size_t)mp * KHW * cp / 2, 0xFFFFFFFFu);
+    launch({3, 1, 1}, {256}, [&] { conv_pack_bf16(w.data(), wp.data(), O, mp, KHW, C, cp, nin_layout ? 1LL : (long long)K, nin_layout ? (long long)O : 1LL); });
+    const int tiles = KHW * cp / 32, per = (tiles + splits - 1) / splits, gz = (tiles + per - 1) / per;
+    ConvGeom g{N, C, H, W, O, OH, OW, k, k, s, p, 0, 0, 0};
+    const long long P = (long long)N * OH * OW, numel = (long long)ref.size();
+    std::vector<float> out(numel, NAN), ws((size_t)numel * gz, NAN);
+    float* dst = gz > 1 ? ws.data() : out.data();
+    const float* bp = gz > 1 ? nullptr : (bias ? b.data() : nullptr);
+    dim3 grid{(unsigned)((P + bn - 1) / bn), (unsigned)(mp / 128), (unsigned)gz};
+    launch(grid, {256}, [&] { (bn == 128 ? conv_bf16_mma : conv_bf16_mma_n64)(x.data(), wp.data(), bp, dst, g, per); });
+    if (gz > 1) launch({4, 1, 1}, {256}, [&] { conv_splitk_reduce(ws.data(), bias ? b.data() : nullptr, out.data(), numel, gz, O, (long long)OH * OW); });
+    char name[160];
+    snprintf(name, sizeof name, "%s bf16 mma/%d N%d C%d %dx%d O%d k%d s%d p%d split%d", nin_layout ? "nin" : "conv", bn, N, C, H, W, O, k, s, p, gz);
+    report(std::string(name) + " vs rounded", relerr(out, ref_r), 1e-5);
+    report(std::string(name) + " vs f32", relerr(out, ref), 2e-2);
+}
+
+int main() {
+    test(1, 32, 8, 8, 128, 3, 1, 1, true, 128, 1);
+    test(2, 40, 7, 9, 72, 3, 1, 1, true, 128, 1);    // C, O, P off the tiles; partial pixel tile
+    test(1, 64, 9, 9, 136, 3, 2, 0, false, 64, 1);   // stride 2, two M tiles
+    test(1, 96, 5, 6, 64, 3, 1, 1, true, 64, 4);     // split-K (27 tiles over 4 parts)
+    test(3, 48, 4, 4, 40, 1, 1, 0, true, 128, 1, true);  // NIN layout
+    test(1, 16, 6, 5, 24, 1, 1, 0, false, 64, 2);    // 1×1 conv, C < tile, split
+    printf("%d failures\n", fails);
+    return fails != 0;
+}
