@@ -48,6 +48,10 @@ pub(crate) struct Pool {
 struct PoolState {
     free: HashMap<usize, Vec<u64>>,
     stats: PoolStats,
+    /// While a CUDA graph is captured (see [`Pool::begin_capture`]): the blocks freed during the
+    /// capture. The graph bakes their addresses in, so they are reused only by later allocations
+    /// of the same capture and then belong to the graph ([`GraphMemory`]), never to other work.
+    capture: Option<HashMap<usize, Vec<u64>>>,
 }
 
 fn lock(m: &Mutex<PoolState>) -> std::sync::MutexGuard<'_, PoolState> {
@@ -80,6 +84,18 @@ impl Pool {
         let class = size_class(bytes);
         {
             let mut st = lock(&self.state);
+            // During a capture, blocks the capture itself freed come first (reuse within one
+            // captured stream is ordered exactly as in eager execution).
+            let captured = st.capture.as_mut().and_then(|c| c.get_mut(&class)).and_then(|v| v.pop());
+            if let Some(ptr) = captured {
+                st.stats.reuses += 1;
+                return Ok(CudaBuf {
+                    ptr,
+                    len,
+                    class,
+                    pool: self.clone(),
+                });
+            }
             if let Some(ptr) = st.free.get_mut(&class).and_then(|v| v.pop()) {
                 st.stats.reuses += 1;
                 st.stats.bytes_cached -= class;
@@ -97,6 +113,12 @@ impl Pool {
         // SAFETY: plain device allocation in the bound context.
         let ptr = match unsafe { result::malloc_sync(class) } {
             Ok(p) => p,
+            Err(e) if lock(&self.state).capture.is_some() => {
+                // No trim while capturing: it synchronizes, which a capture forbids.
+                return Err(Error::Backend(format!(
+                    "cuMemAlloc of {class} bytes during CUDA graph capture failed: {e}"
+                )));
+            }
             Err(_) => {
                 // Out of memory with cached blocks of other sizes: release them and retry once.
                 self.trim()?;
@@ -138,8 +160,65 @@ impl Pool {
 
     fn give_back(&self, class: usize, ptr: u64) {
         let mut st = lock(&self.state);
+        if let Some(captured) = st.capture.as_mut() {
+            captured.entry(class).or_default().push(ptr);
+            return;
+        }
         st.stats.bytes_cached += class;
         st.free.entry(class).or_default().push(ptr);
+    }
+}
+
+/// Graph-capture mode (used by [`super::graph`]): every block freed between `begin_capture` and
+/// `end_capture` is kept for the graph being captured, whose kernels keep using those addresses
+/// on every replay.
+impl Pool {
+    /// Start keeping freed blocks for a graph; fails if a capture is already running.
+    pub(crate) fn begin_capture(&self) -> Result<()> {
+        let mut st = lock(&self.state);
+        if st.capture.is_some() {
+            return Err(Error::Backend(
+                "a CUDA graph capture is already running on this device handle".into(),
+            ));
+        }
+        st.capture = Some(HashMap::new());
+        Ok(())
+    }
+
+    /// Stop capturing: the blocks freed during the capture, now owned by the returned
+    /// [`GraphMemory`] (back to the free lists when it drops).
+    pub(crate) fn end_capture(self: &Arc<Self>) -> GraphMemory {
+        let captured = lock(&self.state).capture.take().unwrap_or_default();
+        GraphMemory {
+            pool: self.clone(),
+            blocks: captured
+                .into_iter()
+                .flat_map(|(class, ptrs)| ptrs.into_iter().map(move |p| (class, p)))
+                .collect(),
+        }
+    }
+}
+
+/// Device blocks a captured CUDA graph uses for its intermediate tensors. Drop it only after the
+/// graph itself is destroyed; the blocks then return to the pool's free lists (safe at once:
+/// later users queue on the same stream, after the graph's last replay).
+pub struct GraphMemory {
+    pool: Arc<Pool>,
+    blocks: Vec<(usize, u64)>,
+}
+
+impl GraphMemory {
+    /// Bytes held for the graph.
+    pub fn bytes(&self) -> usize {
+        self.blocks.iter().map(|b| b.0).sum()
+    }
+}
+
+impl Drop for GraphMemory {
+    fn drop(&mut self) {
+        for (class, ptr) in self.blocks.drain(..) {
+            self.pool.give_back(class, ptr);
+        }
     }
 }
 

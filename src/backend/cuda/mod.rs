@@ -25,6 +25,7 @@
 //! CPU (threads and barriers emulated) to check indexing and tiling where there is no GPU.
 mod backward;
 pub mod bench;
+pub mod graph;
 mod kernels;
 pub mod memory;
 pub mod selftest;
