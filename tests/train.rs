@@ -607,7 +607,7 @@ fn first_step_losses_match_a_zero_score() {
         assert_eq!(rep.lr, 0.0);
         assert!(rep.grad_norm > 0.0 && rep.clip_scale <= 1.0);
         // lr 0 on the first step: the weights did not move, the EMA saw one update.
-        assert_eq!(tr.params, paper_init(&cfg, hyper.seed));
+        assert_eq!(tr.params().unwrap(), paper_init(&cfg, hyper.seed));
         assert_eq!((tr.adam.steps, tr.ema.updates, tr.step), (1, 1, 1));
     }
 }
@@ -622,13 +622,13 @@ fn interrupted_checkpoint_write_keeps_the_previous_one() {
     let mut tr = Trainer::new(&be, cfg, hyper).unwrap();
     let dir = scratch("atomic");
     let dest = dir.join(CHECKPOINT_FILE);
-    tr.checkpoint(10).save(&dest).unwrap();
+    tr.checkpoint(10).unwrap().save(&dest).unwrap();
     let good = std::fs::read(&dest).unwrap();
 
     // Simulate a kill between writing the temporary file and the rename: the temp file is left
     // behind (forget skips its cleanup), the checkpoint in place is the old one.
     tr.step = 5;
-    let pending = tr.checkpoint(20).prepare(&dest).unwrap();
+    let pending = tr.checkpoint(20).unwrap().prepare(&dest).unwrap();
     let temp = pending.temp_path().to_path_buf();
     std::mem::forget(pending);
     assert!(temp.is_file());
@@ -643,11 +643,11 @@ fn interrupted_checkpoint_write_keeps_the_previous_one() {
     assert_eq!((ck.state.step, ck.state.next_sample), (0, 10));
 
     // A dropped (uncommitted) write removes its temp file; a committed one replaces the checkpoint.
-    let p = tr.checkpoint(30).prepare(&dest).unwrap();
+    let p = tr.checkpoint(30).unwrap().prepare(&dest).unwrap();
     let t2 = p.temp_path().to_path_buf();
     drop(p);
     assert!(!t2.exists());
-    tr.checkpoint(40).save(&dest).unwrap();
+    tr.checkpoint(40).unwrap().save(&dest).unwrap();
     assert_eq!(
         Checkpoint::load(&dest).unwrap().state,
         checkpoint::TrainState {
@@ -668,13 +668,14 @@ fn export_writes_ema_weights_loadable_for_inference() {
     cfg.model.ch_mult = vec![1, 2];
     let hyper = srsde_fast::train::Hyper::paper("ve-tiny", &cfg);
     let be = CpuF32::new();
-    let mut tr = Trainer::new(&be, cfg.clone(), hyper).unwrap();
+    let tr = Trainer::new(&be, cfg.clone(), hyper).unwrap();
     // Make the EMA differ from the weights so the export must pick the right one.
-    for s in tr.ema.shadow.values_mut() {
+    let mut ck = tr.checkpoint(0).unwrap();
+    for s in ck.ema.shadow.values_mut() {
         s.iter_mut().for_each(|v| *v += 0.25);
     }
     let dir = scratch("export");
-    tr.checkpoint(0).save(&dir.join(CHECKPOINT_FILE)).unwrap();
+    ck.save(&dir.join(CHECKPOINT_FILE)).unwrap();
     let ck = Checkpoint::load(&dir).unwrap();
     for (storage, tol) in [(StorageType::F32, 0.0), (StorageType::F16, 1e-3)] {
         let out = dir.join(format!("model_{storage:?}.safetensors"));

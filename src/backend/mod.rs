@@ -56,6 +56,59 @@ impl UpFirDn {
     }
 }
 
+/// The settings of one fused Adam update ([`Backend::adam_update`]): torch's single-tensor Adam
+/// (no weight decay) plus the multiplier the global grad-norm clip puts on the gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    /// Learning rate of this update (after warm-up).
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// This update's number, counted from 1 (Adam's bias correction uses β^step).
+    pub step: u64,
+    /// Multiplier applied to the gradient before anything else (the clip scale; 1 without clip).
+    pub grad_scale: f64,
+}
+
+impl AdamStep {
+    /// The checks every backend makes: g, m and v shaped like p, a step of at least 1 (the bias
+    /// correction divides by 1 − β1^step) and finite settings.
+    pub(crate) fn validate(&self, p: &[usize], g: &[usize], m: &[usize], v: &[usize]) -> Result<()> {
+        let op = "adam_update";
+        crate::tensor::same_shape(op, g, p)?;
+        crate::tensor::same_shape(op, m, p)?;
+        crate::tensor::same_shape(op, v, p)?;
+        if self.step == 0 || self.step > i32::MAX as u64 {
+            return Err(crate::error::Error::Config(format!(
+                "adam_update: step {} out of range (counted from 1)",
+                self.step
+            )));
+        }
+        let all = [self.lr, self.beta1, self.beta2, self.eps, self.grad_scale];
+        if all.iter().any(|v| !v.is_finite())
+            || !(0.0..1.0).contains(&self.beta1)
+            || !(0.0..1.0).contains(&self.beta2)
+        {
+            return Err(crate::error::Error::Config(format!(
+                "adam_update: invalid settings {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks of [`Backend::ema_update`]: same shapes, decay in [0, 1].
+pub(crate) fn validate_ema(shadow: &[usize], p: &[usize], decay: f64) -> Result<()> {
+    crate::tensor::same_shape("ema_update", p, shadow)?;
+    if !(0.0..=1.0).contains(&decay) {
+        return Err(crate::error::Error::Config(format!(
+            "ema_update: decay {decay} outside [0, 1]"
+        )));
+    }
+    Ok(())
+}
+
 /// Gradients of an op with parameters: input, weight, bias.
 pub struct Grads3<B: Backend> {
     pub dx: Tensor<B>,
@@ -208,4 +261,30 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     fn rand_uniform(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor<Self>>;
     /// Inverted-dropout mask: element i = 0 if `rng::uniform(seed, offset + i) < p`, else 1/(1−p).
     fn dropout_mask(&self, shape: &[usize], p: f64, seed: u64, offset: u64) -> Result<Tensor<Self>>;
+
+    // ---- optimiser ----------------------------------------------------------------------------
+    /// One Adam update of one parameter, returning (p', m', v') (all shaped like `p`). In the
+    /// element type, with the constants computed in f64 and rounded once —
+    /// w1 = 1−β1, w2 = 1−β2, bc2 = √(1−β2^step), step_size = lr/(1−β1^step) — each element does
+    /// exactly (every operation rounded, none fused):
+    /// g = grad·grad_scale; m' = m + w1·(g − m); v' = v·β2 + (w2·g)·g;
+    /// p' = p − step_size·(m' / (√v' / bc2 + eps)).
+    /// This is `crate::train::optim::adam_update`, i.e. torch's single-tensor float32 Adam.
+    /// `hp.step` must be at least 1.
+    fn adam_update(
+        &self,
+        p: &Tensor<Self>,
+        g: &Tensor<Self>,
+        m: &Tensor<Self>,
+        v: &Tensor<Self>,
+        hp: &AdamStep,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
+    /// One EMA step of a shadow weight towards `p`: with k = 1 − decay rounded to the element
+    /// type, shadow' = shadow − k·(shadow − p) (each operation rounded, none fused).
+    fn ema_update(&self, shadow: &Tensor<Self>, p: &Tensor<Self>, decay: f64) -> Result<Tensor<Self>>;
+    /// Σx² of each tensor (accumulated in f64), delivered to the host in one transfer: the terms
+    /// of a global gradient norm with a single device synchronisation. The CPU backend sums each
+    /// tensor in index order (bit-identical to `crate::train::optim::global_norm`'s terms); a
+    /// device may sum in another order (f64, so the difference is ~1e-16 relative).
+    fn squared_norms(&self, xs: &[&Tensor<Self>]) -> Result<Vec<f64>>;
 }

@@ -9,6 +9,7 @@
 //! sample counter): a checkpoint needs to store only those counters to resume exactly.
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod init;
 pub mod loss;
 pub mod optim;

@@ -10,8 +10,10 @@
 //!   EMA updates *including* this one (the original increments `num_updates` first), so the
 //!   first update uses 2/11. The frozen Fourier W is excluded (it has no gradient).
 //!
-//! The per-element arithmetic lives in [`adam_update`] and [`ema_update`], on host slices, so a
-//! fused device kernel can replace exactly these two functions later.
+//! The per-element arithmetic lives in [`adam_update`] and [`ema_update`] (host slices, defined
+//! with the CPU backend); the trainer runs the same arithmetic on its backend through
+//! `Backend::adam_update` / `Backend::ema_update` (fused kernels on CUDA), and this host-side
+//! [`Adam`] / [`Ema`] is the checkpoint format and the reference they are tested against.
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
@@ -58,47 +60,16 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
-/// One Adam update of one tensor, in the order and precision of torch's single-tensor Adam:
-/// g ← g·grad_scale; m ← m + (1−β1)(g − m); v ← β2·v + (1−β2)·g²;
-/// p ← p − (lr / (1−β1^step)) · m / (√v / √(1−β2^step) + eps). `step` counts this update (≥ 1).
-#[allow(clippy::too_many_arguments)]
-pub fn adam_update(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    grad_scale: f32,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    step: u64,
-) {
-    debug_assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len());
-    let bc1 = 1.0 - beta1.powi(step as i32);
-    let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt() as f32;
-    let step_size = (lr / bc1) as f32;
-    let (w1, b2, w2, eps) = (
-        (1.0 - beta1) as f32,
-        beta2 as f32,
-        (1.0 - beta2) as f32,
-        eps as f32,
-    );
-    for i in 0..p.len() {
-        let gi = g[i] * grad_scale;
-        m[i] += w1 * (gi - m[i]);
-        v[i] = v[i] * b2 + w2 * gi * gi;
-        let denom = v[i].sqrt() / bc2_sqrt + eps;
-        p[i] -= step_size * (m[i] / denom);
-    }
-}
+/// The per-element arithmetic: torch's single-tensor Adam and the EMA step, on host slices. They
+/// live with the CPU backend (the twins of the CUDA kernels in kernels/optim.cu) and are
+/// re-exported here, where the schedule around them is.
+pub use crate::backend::cpu::optim::{adam_update, ema_update};
 
-/// One EMA update: s ← s − (1 − decay)·(s − p).
-pub fn ema_update(shadow: &mut [f32], p: &[f32], decay: f64) {
-    let k = (1.0 - decay) as f32;
-    for (s, &p) in shadow.iter_mut().zip(p) {
-        *s -= k * (*s - p);
-    }
+/// The EMA decay of the update that follows `updates` earlier ones: min(rate, (1 + k)/(10 + k))
+/// with k = updates + 1 (the original counts this update first).
+pub fn ema_decay(rate: f64, updates: u64) -> f64 {
+    let k = (updates + 1) as f64;
+    rate.min((1.0 + k) / (10.0 + k))
 }
 
 /// What one Adam step did.
@@ -212,8 +183,7 @@ impl Ema {
 
     /// The decay the next update will use.
     pub fn next_decay(&self) -> f64 {
-        let k = (self.updates + 1) as f64;
-        self.rate.min((1.0 + k) / (10.0 + k))
+        ema_decay(self.rate, self.updates)
     }
 
     /// Move every shadow tensor towards the current parameter; returns the decay used.

@@ -17,10 +17,10 @@ use crate::error::{Error, Result};
 use crate::model::ncsnpp::param_specs;
 use crate::model::{Ncsnpp, NetConfig, ScoreModel};
 use crate::tensor::{HostTensor, Tensor};
-use crate::train::checkpoint::{adam_config, Checkpoint, CheckpointRef, TrainState, CHECKPOINT_FILE};
+use crate::train::checkpoint::{adam_config, Checkpoint, TrainState, CHECKPOINT_FILE};
 use crate::train::data::{Batch, FaceFolder, Loader, LoaderOptions};
+use crate::train::device::{DeviceAdam, DeviceEma};
 use crate::train::loss::{draw_noise, draw_times, dropout_seed, dsm_loss};
-use crate::train::optim::{Adam, Ema};
 use crate::train::validate::{write_grid, ValSet};
 use crate::train::Hyper;
 
@@ -40,14 +40,16 @@ pub struct StepReport {
     pub ema_decay: f64,
 }
 
-/// A network with its optimiser state: host master weights, Adam moments and the EMA.
+/// A network with its optimiser state, all on the network's backend: the network's weights are
+/// the master weights (f32), with Adam's moments and the EMA shadow beside them
+/// ([`crate::train::device`]). A step copies nothing to the host but the loss and the gradient
+/// norm's per-tensor sums; checkpoints, validation and export download on demand.
 pub struct Trainer<B: Backend> {
+    /// The network; its weights are the current parameters.
     pub model: ScoreModel<B>,
     pub hyper: Hyper,
-    /// Master copy of every weight (what Adam updates and checkpoints store).
-    pub params: BTreeMap<String, HostTensor>,
-    pub adam: Adam,
-    pub ema: Ema,
+    pub adam: DeviceAdam<B>,
+    pub ema: DeviceEma<B>,
     /// Steps completed.
     pub step: u64,
 }
@@ -67,15 +69,12 @@ impl<B: Backend> Trainer<B> {
             .map(|s| s.0)
             .collect();
         let net = Ncsnpp::from_weights(backend, config, &params, "<initial weights>")?;
-        let adam = Adam::new(
-            adam_config(&hyper),
-            trainable.iter().map(|n| (n.clone(), params[n].numel())),
-        );
-        let ema = Ema::new(hyper.ema_rate, trainable.iter().map(|n| (n, &params[n])));
+        let w = net.weights();
+        let adam = DeviceAdam::new(backend, adam_config(&hyper), trainable.iter().map(|n| (n, &w[n])))?;
+        let ema = DeviceEma::new(hyper.ema_rate, trainable.iter().map(|n| (n, &w[n])));
         Ok(Trainer {
             model: ScoreModel::new(net),
             hyper,
-            params,
             adam,
             ema,
             step: 0,
@@ -91,50 +90,50 @@ impl<B: Backend> Trainer<B> {
     /// Continue from a checkpoint.
     pub fn from_checkpoint(backend: &B, ck: Checkpoint) -> Result<Trainer<B>> {
         let net = Ncsnpp::from_weights(backend, ck.config, &ck.params, "<checkpoint>")?;
+        let adam = DeviceAdam::upload(backend, &ck.adam, net.weights())?;
+        let ema = DeviceEma::upload(backend, &ck.ema, net.weights())?;
         Ok(Trainer {
             model: ScoreModel::new(net),
             hyper: ck.hyper,
-            params: ck.params,
-            adam: ck.adam,
-            ema: ck.ema,
+            adam,
+            ema,
             step: ck.state.step,
         })
     }
 
-    /// The full state, borrowed, with the data stream position `next_sample` (for saving).
-    pub fn checkpoint_ref(&self, next_sample: u64) -> CheckpointRef<'_> {
-        CheckpointRef {
-            config: &self.model.net.config,
-            hyper: &self.hyper,
-            state: TrainState {
-                step: self.step,
-                next_sample,
-            },
-            params: &self.params,
-            adam: &self.adam,
-            ema: &self.ema,
-        }
+    fn backend(&self) -> &B {
+        self.model.net.backend()
     }
 
-    /// The full state as an owned copy, with the data stream position `next_sample`.
-    pub fn checkpoint(&self, next_sample: u64) -> Checkpoint {
-        Checkpoint {
+    /// A host copy of every current weight (trainable and frozen).
+    pub fn params(&self) -> Result<BTreeMap<String, HostTensor>> {
+        self.model.net.to_host()
+    }
+
+    /// The full state copied to the host, with the data stream position `next_sample`.
+    pub fn checkpoint(&self, next_sample: u64) -> Result<Checkpoint> {
+        Ok(Checkpoint {
             config: self.model.net.config.clone(),
             hyper: self.hyper.clone(),
             state: TrainState {
                 step: self.step,
                 next_sample,
             },
-            params: self.params.clone(),
-            adam: self.adam.clone(),
-            ema: self.ema.clone(),
-        }
+            params: self.params()?,
+            adam: self.adam.download(self.backend())?,
+            ema: self.ema.download(self.backend())?,
+        })
+    }
+
+    /// Write the full state atomically to `dest` (see [`Checkpoint::save`]).
+    pub fn save_checkpoint(&self, next_sample: u64, dest: &Path) -> Result<()> {
+        self.checkpoint(next_sample)?.save(dest)
     }
 
     /// The batch as device tensors in the model's data space (VP/subVP: both x0 and the guide
     /// mapped to [−1,1], as the original scaler does to the 6-channel record).
     pub fn batch_tensors(&self, batch: &Batch) -> Result<(Tensor<B>, Tensor<B>)> {
-        let be = self.model.net.backend();
+        let be = self.backend();
         let shape = [batch.len, 3, batch.size, batch.size];
         let centered = self.model.net.config.data.centered;
         let scale = |v: &[f32]| -> Vec<f32> {
@@ -150,10 +149,11 @@ impl<B: Backend> Trainer<B> {
         ))
     }
 
-    /// One optimisation step on `batch`.
+    /// One optimisation step on `batch`: loss and gradients, global norm (one small download),
+    /// clip, fused Adam on every parameter, fused EMA, and the network takes the new weights.
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepReport> {
         let (x0, y) = self.batch_tensors(batch)?;
-        let be = self.model.net.backend().clone();
+        let be = self.backend().clone();
         let h = &self.hyper;
         let t = draw_times(h.seed, self.step, batch.len, h.t_eps);
         let z = draw_noise(&be, x0.shape(), h.seed, self.step)?;
@@ -174,18 +174,14 @@ impl<B: Backend> Trainer<B> {
             )));
         }
         let grads = out.grads.expect("requested");
-        let mut host_grads = BTreeMap::new();
-        for name in self.adam.m.keys() {
-            let g = grads
-                .by_name
-                .get(name)
-                .ok_or_else(|| Error::Other(format!("no gradient reached `{name}`")))?;
-            host_grads.insert(name.clone(), be.to_f32(g)?);
+        if let Some(name) = self.adam.names().find(|n| !grads.by_name.contains_key(*n)) {
+            return Err(Error::Other(format!("no gradient reached `{name}`")));
         }
+        let mut weights = self.model.net.weights().clone();
+        let a = self.adam.step(&be, &mut weights, &grads.by_name, self.step)?;
         drop(grads);
-        let a = self.adam.step(&mut self.params, &host_grads, self.step)?;
-        self.upload()?;
-        let ema_decay = self.ema.update(&self.params)?;
+        self.model.net.set_weights(weights)?;
+        let ema_decay = self.ema.update(&be, self.model.net.weights())?;
         self.step += 1;
         Ok(StepReport {
             step: self.step,
@@ -198,29 +194,23 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// A copy of the network carrying the EMA weights (what inference, validation and the
-    /// sample grids use).
+    /// sample grids use). Goes through the host: the shadow (and the frozen weights) are
+    /// downloaded and the copy built from them.
     pub fn ema_model(&self) -> Result<ScoreModel<B>> {
-        let w: BTreeMap<String, HostTensor> = self
-            .params
+        let be = self.backend();
+        let shadow = self.ema.shadow();
+        let w = self
+            .model
+            .net
+            .weights()
             .iter()
-            .map(|(name, p)| match self.ema.shadow.get(name) {
-                Some(s) => (name.clone(), HostTensor::new(p.shape.clone(), s.clone())),
-                None => (name.clone(), p.clone()),
+            .map(|(name, p)| {
+                let t = shadow.get(name).unwrap_or(p);
+                Ok((name.clone(), HostTensor::from_device(be, t)?))
             })
-            .collect();
-        let be = self.model.net.backend();
+            .collect::<Result<BTreeMap<_, _>>>()?;
         let net = Ncsnpp::from_weights(be, self.model.net.config.clone(), &w, "<EMA weights>")?;
         Ok(ScoreModel::new(net))
-    }
-
-    /// Copy the updated master weights to the device network.
-    fn upload(&mut self) -> Result<()> {
-        let be = self.model.net.backend().clone();
-        let mut w = self.model.net.weights().clone();
-        for name in self.adam.m.keys() {
-            w.insert(name.clone(), self.params[name].to_device(&be)?);
-        }
-        self.model.net.set_weights(w)
     }
 }
 
@@ -588,12 +578,12 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         bar.set_position(rep.step);
         bar.set_message(format!("loss {:.4} lr {:.2e} {ips:.1} img/s", rep.loss, rep.lr));
         if opts.ckpt_every > 0 && rep.step % opts.ckpt_every == 0 {
-            trainer.checkpoint_ref(loader.next_sample()).save(&ckpt_path)?;
+            trainer.save_checkpoint(loader.next_sample(), &ckpt_path)?;
             saved_at = Some(rep.step);
         }
     }
     if saved_at != Some(trainer.step) && (trainer.step > start_step || !ckpt_path.exists()) {
-        trainer.checkpoint_ref(loader.next_sample()).save(&ckpt_path)?;
+        trainer.save_checkpoint(loader.next_sample(), &ckpt_path)?;
     }
     log.sync_all()
         .map_err(|e| Error::io(opts.out.join(LOG_FILE), e))?;

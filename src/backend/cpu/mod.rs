@@ -24,6 +24,7 @@ mod fir;
 mod float;
 mod matmul;
 mod norm;
+pub mod optim;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -34,7 +35,7 @@ use self::fir::FirGeom;
 pub use self::float::CpuFloat;
 use self::norm::NormGeom;
 use super::shapes::{self, expect_shape};
-use super::{Backend, Fir, Grads3, UpFirDn};
+use super::{AdamStep, Backend, Fir, Grads3, UpFirDn};
 use crate::error::{Error, Result};
 use crate::rng;
 use crate::tensor::{same_shape, Tensor};
@@ -586,6 +587,56 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             })
         });
         Ok(Self::wrap(shape, out))
+    }
+
+    // ---- optimiser ----------------------------------------------------------------------------
+    fn adam_update(
+        &self,
+        p: &Tensor<Self>,
+        g: &Tensor<Self>,
+        m: &Tensor<Self>,
+        v: &Tensor<Self>,
+        hp: &AdamStep,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
+        let op = "adam_update";
+        hp.validate(p.shape(), g.shape(), m.shape(), v.shape())?;
+        let (ps, gs, ms, vs) = (data(op, p)?, data(op, g)?, data(op, m)?, data(op, v)?);
+        let c = optim::AdamConsts::<T>::new(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.step);
+        let scale = T::from_f64(hp.grad_scale);
+        let (mut p2, mut m2, mut v2) = (ps.to_vec(), ms.to_vec(), vs.to_vec());
+        // Elementwise, so running it chunk by chunk changes nothing.
+        self.run(|| {
+            p2.par_chunks_mut(CHUNK)
+                .zip(gs.par_chunks(CHUNK))
+                .zip(m2.par_chunks_mut(CHUNK))
+                .zip(v2.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| optim::adam_update_with(p, g, m, v, scale, &c))
+        });
+        Ok((
+            Self::wrap(p.shape(), p2),
+            Self::wrap(p.shape(), m2),
+            Self::wrap(p.shape(), v2),
+        ))
+    }
+    fn ema_update(&self, shadow: &Tensor<Self>, p: &Tensor<Self>, decay: f64) -> Result<Tensor<Self>> {
+        let op = "ema_update";
+        super::validate_ema(shadow.shape(), p.shape(), decay)?;
+        let (ss, ps) = (data(op, shadow)?, data(op, p)?);
+        let mut out = ss.to_vec();
+        self.run(|| {
+            out.par_chunks_mut(CHUNK)
+                .zip(ps.par_chunks(CHUNK))
+                .for_each(|(s, p)| optim::ema_update(s, p, decay))
+        });
+        Ok(Self::wrap(shadow.shape(), out))
+    }
+    fn squared_norms(&self, xs: &[&Tensor<Self>]) -> Result<Vec<f64>> {
+        let slices = xs
+            .iter()
+            .map(|x| data("squared_norms", x))
+            .collect::<Result<Vec<_>>>()?;
+        // One tensor per task; each sums in index order, as the host reference does.
+        Ok(self.run(|| slices.par_iter().map(|s| optim::squared_norm(s)).collect()))
     }
 }
 

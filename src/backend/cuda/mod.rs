@@ -28,6 +28,7 @@ pub mod bench;
 pub mod graph;
 mod kernels;
 pub mod memory;
+pub mod optim;
 pub mod selftest;
 
 use std::collections::HashMap;
@@ -40,7 +41,7 @@ use cudarc::nvrtc::Ptx;
 pub use self::memory::CudaBuf;
 use self::memory::{Pool, PoolStats};
 use super::shapes::{self, expect_shape};
-use super::{Backend, Fir, Grads3, UpFirDn};
+use super::{AdamStep, Backend, Fir, Grads3, UpFirDn};
 use crate::error::{Error, Result};
 use crate::tensor::{same_shape, Tensor};
 
@@ -1256,6 +1257,24 @@ impl Backend for Cuda {
             ],
         )?;
         Ok(out)
+    }
+
+    // ---- optimiser (src/backend/cuda/optim.rs) ----------------------------------------------
+    fn adam_update(
+        &self,
+        p: &Tensor<Self>,
+        g: &Tensor<Self>,
+        m: &Tensor<Self>,
+        v: &Tensor<Self>,
+        hp: &AdamStep,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
+        optim::adam_update(self, p, g, m, v, hp)
+    }
+    fn ema_update(&self, shadow: &Tensor<Self>, p: &Tensor<Self>, decay: f64) -> Result<Tensor<Self>> {
+        optim::ema_update(self, shadow, p, decay)
+    }
+    fn squared_norms(&self, xs: &[&Tensor<Self>]) -> Result<Vec<f64>> {
+        optim::squared_norms(self, xs)
     }
 }
 

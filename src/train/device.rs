@@ -1,0 +1,213 @@
+//! The optimiser state where the training runs: Adam's moments and the EMA shadow as backend
+//! tensors, updated by the fused `Backend::adam_update` / `Backend::ema_update` (kernels on
+//! CUDA), so a step never copies weights, gradients or moments to the host. The only transfer is
+//! the per-tensor Σg² of the global grad-norm clip (one small download per step).
+//!
+//! The schedule is that of the host [`Adam`] / [`Ema`] in [`crate::train::optim`] — the same
+//! order of tensors, the same f64 norm, clip scale, warm-up lr, step and decay counters — and the
+//! per-element arithmetic is the same function on the CPU backend, so a CPU run is bit-identical
+//! to the host optimiser. [`DeviceAdam::upload`] / [`DeviceAdam::download`] (and the EMA's)
+//! convert to and from the host types, which are the checkpoint format.
+use std::collections::{BTreeMap, HashMap};
+
+use crate::backend::{AdamStep, Backend};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::train::optim::{self, Adam, AdamConfig, Ema};
+
+/// What one Adam step did (as [`optim::Adam::step`] reports it).
+pub use crate::train::optim::AdamStep as AdamReport;
+
+/// Adam over named parameters, its moments on the backend.
+pub struct DeviceAdam<B: Backend> {
+    pub config: AdamConfig,
+    /// Updates applied so far (torch's per-parameter `step`, shared by all parameters).
+    pub steps: u64,
+    /// First and second moments by parameter name (sorted, as the host [`Adam`]).
+    m: BTreeMap<String, Tensor<B>>,
+    v: BTreeMap<String, Tensor<B>>,
+}
+
+fn upload_map<B: Backend>(
+    be: &B,
+    what: &str,
+    data: &BTreeMap<String, Vec<f32>>,
+    shapes: &BTreeMap<String, Tensor<B>>,
+) -> Result<BTreeMap<String, Tensor<B>>> {
+    data.iter()
+        .map(|(name, d)| {
+            let p = shapes
+                .get(name)
+                .ok_or_else(|| Error::Other(format!("{what} state for unknown parameter `{name}`")))?;
+            Ok((name.clone(), be.from_f32(p.shape(), d)?))
+        })
+        .collect()
+}
+
+fn download_map<B: Backend>(be: &B, map: &BTreeMap<String, Tensor<B>>) -> Result<BTreeMap<String, Vec<f32>>> {
+    map.iter().map(|(n, t)| Ok((n.clone(), be.to_f32(t)?))).collect()
+}
+
+impl<B: Backend> DeviceAdam<B> {
+    /// Zero moments for each named parameter in `params` (shapes taken from there).
+    pub fn new<'a>(
+        be: &B,
+        config: AdamConfig,
+        params: impl IntoIterator<Item = (&'a String, &'a Tensor<B>)>,
+    ) -> Result<Self> {
+        let (mut m, mut v) = (BTreeMap::new(), BTreeMap::new());
+        for (name, p) in params {
+            m.insert(name.clone(), be.zeros(p.shape())?);
+            v.insert(name.clone(), be.zeros(p.shape())?);
+        }
+        Ok(DeviceAdam {
+            config,
+            steps: 0,
+            m,
+            v,
+        })
+    }
+
+    /// The host state on the backend; `params` gives each moment its parameter's shape.
+    pub fn upload(be: &B, adam: &Adam, params: &BTreeMap<String, Tensor<B>>) -> Result<Self> {
+        Ok(DeviceAdam {
+            config: adam.config.clone(),
+            steps: adam.steps,
+            m: upload_map(be, "adam_m", &adam.m, params)?,
+            v: upload_map(be, "adam_v", &adam.v, params)?,
+        })
+    }
+
+    /// A host copy (for checkpoints).
+    pub fn download(&self, be: &B) -> Result<Adam> {
+        Ok(Adam {
+            config: self.config.clone(),
+            steps: self.steps,
+            m: download_map(be, &self.m)?,
+            v: download_map(be, &self.v)?,
+        })
+    }
+
+    /// Names of the parameters Adam updates, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.m.keys()
+    }
+
+    /// Clip the gradients globally and apply one Adam update to every tracked parameter of
+    /// `params` (replaced in place by the updated tensors). `completed` is the number of training
+    /// steps before this one (drives the warm-up). Exactly [`Adam::step`]'s schedule; the global
+    /// norm is the one download of the step.
+    pub fn step(
+        &mut self,
+        be: &B,
+        params: &mut BTreeMap<String, Tensor<B>>,
+        grads: &HashMap<String, Tensor<B>>,
+        completed: u64,
+    ) -> Result<AdamReport> {
+        let mut gs = Vec::with_capacity(self.m.len());
+        for (name, m) in &self.m {
+            let g = grads
+                .get(name)
+                .ok_or_else(|| Error::Other(format!("optimizer: no gradient for `{name}`")))?;
+            let p = params
+                .get(name)
+                .ok_or_else(|| Error::Other(format!("optimizer: no parameter `{name}`")))?;
+            if g.shape() != m.shape() || p.shape() != m.shape() {
+                return Err(Error::shape("adam", format!("`{name}`: shapes differ")));
+            }
+            gs.push(g);
+        }
+        let c = &self.config;
+        // As optim::global_norm: per-tensor f64 sums in name order, summed, square root.
+        let norm = be.squared_norms(&gs)?.iter().sum::<f64>().sqrt();
+        let scale = optim::clip_scale(norm, c.grad_clip);
+        let lr = optim::warmup_lr(c.lr, c.warmup, completed);
+        let hp = AdamStep {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            step: self.steps + 1,
+            grad_scale: scale,
+        };
+        for ((name, m), g) in self.m.iter_mut().zip(gs) {
+            let v = self.v.get_mut(name).expect("m and v share keys");
+            let p = params.get_mut(name).expect("checked above");
+            let (p2, m2, v2) = be.adam_update(p, g, m, v, &hp)?;
+            (*p, *m, *v) = (p2, m2, v2);
+        }
+        self.steps += 1;
+        Ok(AdamReport {
+            lr,
+            grad_norm: norm,
+            clip_scale: scale,
+        })
+    }
+}
+
+/// The EMA of the trainable weights, its shadow on the backend.
+pub struct DeviceEma<B: Backend> {
+    pub rate: f64,
+    /// Updates applied so far (`num_updates`).
+    pub updates: u64,
+    shadow: BTreeMap<String, Tensor<B>>,
+}
+
+impl<B: Backend> DeviceEma<B> {
+    /// Start from the named parameters themselves (tensors are immutable: no copy is made).
+    pub fn new<'a>(rate: f64, params: impl IntoIterator<Item = (&'a String, &'a Tensor<B>)>) -> Self {
+        DeviceEma {
+            rate,
+            updates: 0,
+            shadow: params.into_iter().map(|(n, t)| (n.clone(), t.clone())).collect(),
+        }
+    }
+
+    /// The host state on the backend; `params` gives each shadow tensor its shape.
+    pub fn upload(be: &B, ema: &Ema, params: &BTreeMap<String, Tensor<B>>) -> Result<Self> {
+        Ok(DeviceEma {
+            rate: ema.rate,
+            updates: ema.updates,
+            shadow: upload_map(be, "ema", &ema.shadow, params)?,
+        })
+    }
+
+    /// A host copy (for checkpoints).
+    pub fn download(&self, be: &B) -> Result<Ema> {
+        Ok(Ema {
+            rate: self.rate,
+            updates: self.updates,
+            shadow: download_map(be, &self.shadow)?,
+        })
+    }
+
+    /// The shadow tensors by parameter name.
+    pub fn shadow(&self) -> &BTreeMap<String, Tensor<B>> {
+        &self.shadow
+    }
+
+    /// The decay the next update will use.
+    pub fn next_decay(&self) -> f64 {
+        optim::ema_decay(self.rate, self.updates)
+    }
+
+    /// Move every shadow tensor towards the current parameter; returns the decay used.
+    pub fn update(&mut self, be: &B, params: &BTreeMap<String, Tensor<B>>) -> Result<f64> {
+        for (name, s) in &self.shadow {
+            match params.get(name) {
+                Some(p) if p.shape() == s.shape() => {}
+                _ => {
+                    return Err(Error::Other(format!(
+                        "EMA: parameter `{name}` missing or resized"
+                    )))
+                }
+            }
+        }
+        let decay = self.next_decay();
+        for (name, s) in self.shadow.iter_mut() {
+            *s = be.ema_update(s, &params[name], decay)?;
+        }
+        self.updates += 1;
+        Ok(decay)
+    }
+}
