@@ -137,3 +137,78 @@ extern "C" __global__ void gn_backward_params(const double* __restrict__ part_dg
         dbeta[c] = (float)sb;
     }
 }
+
+// ---- forward, split over many blocks (what the backend launches) --------------------------------
+// gn_forward above gives one block a whole (sample, group): at batch 1 that is 32 blocks for the
+// whole device, each streaming the group three times. The split version:
+//   gn_stats: grid (N·groups, chunks); each block sums x and x² (f64) over its slice of a group;
+//   gn_apply: grid (N·C, ⌈HW / GN_APPLY_SPAN⌉); each block folds its group's partials into
+//             mean and variance (E[x²] − mean², in f64), then writes y = x·a + b (+ SiLU) with
+//             float4 loads when H·W is a multiple of 4.
+// Same statistics as the CPU twin up to f64 rounding (the CPU centres before squaring).
+#define GN_APPLY_SPAN 4096
+
+extern "C" __global__ void __launch_bounds__(256) gn_stats(const float* __restrict__ x,
+                                                           double* __restrict__ part, i64 len,
+                                                           int chunks) {
+    __shared__ double scratch[32];
+    const i64 per = (len + chunks - 1) / chunks;
+    const i64 lo = min((i64)blockIdx.y * per, len), hi = min(lo + per, len);
+    const float* xs = x + (i64)blockIdx.x * len;
+    double s = 0.0, q = 0.0;
+    for (i64 j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        const double v = (double)xs[j];
+        s += v;
+        q += v * v;
+    }
+    s = block_sum_d(s, scratch);
+    q = block_sum_d(q, scratch);
+    if (threadIdx.x == 0) {
+        double* dst = part + ((i64)blockIdx.x * chunks + blockIdx.y) * 2;
+        dst[0] = s;
+        dst[1] = q;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gn_apply(const float* __restrict__ x,
+                                                           const double* __restrict__ part,
+                                                           const float* __restrict__ gamma,
+                                                           const float* __restrict__ beta,
+                                                           float* __restrict__ out, int C, int groups,
+                                                           i64 hw, int chunks, double eps, int silu) {
+    __shared__ float ab[2];
+    const int nc = blockIdx.x, c = nc % C, n = nc / C, cg = C / groups;
+    if (threadIdx.x == 0) {
+        const double* pp = part + ((i64)n * groups + c / cg) * chunks * 2;
+        double s = 0.0, q = 0.0;
+        for (int i = 0; i < chunks; ++i) {
+            s += pp[2 * i];
+            q += pp[2 * i + 1];
+        }
+        const double len = (double)cg * (double)hw;
+        const double mean = s / len;
+        const double var = fmax(q / len - mean * mean, 0.0);
+        const double a = (double)gamma[c] / sqrt(var + eps);
+        ab[0] = (float)a;
+        ab[1] = (float)((double)beta[c] - mean * a);
+    }
+    __syncthreads();
+    const float a = ab[0], b = ab[1];
+    const i64 lo = (i64)blockIdx.y * GN_APPLY_SPAN, hi = min(lo + GN_APPLY_SPAN, hw);
+    const float* xc = x + (i64)nc * hw;
+    float* yc = out + (i64)nc * hw;
+    if ((hw & 3) == 0) {
+        for (i64 j = lo + 4 * threadIdx.x; j < hi; j += 4 * blockDim.x) {
+            float4 v = *reinterpret_cast<const float4*>(xc + j);
+            float z[4] = {v.x * a + b, v.y * a + b, v.z * a + b, v.w * a + b};
+            if (silu)
+                for (int e = 0; e < 4; ++e) z[e] = z[e] * sigmoidf_(z[e]);
+            *reinterpret_cast<float4*>(yc + j) = float4{z[0], z[1], z[2], z[3]};
+        }
+    } else {
+        for (i64 j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+            const float z = xc[j] * a + b;
+            yc[j] = silu ? z * sigmoidf_(z) : z;
+        }
+    }
+}

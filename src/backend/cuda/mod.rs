@@ -33,7 +33,7 @@ pub mod selftest;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -114,6 +114,26 @@ struct Inner {
     sm_count: usize,
     /// How the modules were loaded, e.g. "cubin sm_90 (8 modules)".
     loaded_from: String,
+    /// Weights repacked for the pipelined bf16 conv ([`Cuda::packed_weights`]).
+    packed: Mutex<HashMap<PackKey, PackedWeights>>,
+}
+
+/// A weight tensor's identity (its buffer, alive while the `Weak` in the entry upgrades) plus
+/// the GEMM layout it was packed for. Tensors are immutable, so a live buffer's packing stays
+/// valid; entries of dropped weights are swept on the next miss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PackKey {
+    buf: usize,
+    m: i32,
+    c: i32,
+    khw: i32,
+    a_sm: i64,
+    a_sk: i64,
+}
+
+struct PackedWeights {
+    source: Weak<CudaBuf>,
+    packed: Arc<CudaBuf>,
 }
 
 /// Whether a CUDA driver and at least one device are present (whatever the kernels).
@@ -242,6 +262,9 @@ fn to_i32(op: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::shape(op, format!("size {v} exceeds the kernels' 32-bit range")))
 }
 
+/// Pixels per block of `gn_apply` (kernels/norm.cu `GN_APPLY_SPAN`).
+const GN_APPLY_SPAN: usize = 4096;
+
 /// Threads of every conv kernel (kernels/conv.cu `CONV_THREADS`).
 const CONV_THREADS: u32 = 256;
 /// Output channels per block of every conv kernel.
@@ -251,6 +274,53 @@ const CONV_K_ALIGN: usize = 32;
 /// Smallest K range worth a split of its own.
 const CONV_MIN_SPLIT_K: usize = 128;
 const CONV_MAX_SPLITS: usize = 64;
+
+/// The pipelined bf16 conv kernels and their dynamic shared memory (kernels/conv.cu
+/// `MmaTile<BN>::SMEM_BYTES`: 4 stages of a 128×32 bf16 A tile and a 32×BN f32 B tile).
+const MMA_KERNELS: [(&str, usize); 2] = [("conv_bf16_mma", 108_544), ("conv_bf16_mma_n64", 75_776)];
+/// Channels per K tile of the pipelined kernels (kernels/conv.cu `MMA_BK`).
+const MMA_BK: usize = 32;
+/// Below this many input channels (the 6-channel input conv) most of a 32-channel K tile would
+/// be padding; the WMMA kernel walks K = C·KH·KW densely instead.
+const MMA_MIN_CHANNELS: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MmaPlan {
+    kernel: &'static str,
+    tile_n: usize,
+    smem_bytes: usize,
+    splits: usize,
+    tiles_per_split: usize,
+}
+
+/// Tiling of the pipelined kernel for M output channels, P output pixels and `tiles` K tiles:
+/// 128-pixel tiles when they alone fill the device, else 64; split-K (at least 4 K tiles a
+/// part) when the blocks still number fewer than the multiprocessors.
+fn mma_plan(m: usize, p: usize, tiles: usize, sms: usize) -> MmaPlan {
+    let blocks_for = |tile_n: usize| m.div_ceil(CONV_TILE_M) * p.div_ceil(tile_n);
+    let (kernel, smem_bytes) = if blocks_for(128) >= sms {
+        MMA_KERNELS[0]
+    } else {
+        MMA_KERNELS[1]
+    };
+    let tile_n = if kernel == MMA_KERNELS[0].0 { 128 } else { 64 };
+    let blocks = blocks_for(tile_n).max(1);
+    let mut splits = 1;
+    if blocks < sms {
+        splits = (2 * sms)
+            .div_ceil(blocks)
+            .min(tiles / 4)
+            .clamp(1, CONV_MAX_SPLITS);
+    }
+    let tiles_per_split = tiles.div_ceil(splits).max(1);
+    MmaPlan {
+        kernel,
+        tile_n,
+        smem_bytes,
+        splits: tiles.div_ceil(tiles_per_split).max(1),
+        tiles_per_split,
+    }
+}
 
 /// How one implicit-GEMM launch is tiled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -375,6 +445,19 @@ impl Cuda {
                 }
             }
         }
+        // The pipelined conv kernels keep 4 stages of operands in dynamic shared memory (above
+        // the default 48 KB limit).
+        for (name, bytes) in MMA_KERNELS {
+            if let Some(f) = kernels.get(name) {
+                drv(
+                    "raising the shared-memory limit of the conv kernels",
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    ),
+                )?;
+            }
+        }
         let loaded_from = format!("{from_cubin} modules from sm_90 CUBIN, {from_ptx} from PTX");
         let pool = Pool::new(ctx.clone());
         Ok(Cuda {
@@ -386,6 +469,7 @@ impl Cuda {
                 device_name,
                 sm_count,
                 loaded_from,
+                packed: Mutex::new(HashMap::new()),
             }),
             precision: Precision::default(),
             poison: false,
@@ -607,6 +691,14 @@ impl Cuda {
                 ),
             ));
         }
+        if precision == Precision::Bf16
+            && g.c as usize >= MMA_MIN_CHANNELS
+            && MMA_KERNELS
+                .iter()
+                .all(|(n, _)| self.inner.kernels.contains_key(n))
+        {
+            return self.gemm_conv_mma(x, w, b, g, out);
+        }
         let plan = conv_plan(precision, m, p, k, self.inner.sm_count);
         let grid_x = u32::try_from(p.div_ceil(plan.tile_n))
             .map_err(|_| Error::shape("conv2d", format!("{p} output pixels are too many")))?;
@@ -656,6 +748,125 @@ impl Cuda {
             ],
         )?;
         Ok(out)
+    }
+
+    /// The pipelined bf16 implicit GEMM (kernels/conv.cu `conv_bf16_mma*`): weights repacked
+    /// (cached), K tiles of 32 channels at one filter tap, split-K over K tiles when the output
+    /// alone does not fill the device.
+    fn gemm_conv_mma(
+        &self,
+        x: &Tensor<Cuda>,
+        w: &Tensor<Cuda>,
+        b: Option<&Tensor<Cuda>>,
+        g: ConvGeom,
+        out: Tensor<Cuda>,
+    ) -> Result<Tensor<Cuda>> {
+        let (m, c, khw) = (g.o as usize, g.c as usize, (g.kh * g.kw) as usize);
+        let p = g.n as usize * g.oh as usize * g.ow as usize;
+        let wp = self.packed_weights(w, &g)?;
+        let tiles = khw * c.div_ceil(MMA_BK);
+        let plan = mma_plan(m, p, tiles, self.inner.sm_count);
+        let grid = (
+            u32::try_from(p.div_ceil(plan.tile_n))
+                .map_err(|_| Error::shape("conv2d", format!("{p} output pixels are too many")))?,
+            m.div_ceil(CONV_TILE_M) as u32,
+            plan.splits as u32,
+        );
+        let smem = plan.smem_bytes as u32;
+        let bias = || b.map_or(Arg::Ptr(0), ptr);
+        let per = Arg::I32(plan.tiles_per_split as i32);
+        if plan.splits == 1 {
+            self.launch(
+                plan.kernel,
+                grid,
+                CONV_THREADS,
+                smem,
+                vec![ptr(x), Arg::Ptr(wp.device_ptr()), bias(), ptr(&out), raw(&g), per],
+            )?;
+            return Ok(out);
+        }
+        let numel = out.numel();
+        let ws_len = numel * plan.splits;
+        let ws = self.inner.pool.alloc(ws_len * 4, ws_len)?;
+        self.launch(
+            plan.kernel,
+            grid,
+            CONV_THREADS,
+            smem,
+            vec![
+                ptr(x),
+                Arg::Ptr(wp.device_ptr()),
+                Arg::Ptr(0),
+                Arg::Ptr(ws.device_ptr()),
+                raw(&g),
+                per,
+            ],
+        )?;
+        self.launch_n(
+            "conv_splitk_reduce",
+            numel,
+            vec![
+                Arg::Ptr(ws.device_ptr()),
+                bias(),
+                ptr(&out),
+                Arg::I64(numel as i64),
+                Arg::I32(plan.splits as i32),
+                Arg::I32(g.o),
+                Arg::I64(g.oh as i64 * g.ow as i64),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    /// `w` as the pipelined kernel's bf16 A operand wp[m][tap][c] (m padded to the 128-row tile,
+    /// c to the 32-channel tile), packed once per weight tensor and cached while it lives.
+    fn packed_weights(&self, w: &Tensor<Cuda>, g: &ConvGeom) -> Result<Arc<CudaBuf>> {
+        let key = PackKey {
+            buf: Arc::as_ptr(w.buf()) as usize,
+            m: g.o,
+            c: g.c,
+            khw: g.kh * g.kw,
+            a_sm: g.a_sm,
+            a_sk: g.a_sk,
+        };
+        let mut cache = self
+            .inner
+            .packed
+            .lock()
+            .map_err(|_| Error::Backend("the packed-weight cache was poisoned by a panic".into()))?;
+        if let Some(e) = cache.get(&key) {
+            if e.source.upgrade().is_some_and(|live| Arc::ptr_eq(&live, w.buf())) {
+                return Ok(e.packed.clone());
+            }
+        }
+        cache.retain(|_, e| e.source.strong_count() > 0);
+        let (m, c, khw) = (g.o as usize, g.c as usize, (g.kh * g.kw) as usize);
+        let (mp, cp) = (m.div_ceil(CONV_TILE_M) * CONV_TILE_M, c.div_ceil(MMA_BK) * MMA_BK);
+        let pairs = mp * khw * cp / 2;
+        let packed = Arc::new(self.inner.pool.alloc(pairs * 4, pairs)?);
+        self.launch_n(
+            "conv_pack_bf16",
+            pairs,
+            vec![
+                ptr(w),
+                Arg::Ptr(packed.device_ptr()),
+                Arg::I32(g.o),
+                Arg::I32(to_i32("conv2d", mp)?),
+                Arg::I32(to_i32("conv2d", khw)?),
+                Arg::I32(g.c),
+                Arg::I32(to_i32("conv2d", cp)?),
+                Arg::I64(g.a_sm),
+                Arg::I64(g.a_sk),
+            ],
+        )?;
+        cache.insert(
+            key,
+            PackedWeights {
+                source: Arc::downgrade(w.buf()),
+                packed: packed.clone(),
+            },
+        );
+        Ok(packed)
     }
 
     pub(super) fn not_on_cuda<T>(op: &str) -> Result<T> {
@@ -1069,21 +1280,44 @@ impl Backend for Cuda {
         if out.numel() == 0 {
             return Ok(out);
         }
+        // Statistics split so that about two blocks per multiprocessor work on them (a batch-1
+        // 128×128 layer has only 32 groups), each slice ≥ 2048 elements; partials in f64.
         let group_len = c / groups * h * w;
-        let block = if group_len >= 4096 { 512 } else { 256 };
+        let chunks = (2 * self.inner.sm_count)
+            .div_ceil(blocks)
+            .min(32)
+            .min(group_len / 2048)
+            .max(1);
+        let parts = blocks * chunks * 2; // (Σx, Σx²) per slice, f64
+        let part = self.inner.pool.alloc(parts * 8, parts * 2)?;
         self.launch(
-            "gn_forward",
-            (to_i32(op, blocks)? as u32, 1, 1),
-            block,
+            "gn_stats",
+            (to_i32(op, blocks)? as u32, chunks as u32, 1),
+            256,
             0,
             vec![
                 ptr(x),
+                Arg::Ptr(part.device_ptr()),
+                Arg::I64(group_len as i64),
+                Arg::I32(chunks as i32),
+            ],
+        )?;
+        let hw = h * w;
+        self.launch(
+            "gn_apply",
+            (to_i32(op, n * c)? as u32, hw.div_ceil(GN_APPLY_SPAN) as u32, 1),
+            256,
+            0,
+            vec![
+                ptr(x),
+                Arg::Ptr(part.device_ptr()),
                 ptr(gamma),
                 ptr(beta),
                 ptr(&out),
                 Arg::I32(to_i32(op, c)?),
                 Arg::I32(to_i32(op, groups)?),
-                Arg::I64((h * w) as i64),
+                Arg::I64(hw as i64),
+                Arg::I32(chunks as i32),
                 Arg::F64(eps),
                 Arg::I32(silu as i32),
             ],
@@ -1302,6 +1536,31 @@ mod tests {
                         }
                         assert!(plan.tile_n == 64 || plan.tile_n == 128, "{what}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mma_plan_covers_the_k_tiles_with_nonempty_parts() {
+        for &m in &[3, 64, 128, 256, 1000] {
+            for &p in &[1, 4, 64, 256, 1024, 16384, 1 << 20] {
+                for &tiles in &[1, 2, 9, 36, 72, 144, 1000] {
+                    let plan = mma_plan(m, p, tiles, 132);
+                    let what = format!("m{m} p{p} tiles{tiles}: {plan:?}");
+                    assert!(plan.splits >= 1 && plan.splits <= CONV_MAX_SPLITS, "{what}");
+                    assert!(plan.splits * plan.tiles_per_split >= tiles, "{what}");
+                    assert!(
+                        (plan.splits - 1) * plan.tiles_per_split < tiles,
+                        "{what}: an empty part"
+                    );
+                    if plan.splits > 1 {
+                        assert!(plan.tiles_per_split >= 4, "{what}");
+                    }
+                    let expect_smem = if plan.tile_n == 128 { 108_544 } else { 75_776 };
+                    assert_eq!(plan.smem_bytes, expect_smem, "{what}");
+                    let wide = m.div_ceil(CONV_TILE_M) * p.div_ceil(128) >= 132;
+                    assert_eq!(plan.tile_n == 128, wide, "{what}");
                 }
             }
         }
