@@ -25,7 +25,6 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::degrade::upsample_guide_chw;
 use crate::io::{self, CropMode, LR_SIZE};
-use crate::model::load::load_network;
 use crate::model::ScoreModel;
 use crate::sample::{
     pc_sample_with_noise, CorrectorKind, LangevinNorm, NoiseStream, PredictorKind, SamplerConfig, StepInfo,
@@ -87,7 +86,9 @@ pub struct UpscaleOptions {
     /// Output folder (created if missing): `{stem}_sr.png` per face.
     #[arg(short = 'o', long = "out-dir", value_name = "OUTDIR")]
     pub out_dir: PathBuf,
-    /// Weights: a .safetensors file with its config (see `convert`) or the original checkpoint .pth.
+    /// Weights: a .safetensors file with its config (see `convert`), a sharded export folder (see
+    /// `export --shard-mib`) or the original checkpoint .pth [default: $SRSDE_MODEL, else the model
+    /// bundled in the binary].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Sampler preset [default: the paper's for the model's SDE: sde-ve-cs for VE, sde-vp / sde-subvp].
@@ -215,13 +216,9 @@ struct Face {
 /// the exit code with [`UpscaleReport::into_result`]); bad options, existing outputs, the model and
 /// the device are errors.
 pub fn run<B: Backend>(opts: &UpscaleOptions, backend: &B) -> Result<UpscaleReport> {
-    let model_path = opts.model.as_ref().ok_or_else(|| {
-        Error::Config(
-            "no model given: pass --model FILE (a .safetensors file written by `srsde-fast convert`, or \
-             the original sr-sde checkpoint .pth); a default bundled model comes in a later release"
-                .into(),
-        )
-    })?;
+    // `--model` or the default model (see crate::model::default); resolved first so a missing
+    // model fails before anything is read or written.
+    let model_source = crate::model::default::resolve(opts.model.as_deref())?;
     if opts.samples == 0 || opts.batch == 0 {
         return Err(Error::Config("--samples and --batch must be at least 1".into()));
     }
@@ -256,15 +253,16 @@ pub fn run<B: Backend>(opts: &UpscaleOptions, backend: &B) -> Result<UpscaleRepo
     plan_outputs(&mut faces, opts)?;
 
     // 3. Model and sampler.
-    let (net, notes) = load_network(backend, model_path, None)?;
-    for n in notes {
+    let lw = crate::model::default::load_source(&model_source)?;
+    let net = crate::model::Ncsnpp::from_weights(backend, lw.config, &lw.weights, &model_source.describe())?;
+    for n in lw.notes {
         eprintln!("note: {n}");
     }
     let centered = net.config.data.centered;
     let size = net.config.data.image_size;
     println!(
         "model: {} ({} SDE, nf {}, {} parameters, data in {})",
-        model_path.display(),
+        model_source.describe(),
         net.config.sde_schedule().name(),
         net.config.model.nf,
         net.num_params(),

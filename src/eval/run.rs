@@ -31,7 +31,6 @@ use crate::eval::metrics::{consistency, psnr, ssim, FloatImage, ImageU8, Layout}
 use crate::eval::plot;
 use crate::eval::report::{self, ImageRecord, MethodRecord, MethodSummary, Metrics};
 use crate::io::{self, CropMode};
-use crate::model::load::load_network;
 use crate::model::ScoreModel;
 use crate::sample::{pc_sample_with_noise, CorrectorKind, LangevinNorm, NoiseStream, SamplerConfig, PRESETS};
 use crate::sde::Sde;
@@ -57,9 +56,10 @@ pub const SHEET_DIR: &str = "sheet";
 /// Everything `srsde-fast eval` takes except the device.
 #[derive(Args, Clone, Debug)]
 pub struct EvalOptions {
-    /// Weights: a .safetensors file with its config (see `convert`) or the original checkpoint .pth.
+    /// Weights: a .safetensors file with its config (see `convert`), a sharded export folder or the
+    /// original checkpoint .pth [default: $SRSDE_MODEL, else the model bundled in the binary].
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Folder of aligned HR faces (searched recursively, sorted); each is resized to the model's size.
     #[arg(long)]
     pub hr: PathBuf,
@@ -102,7 +102,7 @@ impl EvalOptions {
     /// Options with the command line's defaults.
     pub fn new(model: PathBuf, hr: PathBuf, out_dir: PathBuf) -> Self {
         EvalOptions {
-            model,
+            model: Some(model),
             hr,
             out_dir,
             sampler: None,
@@ -252,8 +252,10 @@ pub fn run<B: Backend>(opts: &EvalOptions, backend: &B) -> Result<EvalSummary> {
         return Err(Error::Config(format!("no images found in {}", opts.hr.display())));
     }
 
-    let (net, notes) = load_network(backend, &opts.model, None)?;
-    for n in notes {
+    let model_source = crate::model::default::resolve(opts.model.as_deref())?;
+    let lw = crate::model::default::load_source(&model_source)?;
+    let net = crate::model::Ncsnpp::from_weights(backend, lw.config, &lw.weights, &model_source.describe())?;
+    for n in lw.notes {
         eprintln!("note: {n}");
     }
     let centered = net.config.data.centered;
@@ -282,11 +284,10 @@ pub fn run<B: Backend>(opts: &EvalOptions, backend: &B) -> Result<EvalSummary> {
     }
     let model = ScoreModel::new(net);
     let (sampler, methods) = methods(opts, &model.sde)?;
+    let (model_id, model_bytes) = model_source.identity()?;
     let config = EvalConfig {
-        model: canonical(&opts.model),
-        model_bytes: std::fs::metadata(&opts.model)
-            .map_err(|e| Error::io(&opts.model, e))?
-            .len(),
+        model: model_id,
+        model_bytes,
         hr: canonical(&opts.hr),
         files: files.iter().map(|f| relative(f, &opts.hr)).collect(),
         sampler: sampler.clone(),

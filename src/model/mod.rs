@@ -16,6 +16,7 @@ pub trait ScoreFn<B: Backend> {
 pub mod pickle;
 
 pub mod config;
+pub mod default;
 pub mod load;
 pub mod ncsnpp;
 pub mod score;

@@ -54,6 +54,37 @@ pub fn parse_safetensors(bytes: &[u8], file: &str) -> Result<WeightFile> {
     Ok(WeightFile { tensors, metadata })
 }
 
+/// The string metadata of a safetensors file, reading only its header (cheap on large files).
+pub fn read_safetensors_metadata(path: impl AsRef<Path>) -> Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    let path = path.as_ref();
+    let file = path.display().to_string();
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| Error::format(&file, "file is shorter than the 8-byte header length"))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if n > size.saturating_sub(8) || n > 100 << 20 {
+        return Err(Error::format(
+            &file,
+            format!("header length {n} is not plausible"),
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::format(&file, format!("header is not valid JSON: {e}")))?;
+    let meta = json.get("__metadata__").and_then(|m| m.as_object());
+    Ok(meta
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Guard against headers whose offsets are absurd before handing the bytes to the `safetensors`
 /// crate (whose own bounds arithmetic could overflow on such input).
 fn check_header_bounds(bytes: &[u8]) -> std::result::Result<(), String> {

@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::load::{check_weights, save_weights, DATA_KEY};
+use crate::model::load::{check_weights, DATA_KEY};
 use crate::model::ncsnpp::param_specs;
-use crate::model::weights::{load_safetensors, StorageType, CONFIG_KEY};
+use crate::model::sharded::{save_sharded, ShardIndex};
+use crate::model::weights::{load_safetensors, save_safetensors, StorageType, WeightFile, CONFIG_KEY};
 use crate::model::NetConfig;
 use crate::tensor::HostTensor;
 use crate::train::optim::{Adam, AdamConfig, Ema};
@@ -381,8 +382,74 @@ impl Checkpoint {
 
 /// Write a checkpoint's EMA weights as an inference weights file (config in the metadata), loadable
 /// with `upscale --model`. `ckpt` is a checkpoint file or a run folder. Returns the step exported.
+/// The metadata also holds the [`training_record`] under [`TRAINING_KEY`].
 pub fn export(ckpt: &Path, out: &Path, storage: StorageType) -> Result<u64> {
     let ck = Checkpoint::load(ckpt)?;
-    save_weights(out, &ck.config, &ck.ema_weights(), storage)?;
+    let mut metadata = BTreeMap::new();
+    metadata.insert(CONFIG_KEY.to_string(), ck.config.model_json());
+    metadata.insert(DATA_KEY.to_string(), ck.config.data_json());
+    metadata.insert(TRAINING_KEY.to_string(), training_record(&ck).to_string());
+    let wf = WeightFile {
+        tensors: ck.ema_weights(),
+        metadata,
+    };
+    save_safetensors(out, &wf, storage)?;
     Ok(ck.state.step)
+}
+
+/// Write a checkpoint's EMA weights as a sharded export in the folder `dir` (see
+/// [`crate::model::sharded`]): shards of at most `max_shard_bytes`, the index holding the config
+/// and the [`training_record`]. Returns the index.
+pub fn export_sharded(
+    ckpt: &Path,
+    dir: &Path,
+    storage: StorageType,
+    max_shard_bytes: usize,
+) -> Result<ShardIndex> {
+    let ck = Checkpoint::load(ckpt)?;
+    save_sharded(
+        dir,
+        &ck.config,
+        &ck.ema_weights(),
+        storage,
+        max_shard_bytes,
+        Some(training_record(&ck)),
+    )
+}
+
+/// Metadata key of the training record in a single-file export.
+pub const TRAINING_KEY: &str = "training";
+
+/// How much training the EMA weights of a checkpoint have had: totals over every run behind them
+/// (`steps`, `images_seen`, `runs`, carried over from `--init-from` sources) and this run's own
+/// numbers and settings (`last_run`).
+pub fn training_record(ck: &Checkpoint) -> serde_json::Value {
+    let h = &ck.hyper;
+    let images = ck.state.step * h.batch as u64;
+    let (steps0, images0, runs0) = h.init.as_ref().map_or((0, 0, 0), |i| (i.steps, i.images, i.runs));
+    serde_json::json!({
+        "steps": steps0 + ck.state.step,
+        "images_seen": images0 + images,
+        "runs": runs0 + 1,
+        "last_run": {
+            "steps": ck.state.step,
+            "images_seen": images,
+            "batch": h.batch,
+            "lr": h.lr,
+            "warmup": h.warmup,
+            "ema_rate": h.ema_rate,
+            "seed": h.seed,
+            "val_fraction": h.val_fraction,
+            "init_from": h.init.as_ref().map(|i| i.source.clone()),
+        }
+    })
+}
+
+/// The totals (steps, images seen, runs) of a [`training_record`], if `v` is one.
+pub fn record_totals(v: &serde_json::Value) -> Option<(u64, u64, u64)> {
+    Some((
+        v.get("steps")?.as_u64()?,
+        v.get("images_seen")?.as_u64()?,
+        v.get("runs")?.as_u64()?,
+    ))
 }

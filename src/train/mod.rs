@@ -72,6 +72,24 @@ pub struct Hyper {
     /// resumed run keeps it. Checkpoints written before the split existed held out none.
     #[serde(default)]
     pub val_fraction: f64,
+    /// The weights a run started from (`train --init-from`) instead of a fresh initialisation,
+    /// with the training they had already had; None for a fresh run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitFrom>,
+}
+
+/// Where the starting weights of a `--init-from` run came from, and the training totals they
+/// carried (0 when the source does not record them), so exports can report cumulative totals.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InitFrom {
+    /// The weights file or folder as given.
+    pub source: String,
+    /// Optimisation steps behind the source weights (over all earlier runs).
+    pub steps: u64,
+    /// Training images seen by the source weights (over all earlier runs).
+    pub images: u64,
+    /// Earlier runs (sessions started fresh or from weights) behind the source weights.
+    pub runs: u64,
 }
 
 impl Hyper {
@@ -92,6 +110,7 @@ impl Hyper {
             flip: config.sde() != crate::model::SdeKind::Ve,
             seed: 42,
             val_fraction: crate::train::data::VAL_FRACTION,
+            init: None,
         }
     }
 

@@ -225,6 +225,11 @@ pub struct TrainOptions {
     /// `n_iters` for the SDE ([`paper_steps`]).
     pub steps: Option<u64>,
     pub resume: bool,
+    /// Start a new run from these weights (an export, a weights file or a training checkpoint's
+    /// EMA weights) instead of a fresh initialisation: the config is the weights', the optimiser
+    /// starts afresh with a short warm-up ([`FINETUNE_WARMUP`] unless `warmup` is given), the
+    /// preset is ignored. Refused together with `resume`.
+    pub init_from: Option<PathBuf>,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub ckpt_every: u64,
     /// Stop (with a checkpoint) after this much wall time.
@@ -265,6 +270,7 @@ impl TrainOptions {
             preset: preset.to_string(),
             steps: Some(steps),
             resume: false,
+            init_from: None,
             ckpt_every: 5000,
             max_minutes: None,
             image_size: None,
@@ -370,6 +376,110 @@ impl TrainOptions {
     }
 }
 
+/// Default warm-up of a `--init-from` run: the weights are trained already and only Adam's moments
+/// start from zero, so a short ramp (vs the paper's 5000 steps from scratch) is enough to keep the
+/// first, poorly normalised updates from disturbing them.
+pub const FINETUNE_WARMUP: u64 = 200;
+
+/// The weights of `--init-from SOURCE`, their config and the training totals (steps, images, runs)
+/// recorded with them (zeros when the source records none).
+pub struct InitWeights {
+    pub config: NetConfig,
+    pub weights: BTreeMap<String, HostTensor>,
+    pub totals: (u64, u64, u64),
+}
+
+/// Read `--init-from SOURCE`: a training checkpoint (file or run folder: its EMA weights), a sharded
+/// export (folder or index), a single weights file or an original `.pth`.
+pub fn load_init_weights(src: &Path) -> Result<InitWeights> {
+    use crate::model::{load, sharded, weights};
+    use crate::train::checkpoint::{record_totals, training_record, FORMAT, TRAINING_KEY};
+    let is_checkpoint = if src.is_dir() {
+        src.join(CHECKPOINT_FILE).is_file()
+    } else {
+        src.extension().is_some_and(|e| e == "safetensors")
+            && weights::read_safetensors_metadata(src)?
+                .get("format")
+                .is_some_and(|f| f == FORMAT)
+    };
+    if is_checkpoint {
+        let ck = Checkpoint::load(src)?;
+        let totals = record_totals(&training_record(&ck)).unwrap_or_default();
+        return Ok(InitWeights {
+            weights: ck.ema_weights(),
+            config: ck.config,
+            totals,
+        });
+    }
+    let lw = load::load_weights(src, None)?;
+    let record: Option<serde_json::Value> = if sharded::is_sharded_path(src) {
+        let index = sharded::index_path(src);
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        sharded::parse_index(&text, &index.display().to_string())?.training
+    } else if src.extension().is_some_and(|e| e == "safetensors") {
+        weights::read_safetensors_metadata(src)?
+            .get(TRAINING_KEY)
+            .and_then(|t| serde_json::from_str(t).ok())
+    } else {
+        None
+    };
+    Ok(InitWeights {
+        config: lw.config,
+        weights: lw.weights,
+        totals: record.as_ref().and_then(record_totals).unwrap_or_default(),
+    })
+}
+
+/// A new run's trainer starting from `--init-from` weights (fresh Adam, EMA starting at them).
+fn trainer_from_init<B: Backend>(backend: &B, opts: &TrainOptions, src: &Path) -> Result<Trainer<B>> {
+    let init = load_init_weights(src)?;
+    let c = &init.config;
+    let mut diffs = Vec::new();
+    let mut cmp = |flag: &str, given: Option<String>, stored: String| {
+        if given.as_ref().is_some_and(|g| *g != stored) {
+            diffs.push(format!(
+                "--{flag} {} (weights: {stored})",
+                given.unwrap_or_default()
+            ));
+        }
+    };
+    cmp(
+        "image-size",
+        opts.image_size.map(|v| v.to_string()),
+        c.data.image_size.to_string(),
+    );
+    cmp("nf", opts.nf.map(|v| v.to_string()), c.model.nf.to_string());
+    cmp(
+        "ch-mult",
+        opts.ch_mult.as_ref().map(|v| format!("{v:?}")),
+        format!("{:?}", c.model.ch_mult),
+    );
+    if !diffs.is_empty() {
+        return Err(Error::Config(format!(
+            "--init-from takes the model config from the weights; these differ: {}",
+            diffs.join(", ")
+        )));
+    }
+    let mut hyper = opts.hyper(c);
+    hyper.preset = format!("init-from {}", src.display());
+    hyper.warmup = opts.warmup.unwrap_or(FINETUNE_WARMUP);
+    let (steps, images, runs) = init.totals;
+    hyper.init = Some(crate::train::InitFrom {
+        source: src.display().to_string(),
+        steps,
+        images,
+        runs,
+    });
+    if opts.progress {
+        eprintln!(
+            "starting from {} ({steps} steps, {images} images of earlier training); fresh Adam, warm-up {} steps",
+            src.display(),
+            hyper.warmup
+        );
+    }
+    Trainer::from_weights(backend, init.config, hyper, init.weights)
+}
+
 /// The original's `n_iters`: VE 2,400,001; VP/subVP 950,001.
 pub fn paper_steps(sde: crate::model::SdeKind) -> u64 {
     match sde {
@@ -456,6 +566,13 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let ckpt_path = opts.out.join(CHECKPOINT_FILE);
+    if opts.resume && opts.init_from.is_some() {
+        return Err(Error::Config(
+            "--init-from starts a new run from weights and --resume continues a run from its checkpoint: \
+             give only one of them"
+                .into(),
+        ));
+    }
     let (mut trainer, next_sample) = if opts.resume {
         if !ckpt_path.is_file() {
             return Err(Error::Config(format!(
@@ -474,9 +591,15 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
                 opts.out.display()
             )));
         }
-        let config = opts.net_config()?;
-        let hyper = opts.hyper(&config);
-        (Trainer::new(backend, config, hyper)?, 0)
+        let trainer = match &opts.init_from {
+            Some(src) => trainer_from_init(backend, opts, src)?,
+            None => {
+                let config = opts.net_config()?;
+                let hyper = opts.hyper(&config);
+                Trainer::new(backend, config, hyper)?
+            }
+        };
+        (trainer, 0)
     };
     let start_step = trainer.step;
     let steps = opts
@@ -644,8 +767,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Model preset of a fresh run (ve-paper, vp-paper, subvp-paper, ve-small, ve-tiny, vp-tiny).
-    #[arg(long, default_value = "ve-paper")]
+    #[arg(long, default_value = "ve-paper", conflicts_with = "init_from")]
     pub preset: String,
+    /// Start a new run from trained weights instead of a fresh initialisation: a sharded export
+    /// (folder or model.index.json), a weights file, or a run folder / checkpoint (its EMA weights).
+    /// The model config comes from the weights; the optimiser starts afresh with a short warm-up
+    /// (--warmup, default 200 steps here). Not with --resume.
+    #[arg(long, value_name = "WEIGHTS", conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
     /// Run folder: holds checkpoint.safetensors and train_log.jsonl.
     #[arg(long)]
     pub out: PathBuf,
@@ -658,7 +787,7 @@ pub struct TrainArgs {
     /// Adam learning rate [default: 2e-4].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Linear warm-up steps [default: 5000; 0 disables].
+    /// Linear warm-up steps [default: 5000; 200 with --init-from; 0 disables].
     #[arg(long)]
     pub warmup: Option<u64>,
     /// EMA rate [default: the config's, 0.999 VE / 0.9999 VP].
@@ -724,6 +853,7 @@ impl TrainArgs {
             preset: self.preset.clone(),
             steps: self.steps,
             resume: self.resume,
+            init_from: self.init_from.clone(),
             ckpt_every: self.ckpt_every,
             max_minutes: self.max_minutes,
             image_size: self.image_size,
@@ -747,34 +877,82 @@ impl TrainArgs {
     }
 }
 
+/// Storage type of exported weights (`export --dtype`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtypeArg {
+    F32,
+    F16,
+}
+
 /// Command-line arguments of `srsde-fast export`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ExportArgs {
     /// A run folder or a checkpoint file.
     pub checkpoint: PathBuf,
-    /// Output weights file (.safetensors), loadable with `upscale --model`.
+    /// Output: a weights file (.safetensors), or with --shard-mib a folder of shards and
+    /// model.index.json; either loads with `upscale --model`.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Store the weights as f16 (half the size).
-    #[arg(long)]
+    /// Storage type of the weights (f16: half the size; loaded back as f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// Same as --dtype f16.
+    #[arg(long, conflicts_with = "dtype")]
     pub f16: bool,
-    /// Overwrite an existing output file.
+    /// Write a sharded export into the folder OUTPUT: files of at most this many MiB each
+    /// (model-00001-of-0000N.safetensors) plus model.index.json (config, sha256 of every shard).
+    #[arg(long, value_name = "MIB")]
+    pub shard_mib: Option<f64>,
+    /// Overwrite an existing output (for a folder: replace the export in it).
     #[arg(long)]
     pub force: bool,
 }
 
 /// `srsde-fast export`: write a checkpoint's EMA weights for inference. Returns a summary line.
 pub fn export_cli(args: &ExportArgs) -> Result<String> {
-    crate::io::check_new(&args.output, args.force)?;
-    let storage = if args.f16 {
-        crate::model::weights::StorageType::F16
+    use crate::model::sharded::INDEX_FILE;
+    use crate::model::weights::StorageType;
+    let (storage, dtype) = if args.f16 || args.dtype == DtypeArg::F16 {
+        (StorageType::F16, "f16")
     } else {
-        crate::model::weights::StorageType::F32
+        (StorageType::F32, "f32")
     };
-    let step = crate::train::checkpoint::export(&args.checkpoint, &args.output, storage)?;
-    Ok(format!(
-        "wrote {} (EMA weights at step {step}, {})",
-        args.output.display(),
-        if args.f16 { "f16" } else { "f32" }
-    ))
+    match args.shard_mib {
+        None => {
+            crate::io::check_new(&args.output, args.force)?;
+            let step = crate::train::checkpoint::export(&args.checkpoint, &args.output, storage)?;
+            Ok(format!(
+                "wrote {} (EMA weights at step {step}, {dtype})",
+                args.output.display()
+            ))
+        }
+        Some(mib) => {
+            if !(mib.is_finite() && mib > 0.0) {
+                return Err(Error::Config(format!("--shard-mib {mib} must be positive")));
+            }
+            if args.output.is_file() {
+                return Err(Error::Config(format!(
+                    "{} is a file; a sharded export needs a folder",
+                    args.output.display()
+                )));
+            }
+            crate::io::check_new(&args.output.join(INDEX_FILE), args.force)?;
+            let max = (mib * (1u64 << 20) as f64) as usize;
+            let index =
+                crate::train::checkpoint::export_sharded(&args.checkpoint, &args.output, storage, max)?;
+            let total: u64 = index.shards.iter().map(|s| s.bytes).sum();
+            let steps = index
+                .training
+                .as_ref()
+                .and_then(crate::train::checkpoint::record_totals)
+                .map(|t| t.0)
+                .unwrap_or(0);
+            Ok(format!(
+                "wrote {} ({} shard(s), {:.1} MiB in all, {dtype}; EMA weights after {steps} training steps in all)",
+                args.output.join(INDEX_FILE).display(),
+                index.shards.len(),
+                total as f64 / (1u64 << 20) as f64
+            ))
+        }
+    }
 }
