@@ -11,6 +11,7 @@
 //! can be checked against the original without a network and later fused into one kernel.
 pub mod corrector;
 pub mod fast;
+pub mod graph;
 pub mod pc;
 pub mod predictor;
 
@@ -227,7 +228,7 @@ impl SamplerConfig {
 
 /// Sample x₀ ~ p₀(x | y) with the sampler `cfg` names: [`pc_sample_with_noise`] or, for a fast
 /// configuration, [`fast_sample`] (whose observer is called after every network evaluation).
-pub fn sample_with_noise<B: Backend, S: ScoreFn<B>>(
+pub fn sample_with_noise<B: Backend, S: ScoreFn<B> + 'static>(
     backend: &B,
     score: &S,
     sde: &Sde,

@@ -91,7 +91,7 @@ pub struct StepInfo<'a, B: Backend> {
 /// `observer`. Returns x̄ of the last predictor step if `cfg.denoise`, else x. N is `cfg.steps`:
 /// the SDE's discrete schedule is rebuilt with it. The result is in the score's data space (the
 /// caller applies the inverse scaler, e.g. (x+1)/2 for VP/subVP models).
-pub fn pc_sample<B: Backend, S: ScoreFn<B>>(
+pub fn pc_sample<B: Backend, S: ScoreFn<B> + 'static>(
     backend: &B,
     score: &S,
     sde: &Sde,
@@ -104,7 +104,26 @@ pub fn pc_sample<B: Backend, S: ScoreFn<B>>(
 }
 
 /// [`pc_sample`] drawing from a given noise stream (e.g. [`NoiseStream::per_image`]).
-pub fn pc_sample_with_noise<B: Backend, S: ScoreFn<B>>(
+///
+/// On CUDA with a [`crate::model::ScoreModel`] the steps are one captured CUDA graph replayed N
+/// times (same results; see [`super::graph`]); otherwise, or if that fails, [`pc_sample_eager`].
+pub fn pc_sample_with_noise<B: Backend, S: ScoreFn<B> + 'static>(
+    backend: &B,
+    score: &S,
+    sde: &Sde,
+    y: &Tensor<B>,
+    cfg: &SamplerConfig,
+    noise: NoiseStream,
+    observer: &mut dyn FnMut(StepInfo<'_, B>) -> Result<()>,
+) -> Result<Tensor<B>> {
+    if let Some(x) = super::graph::try_pc_sample(backend, score, sde, y, cfg, &noise, observer)? {
+        return Ok(x);
+    }
+    pc_sample_eager(backend, score, sde, y, cfg, noise, observer)
+}
+
+/// [`pc_sample_with_noise`] as a loop of backend ops, on any backend (no CUDA graph).
+pub fn pc_sample_eager<B: Backend, S: ScoreFn<B>>(
     backend: &B,
     score: &S,
     sde: &Sde,
