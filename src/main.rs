@@ -31,6 +31,27 @@ enum DeviceArg {
     Cuda,
 }
 
+/// GEMM arithmetic of the CUDA backend (storage and master weights stay f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    /// Exact f32 (SIMT).
+    F32,
+    /// TF32 tensor cores, f32 accumulate.
+    Tf32,
+    /// bf16 tensor cores, f32 accumulate.
+    Bf16,
+}
+
+impl PrecisionArg {
+    fn precision(self) -> Precision {
+        match self {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Tf32 => Precision::Tf32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum StorageArg {
     F32,
@@ -74,9 +95,13 @@ enum Cmd {
         /// Also time one predictor–corrector step (2 NFE + updates).
         #[arg(long)]
         pc_step: bool,
-        /// Time one training step instead (loss, backward, clip, Adam, EMA; random data, CPU only).
+        /// Time one training step instead (loss, backward, clip, Adam, EMA; random data), with
+        /// images/s and, on CUDA, the peak device memory.
         #[arg(long)]
         train: bool,
+        /// CUDA GEMM precision to time [default: every one this build supports].
+        #[arg(long, value_enum)]
+        precision: Option<PrecisionArg>,
     },
     /// Check every CUDA kernel against the CPU backend on fresh random inputs.
     Selftest {
@@ -87,9 +112,20 @@ enum Cmd {
     Train {
         #[command(flatten)]
         args: srsde_fast::train::run::TrainArgs,
-        /// Training runs on the CPU backend (the CUDA backend has no backward kernels yet).
-        #[arg(long, value_enum, default_value = "cpu")]
+        /// Where to train: the whole step (forward, backward, Adam, EMA) runs on that backend.
+        #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
+        /// CUDA GEMM precision: tf32/bf16 run the convolutions on tensor cores, with f32 master
+        /// weights, gradients and optimiser state (the CPU computes in f32 only).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
+    },
+    /// Maintenance: re-encode a training folder to fit a size budget, held-out faces kept verbatim
+    /// (scripts/pack_train_data.sh).
+    #[command(hide = true)]
+    PackFaces {
+        #[command(flatten)]
+        args: srsde_fast::train::pack::PackArgs,
     },
     /// Write a training checkpoint's EMA weights as an inference weights file.
     Export {
@@ -97,6 +133,7 @@ enum Cmd {
         args: srsde_fast::train::run::ExportArgs,
     },
     /// Super-resolve 16×16 faces to 128×128: writes `{stem}_sr.png` per input into OUTDIR.
+    #[command(after_long_help = UPSCALE_EXAMPLES)]
     Upscale {
         #[command(flatten)]
         opts: srsde_fast::upscale::UpscaleOptions,
@@ -111,6 +148,21 @@ enum Cmd {
         device: DeviceArg,
     },
 }
+
+/// Shown by `srsde-fast upscale --help`.
+const UPSCALE_EXAMPLES: &str = "\
+Examples:
+  srsde-fast upscale examples/face_lr16.png -o out/
+      The bundled 16×16 example face with the bundled default model → out/face_lr16_sr.png.
+      Before → after: examples/face_strip.png shows LR (16×16, enlarged) | SR | HR (128×128).
+  srsde-fast upscale faces/ -o out/ --samples 4 --seed 7
+      Every face in faces/, four hypotheses each (out/NAME_sr_0.png … _3.png).
+  srsde-fast upscale face.png -o out/ --model run/export/ --sampler sde-ve-cs
+      Another model (a sharded export folder, a .safetensors file or the original .pth) and the
+      paper's own predictor–corrector sampler (2000 steps: slow on a CPU).
+
+Without --model the model is $SRSDE_MODEL if set, else the one bundled in the binary, else a
+sharded export in ~/.local/share/srsde-fast/model/.";
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
@@ -166,17 +218,41 @@ fn run(cli: Cli) -> Result<()> {
             iters,
             pc_step,
             train,
+            precision,
         } => match pick_device(device)? {
-            Picked::Cpu(be) if train => bench_train(&be, &preset, batch, iters)?,
-            Picked::Cuda(_) if train => {
-                println!("bench --train: not available yet on CUDA (no backward kernels); use --device cpu")
+            Picked::Cpu(be) => {
+                if precision.is_some_and(|p| p != PrecisionArg::F32) {
+                    bail!("--precision tf32/bf16 needs the CUDA backend");
+                }
+                if train {
+                    bench_train(&be, &preset, batch, iters)?
+                } else {
+                    bench_on(&be, &preset, batch, iters, pc_step)?
+                }
             }
-            Picked::Cpu(be) => bench_on(&be, &preset, batch, iters, pc_step)?,
             Picked::Cuda(be) => {
-                for p in [Precision::F32, Precision::Tf32, Precision::Bf16] {
-                    if be.supports(p) {
-                        println!("precision {}", p.as_str());
-                        bench_on(&be.with_precision(p), &preset, batch, iters, pc_step)?;
+                let all = [Precision::F32, Precision::Tf32, Precision::Bf16];
+                let chosen: Vec<Precision> = match precision {
+                    Some(p) => vec![p.precision()],
+                    None => all.into_iter().filter(|&p| be.supports(p)).collect(),
+                };
+                for p in chosen {
+                    if !be.supports(p) {
+                        bail!("this build has no {p} tensor-core kernels");
+                    }
+                    println!("precision {}", p.as_str());
+                    let be = be.with_precision(p);
+                    if train {
+                        be.reset_pool_peak();
+                        bench_train(&be, &preset, batch, iters)?;
+                        let st = be.pool_stats();
+                        println!(
+                            "peak device memory: {:.0} MiB in use, {:.0} MiB reserved by the pool",
+                            st.peak_bytes_in_use as f64 / (1 << 20) as f64,
+                            st.peak_bytes_reserved as f64 / (1 << 20) as f64
+                        );
+                    } else {
+                        bench_on(&be, &preset, batch, iters, pc_step)?;
                     }
                 }
             }
@@ -219,7 +295,11 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("{failed} CUDA op checks failed");
             }
         }
-        Cmd::Train { args, device } => {
+        Cmd::Train {
+            args,
+            device,
+            precision,
+        } => {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = stop.clone();
             ctrlc::set_handler(move || {
@@ -231,12 +311,25 @@ fn run(cli: Cli) -> Result<()> {
             .context("installing the Ctrl-C handler")?;
             let opts = args.options();
             let summary = match pick_device(device)? {
-                Picked::Cpu(be) => srsde_fast::train::run::train(&be, &opts, &stop)?,
-                Picked::Cuda(be) => srsde_fast::train::run::train(&be, &opts, &stop)?,
+                Picked::Cpu(be) => {
+                    if precision != PrecisionArg::F32 {
+                        bail!("--precision {precision:?} needs the CUDA backend (the CPU trains in f32)");
+                    }
+                    srsde_fast::train::run::train(&be, &opts, &stop)?
+                }
+                Picked::Cuda(be) => {
+                    let p = precision.precision();
+                    if !be.supports(p) {
+                        bail!("this build has no {p} tensor-core kernels");
+                    }
+                    eprintln!("training on {} ({p} GEMMs, f32 master weights)", be.device_name());
+                    srsde_fast::train::run::train(&be.with_precision(p), &opts, &stop)?
+                }
             };
             println!("{summary}");
         }
         Cmd::Export { args } => println!("{}", srsde_fast::train::run::export_cli(&args)?),
+        Cmd::PackFaces { args } => println!("{}", srsde_fast::train::pack::pack_cli(&args)?),
         Cmd::Upscale { opts, device } => {
             let report = match pick_device(device)? {
                 Picked::Cpu(be) => srsde_fast::upscale::run(&opts, &be)?,

@@ -37,6 +37,17 @@ pub struct PoolStats {
     pub bytes_reserved: usize,
     /// Bytes sitting in free lists.
     pub bytes_cached: usize,
+    /// High-water mark of `bytes_reserved` (since the pool began or the last `reset_peak`).
+    pub peak_bytes_reserved: usize,
+    /// High-water mark of the bytes handed out to live buffers (reserved − cached).
+    pub peak_bytes_in_use: usize,
+}
+
+impl PoolStats {
+    fn note_peak(&mut self) {
+        self.peak_bytes_reserved = self.peak_bytes_reserved.max(self.bytes_reserved);
+        self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_reserved - self.bytes_cached);
+    }
 }
 
 pub(crate) struct Pool {
@@ -71,6 +82,13 @@ impl Pool {
         lock(&self.state).stats
     }
 
+    /// Restart the high-water marks from the current usage (to measure one phase of work).
+    pub(crate) fn reset_peak(&self) {
+        let st = &mut lock(&self.state).stats;
+        st.peak_bytes_reserved = st.bytes_reserved;
+        st.peak_bytes_in_use = st.bytes_reserved - st.bytes_cached;
+    }
+
     /// A buffer of at least `bytes` bytes (uninitialised).
     pub(crate) fn alloc(self: &Arc<Self>, bytes: usize, len: usize) -> Result<CudaBuf> {
         if bytes == 0 {
@@ -99,6 +117,7 @@ impl Pool {
             if let Some(ptr) = st.free.get_mut(&class).and_then(|v| v.pop()) {
                 st.stats.reuses += 1;
                 st.stats.bytes_cached -= class;
+                st.stats.note_peak();
                 return Ok(CudaBuf {
                     ptr,
                     len,
@@ -129,6 +148,7 @@ impl Pool {
         let mut st = lock(&self.state);
         st.stats.device_allocs += 1;
         st.stats.bytes_reserved += class;
+        st.stats.note_peak();
         Ok(CudaBuf {
             ptr,
             len,

@@ -508,6 +508,10 @@ impl Cuda {
     pub fn pool_stats(&self) -> PoolStats {
         self.inner.pool.stats()
     }
+    /// Restart the pool's peak-memory counters from the current usage.
+    pub fn reset_pool_peak(&self) {
+        self.inner.pool.reset_peak()
+    }
     /// Give cached device memory back to the driver.
     pub fn trim_pool(&self) -> Result<()> {
         self.inner.pool.trim()
