@@ -9,7 +9,7 @@ use super::{Cuda, Precision};
 use crate::backend::cpu::Cpu;
 use crate::backend::{Backend, Fir, UpFirDn};
 use crate::check::rel_err;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::rng;
 use crate::tensor::Tensor;
 
@@ -76,6 +76,13 @@ enum Op {
     Conv { stride: usize, pad: usize },
     GroupNorm { groups: usize, silu: bool },
     Attention,
+    // Backward ops: inputs are the forward's inputs (without bias) followed by dy; each of the
+    // three gradients is compared on a row of its own.
+    LinearBackward,
+    NinBackward,
+    ConvBackward { stride: usize, pad: usize },
+    GroupNormBackward { groups: usize, silu: bool },
+    AttentionBackward,
     UpFirDn(Fir, UpFirDn),
     UpFirDnBackward(Fir, UpFirDn, Vec<usize>),
     Fourier,
@@ -93,7 +100,35 @@ struct Case {
     bound: f64,
 }
 
-fn apply<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Tensor<B>> {
+/// The op's outputs (one for a forward op, the gradients for a backward op).
+fn apply<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Vec<Tensor<B>>> {
+    let grads = |g: crate::backend::Grads3<B>| vec![g.dx, g.dw, g.db];
+    Ok(match op {
+        Op::LinearBackward => grads(b.linear_backward(&x[0], &x[1], &x[2])?),
+        Op::NinBackward => grads(b.nin_backward(&x[0], &x[1], &x[2])?),
+        Op::ConvBackward { stride, pad } => grads(b.conv2d_backward(&x[0], &x[1], &x[2], *stride, *pad)?),
+        Op::GroupNormBackward { groups, silu } => {
+            grads(b.group_norm_backward(&x[0], &x[1], &x[2], &x[3], *groups, 1e-6, *silu)?)
+        }
+        Op::AttentionBackward => {
+            let (dq, dk, dv) = b.attention_backward(&x[0], &x[1], &x[2], &x[3])?;
+            vec![dq, dk, dv]
+        }
+        _ => vec![apply_forward(b, op, x)?],
+    })
+}
+
+/// Names of the op's outputs, for the rows ("" for a single output).
+fn output_names(op: &Op) -> &'static [&'static str] {
+    match op {
+        Op::LinearBackward | Op::NinBackward | Op::ConvBackward { .. } => &["dx", "dw", "db"],
+        Op::GroupNormBackward { .. } => &["dx", "dgamma", "dbeta"],
+        Op::AttentionBackward => &["dq", "dk", "dv"],
+        _ => &[""],
+    }
+}
+
+fn apply_forward<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Tensor<B>> {
     match op {
         Op::Add => b.add(&x[0], &x[1]),
         Op::Axpby(a, c) => b.axpby(*a, &x[0], *c, &x[1]),
@@ -120,6 +155,11 @@ fn apply<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Tensor<B>> {
         Op::Randn(shape, seed) => b.randn(shape, *seed, 1 << 33),
         Op::Uniform(shape, seed) => b.rand_uniform(shape, *seed, 12345),
         Op::Dropout(shape, p, seed) => b.dropout_mask(shape, *p, *seed, 7),
+        Op::LinearBackward
+        | Op::NinBackward
+        | Op::ConvBackward { .. }
+        | Op::GroupNormBackward { .. }
+        | Op::AttentionBackward => Err(Error::Other("selftest: a backward op has several outputs".into())),
     }
 }
 
@@ -150,6 +190,8 @@ const CONVS: &[ConvCase] = &[
     (1, 128, 64, 64, 3, 3, 1, 1, true),
     (1, 128, 64, 64, 128, 3, 1, 1, false),
     (2, 4, 10, 10, 6, 5, 3, 2, false),
+    // Wide enough for the 128-pixel tiles of the pipelined bf16 kernel; C off its 32-channel tile.
+    (2, 40, 96, 96, 64, 3, 1, 1, true),
 ];
 
 fn bound_for(p: Precision) -> f64 {
@@ -328,6 +370,8 @@ fn cases(seed: u64) -> Vec<Case> {
         v.push(f32c("attention", Op::Attention, inputs));
     }
 
+    backward_cases(&mut v);
+
     let k4 = [1.0f32, 3.0, 3.0, 1.0];
     let odd = Fir {
         taps: vec![0.3, -0.1, 0.5, 0.25, 0.7, -0.4],
@@ -430,8 +474,10 @@ fn cases(seed: u64) -> Vec<Case> {
 fn shape_text(c: &Case) -> String {
     let ins: Vec<String> = c.inputs.iter().map(|(s, _)| format!("{s:?}")).collect();
     let extra = match &c.op {
-        Op::Conv { stride, pad } => format!(" s{stride} p{pad}"),
-        Op::GroupNorm { groups, silu } => format!(" g{groups}{}", if *silu { "+silu" } else { "" }),
+        Op::Conv { stride, pad } | Op::ConvBackward { stride, pad } => format!(" s{stride} p{pad}"),
+        Op::GroupNorm { groups, silu } | Op::GroupNormBackward { groups, silu } => {
+            format!(" g{groups}{}", if *silu { "+silu" } else { "" })
+        }
         Op::UpFirDn(f, g) | Op::UpFirDnBackward(f, g, _) => {
             format!(
                 " k{}x{} up{} dn{} pad{},{}",
@@ -472,7 +518,10 @@ pub fn selftest_against<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Re
                 .zip(&host)
                 .map(|((s, _), d)| reference.from_f32(s, d))
                 .collect::<Result<Vec<_>>>()?;
-            reference.to_f32(&apply(reference, &case.op, &xs)?)
+            apply(reference, &case.op, &xs)?
+                .iter()
+                .map(|y| reference.to_f32(y))
+                .collect::<Result<Vec<_>>>()
         })();
         let dev = cuda.with_precision(case.precision).with_poison(true);
         let got = (|| {
@@ -482,31 +531,40 @@ pub fn selftest_against<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Re
                 .zip(&host)
                 .map(|((s, _), d)| dev.from_f32(s, d))
                 .collect::<Result<Vec<_>>>()?;
-            let y = apply(&dev, &case.op, &xs)?;
+            let ys = apply(&dev, &case.op, &xs)?;
             dev.synchronize()?;
-            dev.to_f32(&y)
+            ys.iter().map(|y| dev.to_f32(y)).collect::<Result<Vec<_>>>()
         })();
-        let (rel, error) = match (&got, &want) {
-            (Ok(g), Ok(w)) => (rel_err(g, w), None),
-            (Err(e), _) => (f64::INFINITY, Some(format!("cuda: {e}"))),
-            (_, Err(e)) => (f64::INFINITY, Some(format!("reference: {e}"))),
-        };
-        rows.push(SelftestRow {
-            op: case.name.to_string(),
-            shape: shape_text(&case),
-            precision: case.precision,
-            rel_err: rel,
-            bound: case.bound,
-            pass: error.is_none() && rel <= case.bound,
-            error,
-        });
+        for (oi, out_name) in output_names(&case.op).iter().enumerate() {
+            let (rel, error) = match (&got, &want) {
+                (Ok(g), Ok(w)) => match (g.get(oi), w.get(oi)) {
+                    (Some(g), Some(w)) => (rel_err(g, w), None),
+                    _ => (f64::INFINITY, Some(format!("output {out_name} missing"))),
+                },
+                (Err(e), _) => (f64::INFINITY, Some(format!("cuda: {e}"))),
+                (_, Err(e)) => (f64::INFINITY, Some(format!("reference: {e}"))),
+            };
+            let op = if out_name.is_empty() {
+                case.name.to_string()
+            } else {
+                format!("{}.{out_name}", case.name)
+            };
+            rows.push(SelftestRow {
+                op,
+                shape: shape_text(&case),
+                precision: case.precision,
+                rel_err: rel,
+                bound: case.bound,
+                pass: error.is_none() && rel <= case.bound,
+                error,
+            });
+        }
         // A failed launch leaves the context unusable: report what we have.
-        if let Some(e) = &rows.last().unwrap().error {
-            if e.contains("CUDA_ERROR_ILLEGAL") || e.contains("CUDA_ERROR_LAUNCH") {
-                break;
-            }
+        if fatal(rows.last()) {
+            return Ok(rows);
         }
     }
+    rows.extend(training_gradients(cuda, reference, seed));
     Ok(rows)
 }
 
@@ -516,4 +574,304 @@ pub fn header() -> String {
         "{:<24} {:<40} {:<5} {:>10} {:>8} {}",
         "op", "shape", "prec", "rel_err", "bound", "result"
     )
+}
+
+/// Whether a row's error leaves the CUDA context unusable (a failed launch).
+fn fatal(row: Option<&SelftestRow>) -> bool {
+    row.and_then(|r| r.error.as_deref())
+        .is_some_and(|e| e.contains("CUDA_ERROR_ILLEGAL") || e.contains("CUDA_ERROR_LAUNCH"))
+}
+
+/// Backward cases: the forward shapes plus odd strided geometries ((H+2p−K) % s ≠ 0), 1×1 with
+/// padding, and batches large enough that the weight gradient is split over pixels.
+fn backward_cases(v: &mut Vec<Case>) {
+    let f32c = |name, op, inputs| Case {
+        name,
+        op,
+        inputs,
+        precision: Precision::F32,
+        bound: F32_BOUND,
+    };
+    let n01 = n01();
+    let w = |s: f32| Dist::Normal(0.0, s);
+    v.push(f32c(
+        "linear_backward",
+        Op::LinearBackward,
+        vec![(vec![4, 128], n01), (vec![512, 128], w(0.1)), (vec![4, 512], n01)],
+    ));
+    v.push(f32c(
+        "linear_backward",
+        Op::LinearBackward,
+        vec![(vec![3, 37], n01), (vec![19, 37], n01), (vec![3, 19], n01)],
+    ));
+    const EXTRA_CONVS: &[ConvCase] = &[
+        (2, 5, 10, 9, 6, 3, 2, 0, false),
+        (1, 3, 12, 11, 4, 3, 2, 1, false),
+        (1, 6, 7, 8, 5, 1, 1, 1, false),
+        (8, 64, 32, 32, 64, 3, 1, 1, false),
+        (4, 128, 64, 64, 128, 3, 1, 1, false),
+    ];
+    for p in Precision::ALL {
+        let b = bound_for(p);
+        for (x, wt) in [
+            (vec![2, 256, 16, 16], vec![256, 256]),
+            (vec![3, 5, 7, 9], vec![5, 11]),
+            (vec![16, 128, 32, 32], vec![128, 64]),
+        ] {
+            let dy = vec![x[0], wt[1], x[2], x[3]];
+            let s = 1.0 / (wt[0] as f32).sqrt();
+            v.push(Case {
+                name: "nin_backward",
+                op: Op::NinBackward,
+                inputs: vec![(x, n01), (wt, w(s)), (dy, n01)],
+                precision: p,
+                bound: b,
+            });
+        }
+        for &(n, c, h, wd, o, k, stride, pad, _) in CONVS.iter().chain(EXTRA_CONVS) {
+            let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
+            v.push(Case {
+                name: "conv2d_backward",
+                op: Op::ConvBackward { stride, pad },
+                inputs: vec![
+                    (vec![n, c, h, wd], n01),
+                    (vec![o, c, k, k], w(1.0 / ((c * k * k) as f32).sqrt())),
+                    (vec![n, o, oh, ow], n01),
+                ],
+                precision: p,
+                bound: b,
+            });
+        }
+    }
+    for (shape, groups, silu) in [
+        (vec![2, 128, 16, 16], 32, true),
+        (vec![2, 256, 8, 8], 32, false),
+        (vec![2, 128, 64, 64], 32, true),
+        (vec![3, 12, 5, 7], 4, false),
+        (vec![3, 12, 5, 7], 4, true),
+        (vec![2, 9, 1, 1], 3, true),
+    ] {
+        let c = shape[1];
+        v.push(f32c(
+            "group_norm_backward",
+            Op::GroupNormBackward { groups, silu },
+            vec![
+                (shape.clone(), Dist::Normal(0.5, 2.0)),
+                (vec![c], Dist::Normal(1.0, 0.3)),
+                (vec![c], n01),
+                (shape, n01),
+            ],
+        ));
+    }
+    for shape in [
+        vec![2, 256, 16, 16],
+        vec![1, 512, 2, 2],
+        vec![3, 32, 5, 7],
+        vec![2, 64, 17, 15],
+        vec![8, 256, 16, 16],
+    ] {
+        let inputs = vec![(shape.clone(), n01); 4];
+        v.push(f32c("attention_backward", Op::AttentionBackward, inputs));
+    }
+}
+
+/// End to end: the DSM-loss gradient of every trainable parameter of the `ve-tiny` network
+/// (random weights, a batch of 2 at 128×128) on CUDA at each precision against the reference
+/// backend; see [`compare_training`].
+pub fn training_gradients<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Vec<SelftestRow> {
+    let mut rows = Vec::new();
+    for p in Precision::ALL {
+        if !cuda.supports(p) {
+            continue;
+        }
+        rows.extend(compare_training(
+            &cuda.with_precision(p).with_poison(true),
+            reference,
+            p,
+            seed,
+        ));
+        if fatal(rows.last()) {
+            break;
+        }
+    }
+    rows
+}
+
+const TRAIN_PRESET: &str = "ve-tiny";
+
+/// (per-sample losses, gradients by name) of the DSM loss of `TRAIN_PRESET` on one backend.
+type TrainRun = (Vec<f64>, std::collections::BTreeMap<String, Vec<f32>>);
+
+fn train_run<B: Backend>(
+    b: &B,
+    seed: u64,
+    x0: &[f32],
+    y: &[f32],
+    z: &[f32],
+    t: &[f64],
+    shape: &[usize],
+) -> Result<TrainRun> {
+    use crate::model::{Ncsnpp, NetConfig, ScoreModel};
+    let cfg = NetConfig::preset(TRAIN_PRESET)?;
+    let model = ScoreModel::new(Ncsnpp::random(b, cfg, seed)?);
+    let (x0, y, z) = (
+        b.from_f32(shape, x0)?,
+        b.from_f32(shape, y)?,
+        b.from_f32(shape, z)?,
+    );
+    let out = crate::train::loss::dsm_loss(&model, &x0, &y, t, &z, 0, true)?;
+    let grads = out
+        .grads
+        .ok_or_else(|| Error::Other("dsm_loss returned no gradients".into()))?;
+    let mut by_name = std::collections::BTreeMap::new();
+    for (name, g) in &grads.by_name {
+        by_name.insert(name.clone(), b.to_f32(g)?);
+    }
+    Ok((out.per_sample, by_name))
+}
+
+/// The DSM loss and its parameter gradients on `dev` against `reference`, as three rows: the
+/// per-sample losses, all gradients together (norm-wise), and the worst single parameter. The
+/// attention key bias (`…NIN_1.b`) is left out: its true gradient is 0 (softmax ignores a per-row
+/// shift), so both sides hold only rounding noise. `precision` labels the rows and picks the
+/// bounds (the per-op bounds grown by the depth of the network).
+pub fn compare_training<D: Backend, R: Backend>(
+    dev: &D,
+    reference: &R,
+    precision: Precision,
+    seed: u64,
+) -> Vec<SelftestRow> {
+    let (n, hw) = (2usize, 128usize);
+    let shape = [n, 3, hw, hw];
+    let host = |k: u64, dist: Dist| draw(&shape, dist, seed.wrapping_mul(7919).wrapping_add(k));
+    let (x0, y, z) = (
+        host(1, Dist::Uniform(0.0, 1.0)),
+        host(2, Dist::Uniform(0.0, 1.0)),
+        host(3, n01()),
+    );
+    let t = [0.1, 0.6];
+    let shape_text = format!("{TRAIN_PRESET} {shape:?} dsm t={t:?}");
+    let bounds = match precision {
+        Precision::F32 => [1e-5, 1e-4, 1e-3],
+        Precision::Tf32 => [1e-2, 3e-2, 1e-1],
+        Precision::Bf16 => [5e-2, 1e-1, 3e-1],
+    };
+    let want = train_run(reference, seed, &x0, &y, &z, &t, &shape);
+    let got = train_run(dev, seed, &x0, &y, &z, &t, &shape);
+    let mut rows = Vec::new();
+    let mut row = |op: &str, shape: String, rel: f64, bound: f64, error: Option<String>| {
+        rows.push(SelftestRow {
+            op: op.to_string(),
+            shape,
+            precision,
+            rel_err: rel,
+            bound,
+            pass: error.is_none() && rel <= bound,
+            error,
+        })
+    };
+    match (&got, &want) {
+        (Err(e), _) => row(
+            "train.loss",
+            shape_text,
+            f64::INFINITY,
+            bounds[0],
+            Some(format!("cuda: {e}")),
+        ),
+        (_, Err(e)) => row(
+            "train.loss",
+            shape_text,
+            f64::INFINITY,
+            bounds[0],
+            Some(format!("reference: {e}")),
+        ),
+        (Ok((gl, gg)), Ok((wl, wg))) => {
+            row(
+                "train.loss",
+                shape_text.clone(),
+                crate::check::rel_err_f64(gl, wl),
+                bounds[0],
+                None,
+            );
+            let (mut all_got, mut all_want) = (Vec::new(), Vec::new());
+            let (mut worst, mut worst_name, mut missing) = (0.0f64, String::new(), Vec::new());
+            for (name, w) in wg {
+                if name.ends_with("NIN_1.b") {
+                    continue;
+                }
+                let Some(g) = gg.get(name) else {
+                    missing.push(name.clone());
+                    continue;
+                };
+                let e = rel_err(g, w);
+                if e > worst || worst_name.is_empty() {
+                    worst = e;
+                    worst_name = name.clone();
+                }
+                all_got.extend_from_slice(g);
+                all_want.extend_from_slice(w);
+            }
+            let error = (!missing.is_empty() || gg.len() != wg.len())
+                .then(|| format!("{} vs {} gradients; missing: {missing:?}", gg.len(), wg.len()));
+            row(
+                "train.grads",
+                format!("{shape_text} {} params", wg.len()),
+                rel_err(&all_got, &all_want),
+                bounds[1],
+                error,
+            );
+            row("train.grad.worst", worst_name, worst, bounds[2], None);
+        }
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every backward case is valid for the reference (shapes agree, one result per output
+    /// name), checked on the CPU for the cases small enough to run quickly here.
+    #[test]
+    fn backward_cases_run_on_the_reference() {
+        let cpu = Cpu::<f32>::new();
+        let mut cases = Vec::new();
+        backward_cases(&mut cases);
+        let mut ran = 0;
+        for case in &cases {
+            let elems: usize = case.inputs.iter().map(|(s, _)| s.iter().product::<usize>()).sum();
+            if elems > 300_000 {
+                continue;
+            }
+            let xs: Vec<_> = case
+                .inputs
+                .iter()
+                .map(|(s, d)| cpu.from_f32(s, &draw(s, *d, 5)).unwrap())
+                .collect();
+            let ys = apply(&cpu, &case.op, &xs).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            assert_eq!(ys.len(), output_names(&case.op).len(), "{}", case.name);
+            // dx has the input's shape and dw the weight's; dq, dk, dv all have q's.
+            let want: Vec<&[usize]> = match case.op {
+                Op::AttentionBackward => vec![xs[0].shape(); 3],
+                _ => vec![xs[0].shape(), xs[1].shape()],
+            };
+            for (y, w) in ys.iter().zip(want) {
+                assert_eq!(y.shape(), w, "{} {}", case.name, shape_text(case));
+            }
+            ran += 1;
+        }
+        assert!(ran >= 20, "{ran} cases ran");
+    }
+
+    /// The end-to-end rows on CPU f32 against CPU f64: the machinery works and the f32 bounds
+    /// leave room for f32 rounding through the whole network.
+    #[test]
+    fn training_rows_pass_for_cpu_f32_against_f64() {
+        let rows = compare_training(&Cpu::<f32>::new(), &Cpu::<f64>::new(), Precision::F32, 3);
+        for r in &rows {
+            println!("{r}");
+        }
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| r.pass), "{rows:#?}");
+    }
 }
