@@ -403,8 +403,38 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_bf16_n64(const f
 // Operands stream through MMA_STAGES shared-memory stages with cp.async (A as bf16, B as f32
 // zero-filled outside the image, rounded to bf16 when the fragments are built); A fragments come
 // from ldmatrix, B fragments from 64-bit loads of (k, k+1) pairs stored side by side.
-// Split-K over blockIdx.z counts K tiles: block z takes tiles [z·tiles_per_split, …).
+// Split-K over blockIdx.z counts K tiles: block z takes tiles [z·tiles_per_split, …); then the
+// caller passes a null epilogue and conv_splitk_reduce_epi applies it.
 // CPU twins: conv2d / nin (with bf16-rounded operands).
+
+// A residual block's epilogue fused into the output write: v = conv + bias[m] (+ cb[n·M + m]),
+// then alpha·v + beta·res[i] when res is given (the CPU twin composes conv2d, add_channel_bias
+// and axpby — Backend::conv2d_fused).
+struct ConvEpi {
+    const float* cb;   // [N, M] or null
+    const float* res;  // like the output, or null
+    float alpha, beta;
+};
+
+__device__ __forceinline__ float conv_epi(const ConvEpi& e, float v, long long n, int m, int M, long long i) {
+    if (e.cb) v += e.cb[n * M + m];
+    if (e.res) v = e.alpha * v + e.beta * e.res[i];
+    return v;
+}
+
+// Split-K reduction with the epilogue: out[i] = epi(Σ_z ws[z·numel + i] + bias[m]).
+extern "C" __global__ void conv_splitk_reduce_epi(const float* __restrict__ ws, const float* __restrict__ bias,
+                                                  float* __restrict__ out, long long numel, int splits, int O,
+                                                  long long ohw, ConvEpi e) {
+    GRID_STRIDE(i, numel) {
+        float s = 0.0f;
+        for (int z = 0; z < splits; ++z) s += ws[(long long)z * numel + i];
+        const long long nm = i / ohw;
+        const int m = (int)(nm % O);
+        if (bias) s += bias[m];
+        out[i] = conv_epi(e, s, nm / O, m, O, i);
+    }
+}
 
 #define MMA_BK 32
 #define MMA_STAGES 4
@@ -427,7 +457,7 @@ struct MmaTile {
 template <int BN>
 __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const unsigned* __restrict__ wp,
                                               const float* __restrict__ bias, float* __restrict__ out,
-                                              const ConvGeom& g, int tiles_per_split) {
+                                              const ConvGeom& g, int tiles_per_split, const ConvEpi& epi) {
     typedef MmaTile<BN> T;
     extern __shared__ float S[];
     unsigned* const smem = reinterpret_cast<unsigned*>(S);
@@ -528,6 +558,7 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
     float* dst = out + (long long)blockIdx.z * (P * M);
     const long long ohw_l = ohw;
     long long poff[T::NI][2];
+    int pn[T::NI][2];  // the pixel's sample
     bool pok[T::NI][2];
 #pragma unroll
     for (int ni = 0; ni < T::NI; ++ni)
@@ -535,6 +566,7 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
         for (int j = 0; j < 2; ++j) {
             const long long p = p0 + wn * T::WTN + ni * 8 + q4 * 2 + j;
             pok[ni][j] = p < P;
+            pn[ni][j] = pok[ni][j] ? (int)(p / ohw) : 0;
             poff[ni][j] = pok[ni][j] ? out_offset(g, p) : 0;
         }
 #pragma unroll
@@ -548,7 +580,10 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
             for (int ni = 0; ni < T::NI; ++ni)
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
-                    if (pok[ni][j]) dst[poff[ni][j] + m * ohw_l] = acc[mi][ni][h * 2 + j] + bv;
+                    if (pok[ni][j]) {
+                        const long long i = poff[ni][j] + m * ohw_l;
+                        dst[i] = conv_epi(epi, acc[mi][ni][h * 2 + j] + bv, pn[ni][j], m, M, i);
+                    }
         }
 }
 
@@ -556,14 +591,14 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
 // the host raises the kernels' limit above the default 48 KB once at start-up.
 extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_mma(const float* __restrict__ x,
     const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
-    int tiles_per_split) {
-    conv_mma_body<128>(x, wp, bias, out, g, tiles_per_split);
+    int tiles_per_split, ConvEpi epi) {
+    conv_mma_body<128>(x, wp, bias, out, g, tiles_per_split, epi);
 }
 
 extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_mma_n64(const float* __restrict__ x,
     const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
-    int tiles_per_split) {
-    conv_mma_body<64>(x, wp, bias, out, g, tiles_per_split);
+    int tiles_per_split, ConvEpi epi) {
+    conv_mma_body<64>(x, wp, bias, out, g, tiles_per_split, epi);
 }
 
 // wp[m][tap][c] (bf16 pairs along c) = A[m, c·KHW + tap] for m < M, c < C, else 0, where

@@ -17,8 +17,9 @@ static void report(const std::string& name, double e, double bound) {
     bool ok = e <= bound; if (!ok) ++fails; printf("%-60s %10.3e %s\n", name.c_str(), e, ok ? "ok" : "FAIL"); }
 
 // nin_layout: weights stored (in, out) like the NIN layer (k = 1 only).
+// fused: with a per-(sample, channel) bias and a residual (alpha 0.7, beta 0.6) in the epilogue.
 static void test(int N, int C, int H, int W, int O, int k, int s, int p, bool bias, int bn, int splits,
-                 bool nin_layout = false) {
+                 bool nin_layout = false, bool fused = false) {
     const int OH = (H + 2 * p - k) / s + 1, OW = (W + 2 * p - k) / s + 1, K = C * k * k, KHW = k * k;
     auto x = randv((size_t)N * C * H * W), w = randv((size_t)O * K, 1.f / sqrtf(K)), b = randv(O);
     auto A = [&](int m, int kk) { return nin_layout ? w[(size_t)kk * O + m] : w[(size_t)m * K + kk]; };
@@ -30,6 +31,16 @@ static void test(int N, int C, int H, int W, int O, int k, int s, int p, bool bi
             float wv = A(o, (c * k + ky) * k + kx), xv = x[(((size_t)n * C + c) * H + iy) * W + ix];
             a += (double)wv * xv; ar += (double)rbf(wv) * rbf(xv); }
         size_t i = (((size_t)n * O + o) * OH + oy) * OW + ox; ref[i] = a; ref_r[i] = ar; }
+    std::vector<float> cb, res;
+    const float alpha = 0.7f, beta = 0.6f;
+    if (fused) {
+        cb = randv((size_t)N * O); res = randv(ref.size());
+        for (size_t i = 0; i < ref.size(); ++i) {
+            const size_t n = i / ((size_t)O * OH * OW), o = i / ((size_t)OH * OW) % O;
+            ref[i] = alpha * (ref[i] + cb[n * O + o]) + beta * res[i];
+            ref_r[i] = alpha * (ref_r[i] + cb[n * O + o]) + beta * res[i]; } }
+    ConvEpi epi{fused ? cb.data() : nullptr, fused ? res.data() : nullptr, alpha, beta};
+    ConvEpi none{nullptr, nullptr, 1.f, 0.f};
     const int mp = (O + 127) / 128 * 128, cp = (C + 31) / 32 * 32;
     std::vector<unsigned> wp((size_t)mp * KHW * cp / 2, 0xFFFFFFFFu);
     launch({3, 1, 1}, {256}, [&] { conv_pack_bf16(w.data(), wp.data(), O, mp, KHW, C, cp, nin_layout ? 1LL : (long long)K, nin_layout ? (long long)O : 1LL); });
@@ -40,10 +51,10 @@ static void test(int N, int C, int H, int W, int O, int k, int s, int p, bool bi
     float* dst = gz > 1 ? ws.data() : out.data();
     const float* bp = gz > 1 ? nullptr : (bias ? b.data() : nullptr);
     dim3 grid{(unsigned)((P + bn - 1) / bn), (unsigned)(mp / 128), (unsigned)gz};
-    launch(grid, {256}, [&] { (bn == 128 ? conv_bf16_mma : conv_bf16_mma_n64)(x.data(), wp.data(), bp, dst, g, per); });
-    if (gz > 1) launch({4, 1, 1}, {256}, [&] { conv_splitk_reduce(ws.data(), bias ? b.data() : nullptr, out.data(), numel, gz, O, (long long)OH * OW); });
+    launch(grid, {256}, [&] { (bn == 128 ? conv_bf16_mma : conv_bf16_mma_n64)(x.data(), wp.data(), bp, dst, g, per, gz > 1 ? none : epi); });
+    if (gz > 1) launch({4, 1, 1}, {256}, [&] { conv_splitk_reduce_epi(ws.data(), bias ? b.data() : nullptr, out.data(), numel, gz, O, (long long)OH * OW, epi); });
     char name[160];
-    snprintf(name, sizeof name, "%s bf16 mma/%d N%d C%d %dx%d O%d k%d s%d p%d split%d", nin_layout ? "nin" : "conv", bn, N, C, H, W, O, k, s, p, gz);
+    snprintf(name, sizeof name, "%s bf16 mma/%d N%d C%d %dx%d O%d k%d s%d p%d split%d%s", nin_layout ? "nin" : "conv", bn, N, C, H, W, O, k, s, p, gz, fused ? " +epi" : "");
     report(std::string(name) + " vs rounded", relerr(out, ref_r), 1e-5);
     report(std::string(name) + " vs f32", relerr(out, ref), 2e-2);
 }
@@ -55,6 +66,8 @@ int main() {
     test(1, 96, 5, 6, 64, 3, 1, 1, true, 64, 4);     // split-K (27 tiles over 4 parts)
     test(3, 48, 4, 4, 40, 1, 1, 0, true, 128, 1, true);  // NIN layout
     test(1, 16, 6, 5, 24, 1, 1, 0, false, 64, 2);    // 1×1 conv, C < tile, split
+    test(2, 40, 7, 9, 72, 3, 1, 1, true, 128, 1, false, true);  // fused epilogue
+    test(2, 96, 5, 6, 64, 3, 1, 1, true, 64, 4, false, true);   // fused epilogue through split-K
     printf("%d failures\n", fails);
     return fails != 0;
 }

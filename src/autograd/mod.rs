@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::backend::{Backend, Fir, UpFirDn};
+use crate::backend::{Backend, ConvEpilogue, Fir, UpFirDn};
 use crate::error::{Error, Result};
 use crate::tensor::{same_shape, Tensor};
 
@@ -282,6 +282,44 @@ impl<B: Backend> Graph<B> {
             let gr = be.conv2d_backward(&xv, &wv, g, stride, pad)?;
             Ok(vec![Some(gr.dx), Some(gr.dw), Some(gr.db)])
         }))
+    }
+
+    /// conv2d, then + chan_bias[n, o], then alpha·y + beta·r for `residual` = (r, alpha, beta).
+    /// Recording: exactly the separate ops (same tape as composing them by hand); inference: one
+    /// fused backend op ([`Backend::conv2d_fused`]).
+    #[allow(clippy::too_many_arguments)] // the conv's arguments plus the epilogue
+    pub fn conv2d_fused(
+        &self,
+        x: &Var<B>,
+        w: &Var<B>,
+        b: &Var<B>,
+        stride: usize,
+        pad: usize,
+        chan_bias: Option<&Var<B>>,
+        residual: Option<(&Var<B>, f64, f64)>,
+    ) -> Result<Var<B>> {
+        if self.recording {
+            let mut y = self.conv2d(x, w, b, stride, pad)?;
+            if let Some(cb) = chan_bias {
+                y = self.add_channel_bias(&y, cb)?;
+            }
+            if let Some((r, alpha, beta)) = residual {
+                y = if alpha == 1.0 && beta == 1.0 {
+                    self.add(r, &y)?
+                } else {
+                    self.axpby(beta, r, alpha, &y)?
+                };
+            }
+            return Ok(y);
+        }
+        let epi = ConvEpilogue {
+            channel_bias: chan_bias.map(|v| &v.value),
+            residual: residual.map(|(r, a, be)| (&r.value, a, be)),
+        };
+        let y = self
+            .backend
+            .conv2d_fused(&x.value, &w.value, Some(&b.value), stride, pad, &epi)?;
+        Ok(self.constant(y))
     }
 
     pub fn group_norm(

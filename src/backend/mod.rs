@@ -109,6 +109,42 @@ pub(crate) fn validate_ema(shadow: &[usize], p: &[usize], decay: f64) -> Result<
     Ok(())
 }
 
+/// What [`Backend::conv2d_fused`] adds to a convolution's output before it is written: the
+/// epilogue of a residual block, so inference makes one pass over the output instead of three.
+pub struct ConvEpilogue<'a, B: Backend> {
+    /// [N, O]: added per sample and output channel (a res-block's time-embedding projection).
+    pub channel_bias: Option<&'a Tensor<B>>,
+    /// (r, alpha, beta) with r shaped like the output: out = alpha·(conv + biases) + beta·r
+    /// (the block's skip connection, alpha = beta = 1/√2 with skip_rescale).
+    pub residual: Option<(&'a Tensor<B>, f64, f64)>,
+}
+
+/// `conv2d_fused` as separate ops — the CPU backend's implementation and any backend's fallback;
+/// the same ops in the same order as the unfused model code (`axpby(beta, r, alpha, y)`, or
+/// `add(r, y)` when both factors are 1), so results are identical to it.
+pub fn conv2d_fused_composed<B: Backend>(
+    be: &B,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    b: Option<&Tensor<B>>,
+    stride: usize,
+    pad: usize,
+    epi: &ConvEpilogue<B>,
+) -> Result<Tensor<B>> {
+    let mut y = be.conv2d(x, w, b, stride, pad)?;
+    if let Some(cb) = epi.channel_bias {
+        y = be.add_channel_bias(&y, cb)?;
+    }
+    if let Some((r, alpha, beta)) = epi.residual {
+        y = if alpha == 1.0 && beta == 1.0 {
+            be.add(r, &y)?
+        } else {
+            be.axpby(beta, r, alpha, &y)?
+        };
+    }
+    Ok(y)
+}
+
 /// Gradients of an op with parameters: input, weight, bias.
 pub struct Grads3<B: Backend> {
     pub dx: Tensor<B>,
@@ -184,6 +220,19 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor<Self>>;
+    /// `conv2d` plus a residual block's epilogue (see [`ConvEpilogue`]) in one op, for inference
+    /// (it has no backward; training records the separate ops). Default: the separate ops.
+    fn conv2d_fused(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        stride: usize,
+        pad: usize,
+        epi: &ConvEpilogue<Self>,
+    ) -> Result<Tensor<Self>> {
+        conv2d_fused_composed(self, x, w, b, stride, pad, epi)
+    }
     /// Gradients of `conv2d` w.r.t. input, weight and bias.
     fn conv2d_backward(
         &self,

@@ -105,6 +105,19 @@ impl Conv2d {
         let b = cx.p(&join(&self.prefix, "bias"))?;
         cx.g.conv2d(x, &w, &b, self.stride, self.pad)
     }
+    /// The convolution with a residual block's epilogue: + chan_bias[n, o], then
+    /// alpha·y + beta·r for `residual` = (r, alpha, beta) — one fused op at inference.
+    pub fn forward_fused<B: Backend>(
+        &self,
+        cx: &Ctx<B>,
+        x: &Var<B>,
+        chan_bias: Option<&Var<B>>,
+        residual: Option<(&Var<B>, f64, f64)>,
+    ) -> Result<Var<B>> {
+        let w = cx.p(&join(&self.prefix, "weight"))?;
+        let b = cx.p(&join(&self.prefix, "bias"))?;
+        cx.g.conv2d_fused(x, &w, &b, self.stride, self.pad, chan_bias, residual)
+    }
 }
 
 /// nn.Linear (weight (out, in)).
@@ -297,16 +310,21 @@ impl ResBlock {
             }
             Resample::None => {}
         }
-        h = self.conv0().forward(cx, &h)?;
+        // conv0 + time-embedding bias and conv1 + skip connection are one op each at inference
+        // (the same separate ops when recording for training).
         let t = self.dense0().forward(cx, act_temb)?;
-        h = g.add_channel_bias(&h, &t)?;
+        h = self.conv0().forward_fused(cx, &h, Some(&t), None)?;
         h = self.gn1().forward(cx, &h, true)?;
         h = cx.dropout(&h)?;
-        h = self.conv1().forward(cx, &h)?;
         if let Some(c) = self.shortcut() {
             x = c.forward(cx, &x)?;
         }
-        merge(g, &x, &h, self.skip_rescale)
+        let s = if self.skip_rescale {
+            std::f64::consts::FRAC_1_SQRT_2
+        } else {
+            1.0
+        };
+        self.conv1().forward_fused(cx, &h, None, Some((&x, s, s)))
     }
 }
 

@@ -41,7 +41,7 @@ use cudarc::nvrtc::Ptx;
 pub use self::memory::CudaBuf;
 use self::memory::{Pool, PoolStats};
 use super::shapes::{self, expect_shape};
-use super::{AdamStep, Backend, Fir, Grads3, UpFirDn};
+use super::{AdamStep, Backend, ConvEpilogue, Fir, Grads3, UpFirDn};
 use crate::error::{Error, Result};
 use crate::tensor::{same_shape, Tensor};
 
@@ -227,6 +227,25 @@ struct ConvGeom {
     k_chunk: i32,
     a_sm: i64,
     a_sk: i64,
+}
+
+/// kernels/conv.cu `ConvEpi`: the fused residual-block epilogue (null pointers: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ConvEpiC {
+    cb: u64,
+    res: u64,
+    alpha: f32,
+    beta: f32,
+}
+
+impl ConvEpiC {
+    const NONE: ConvEpiC = ConvEpiC {
+        cb: 0,
+        res: 0,
+        alpha: 1.0,
+        beta: 0.0,
+    };
 }
 
 /// kernels/fir.cu `FirGeom`.
@@ -695,13 +714,8 @@ impl Cuda {
                 ),
             ));
         }
-        if precision == Precision::Bf16
-            && g.c as usize >= MMA_MIN_CHANNELS
-            && MMA_KERNELS
-                .iter()
-                .all(|(n, _)| self.inner.kernels.contains_key(n))
-        {
-            return self.gemm_conv_mma(x, w, b, g, out);
+        if self.mma_applies(precision, &g) {
+            return self.gemm_conv_mma(x, w, b, g, out, ConvEpiC::NONE);
         }
         let plan = conv_plan(precision, m, p, k, self.inner.sm_count);
         let grid_x = u32::try_from(p.div_ceil(plan.tile_n))
@@ -754,9 +768,23 @@ impl Cuda {
         Ok(out)
     }
 
+    /// Whether a GEMM of this precision and geometry runs on the pipelined bf16 kernel (and
+    /// that kernel is in this build); the 32-bit offset limits as in `gemm_conv`.
+    fn mma_applies(&self, precision: Precision, g: &ConvGeom) -> bool {
+        let per_sample = g.c as usize * g.h as usize * g.w as usize;
+        let weights = g.o as usize * g.c as usize * (g.kh * g.kw) as usize;
+        precision == Precision::Bf16
+            && g.c as usize >= MMA_MIN_CHANNELS
+            && per_sample <= i32::MAX as usize
+            && weights <= i32::MAX as usize
+            && MMA_KERNELS
+                .iter()
+                .all(|(n, _)| self.inner.kernels.contains_key(n))
+    }
+
     /// The pipelined bf16 implicit GEMM (kernels/conv.cu `conv_bf16_mma*`): weights repacked
     /// (cached), K tiles of 32 channels at one filter tap, split-K over K tiles when the output
-    /// alone does not fill the device.
+    /// alone does not fill the device; `epi` is applied as the output is written.
     fn gemm_conv_mma(
         &self,
         x: &Tensor<Cuda>,
@@ -764,6 +792,7 @@ impl Cuda {
         b: Option<&Tensor<Cuda>>,
         g: ConvGeom,
         out: Tensor<Cuda>,
+        epi: ConvEpiC,
     ) -> Result<Tensor<Cuda>> {
         let (m, c, khw) = (g.o as usize, g.c as usize, (g.kh * g.kw) as usize);
         let p = g.n as usize * g.oh as usize * g.ow as usize;
@@ -785,7 +814,15 @@ impl Cuda {
                 grid,
                 CONV_THREADS,
                 smem,
-                vec![ptr(x), Arg::Ptr(wp.device_ptr()), bias(), ptr(&out), raw(&g), per],
+                vec![
+                    ptr(x),
+                    Arg::Ptr(wp.device_ptr()),
+                    bias(),
+                    ptr(&out),
+                    raw(&g),
+                    per,
+                    raw(&epi),
+                ],
             )?;
             return Ok(out);
         }
@@ -804,10 +841,11 @@ impl Cuda {
                 Arg::Ptr(ws.device_ptr()),
                 raw(&g),
                 per,
+                raw(&ConvEpiC::NONE),
             ],
         )?;
         self.launch_n(
-            "conv_splitk_reduce",
+            "conv_splitk_reduce_epi",
             numel,
             vec![
                 Arg::Ptr(ws.device_ptr()),
@@ -817,6 +855,7 @@ impl Cuda {
                 Arg::I32(plan.splits as i32),
                 Arg::I32(g.o),
                 Arg::I64(g.oh as i64 * g.ow as i64),
+                raw(&epi),
             ],
         )?;
         Ok(out)
@@ -878,6 +917,50 @@ impl Cuda {
             "{op} is not implemented on CUDA yet (training runs on the CPU backend)"
         )))
     }
+}
+
+/// Validated conv2d geometry as the kernels see it, and the output shape.
+fn conv_geom(
+    x: &Tensor<Cuda>,
+    w: &Tensor<Cuda>,
+    b: Option<&Tensor<Cuda>>,
+    stride: usize,
+    pad: usize,
+) -> Result<(ConvGeom, Vec<usize>)> {
+    let op = "conv2d";
+    let shapes::Conv2d {
+        n,
+        c,
+        h,
+        w: wd,
+        o,
+        kh,
+        kw,
+        oh,
+        ow,
+        ..
+    } = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
+    if let Some(b) = b {
+        expect_shape(op, "bias", b.shape(), &[o])?;
+    }
+    to_i32(op, c * kh * kw)?;
+    let g = ConvGeom {
+        n: to_i32(op, n)?,
+        c: to_i32(op, c)?,
+        h: to_i32(op, h)?,
+        w: to_i32(op, wd)?,
+        o: to_i32(op, o)?,
+        oh: to_i32(op, oh)?,
+        ow: to_i32(op, ow)?,
+        kh: to_i32(op, kh)?,
+        kw: to_i32(op, kw)?,
+        stride: to_i32(op, stride)?,
+        pad: to_i32(op, pad)?,
+        k_chunk: 0, // set by gemm_conv
+        a_sm: (c * kh * kw) as i64,
+        a_sk: 1,
+    };
+    Ok((g, vec![n, o, oh, ow]))
 }
 
 /// Validated FIR geometry (the shared checks plus the kernel's tap limit) and the output size.
@@ -1221,40 +1304,44 @@ impl Backend for Cuda {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor<Self>> {
-        let op = "conv2d";
-        let shapes::Conv2d {
-            n,
-            c,
-            h,
-            w: wd,
-            o,
-            kh,
-            kw,
-            oh,
-            ow,
-            ..
-        } = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
-        if let Some(b) = b {
-            expect_shape(op, "bias", b.shape(), &[o])?;
+        let (g, out_shape) = conv_geom(x, w, b, stride, pad)?;
+        self.gemm_conv(self.precision, x, w, b, g, &out_shape)
+    }
+    fn conv2d_fused(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        stride: usize,
+        pad: usize,
+        epi: &ConvEpilogue<Self>,
+    ) -> Result<Tensor<Self>> {
+        let (g, out_shape) = conv_geom(x, w, b, stride, pad)?;
+        if !self.mma_applies(self.precision, &g) {
+            return super::conv2d_fused_composed(self, x, w, b, stride, pad, epi);
         }
-        to_i32(op, c * kh * kw)?;
-        let g = ConvGeom {
-            n: to_i32(op, n)?,
-            c: to_i32(op, c)?,
-            h: to_i32(op, h)?,
-            w: to_i32(op, wd)?,
-            o: to_i32(op, o)?,
-            oh: to_i32(op, oh)?,
-            ow: to_i32(op, ow)?,
-            kh: to_i32(op, kh)?,
-            kw: to_i32(op, kw)?,
-            stride: to_i32(op, stride)?,
-            pad: to_i32(op, pad)?,
-            k_chunk: 0, // set by gemm_conv
-            a_sm: (c * kh * kw) as i64,
-            a_sk: 1,
+        let op = "conv2d_fused";
+        let mut e = ConvEpiC {
+            cb: 0,
+            res: 0,
+            alpha: 1.0,
+            beta: 0.0,
         };
-        self.gemm_conv(self.precision, x, w, b, g, &[n, o, oh, ow])
+        if let Some(cb) = epi.channel_bias {
+            expect_shape(op, "channel bias", cb.shape(), &out_shape[..2])?;
+            e.cb = cb.buf().device_ptr();
+        }
+        if let Some((r, alpha, beta)) = epi.residual {
+            expect_shape(op, "residual", r.shape(), &out_shape)?;
+            e.res = r.buf().device_ptr();
+            e.alpha = alpha as f32;
+            e.beta = beta as f32;
+        }
+        let out = self.out(&out_shape)?;
+        if out.numel() == 0 {
+            return Ok(out);
+        }
+        self.gemm_conv_mma(x, w, b, g, out, e)
     }
     fn conv2d_backward(
         &self,
