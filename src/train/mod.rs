@@ -13,6 +13,7 @@ pub mod device;
 pub mod init;
 pub mod loss;
 pub mod optim;
+pub mod pack;
 pub mod run;
 pub mod validate;
 

@@ -941,14 +941,14 @@ pub fn export_cli(args: &ExportArgs) -> Result<String> {
             let index =
                 crate::train::checkpoint::export_sharded(&args.checkpoint, &args.output, storage, max)?;
             let total: u64 = index.shards.iter().map(|s| s.bytes).sum();
-            let steps = index
+            let (steps, images, runs) = index
                 .training
                 .as_ref()
                 .and_then(crate::train::checkpoint::record_totals)
-                .map(|t| t.0)
-                .unwrap_or(0);
+                .unwrap_or_default();
             Ok(format!(
-                "wrote {} ({} shard(s), {:.1} MiB in all, {dtype}; EMA weights after {steps} training steps in all)",
+                "wrote {} ({} shard(s), {:.1} MiB in all, {dtype}); EMA weights after training in all: \
+                 steps {steps}, images {images}, runs {runs}",
                 args.output.join(INDEX_FILE).display(),
                 index.shards.len(),
                 total as f64 / (1u64 << 20) as f64
