@@ -108,6 +108,42 @@ pub fn time_pc_step<B: Backend>(model: &ScoreModel<B>, batch: usize, iters: usiz
     )
 }
 
+/// The PC step of [`time_pc_step`] replayed from a CUDA graph (sampler::graph::PcGraph: one
+/// `cuGraphLaunch` per step), from t = 1 down, at `batch`: the timing and the graph's nodes per
+/// step. `None` on backends other than CUDA.
+pub fn time_pc_step_graph<B: Backend>(
+    model: &ScoreModel<B>,
+    batch: usize,
+    iters: usize,
+) -> Result<Option<(Timing, usize)>> {
+    use crate::backend::cuda::Cuda;
+    let Some(model) = (model as &dyn std::any::Any).downcast_ref::<ScoreModel<Cuda>>() else {
+        return Ok(None);
+    };
+    let be = model.net.backend();
+    let size = model.net.config.data.image_size;
+    let preset = if matches!(model.sde, crate::sde::Sde::Ve(_)) {
+        "sde-ve-cs"
+    } else {
+        "sde-vp"
+    };
+    let cfg = SamplerConfig::preset(preset, &model.sde)?;
+    let y = be.rand_uniform(&[batch, 3, size, size], 2, 0)?;
+    let mut graph = crate::sample::graph::PcGraph::new(model, &model.sde, &cfg, &y, NoiseStream::new(4))?;
+    let nodes = graph.nodes();
+    let t = time_it(
+        iters,
+        || {
+            if graph.steps_done() == graph.total_steps() {
+                graph.rewind()?;
+            }
+            graph.step()
+        },
+        || be.synchronize(),
+    )?;
+    Ok(Some((t, nodes)))
+}
+
 /// One full training step (DSM loss, backward, grad clip, Adam, EMA update) of a `preset` network
 /// at `batch` on random data at `image_size`, timed. Needs a backend with backward kernels.
 pub fn time_train_step<B: Backend>(

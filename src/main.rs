@@ -21,6 +21,15 @@ use srsde_fast::model::{NetConfig, ScoreModel};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// PC sampling on CUDA as one captured CUDA graph per run (falls back to eager if capture fails).
+    #[arg(long, global = true, value_enum, default_value = "on")]
+    cuda_graph: OnOff,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -172,6 +181,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    srsde_fast::sample::graph::set_cuda_graphs(cli.cuda_graph == OnOff::On);
     match cli.cmd {
         Cmd::Convert {
             input,
@@ -396,6 +406,12 @@ fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_ste
             "PC step (2 NFE + updates) batch {batch}: median {:.1} ms (min {:.1})",
             t.median_ms, t.min_ms
         );
+        if let Some((g, nodes)) = bench::time_pc_step_graph(&model, batch, iters)? {
+            println!(
+                "PC step, CUDA graph ({nodes} nodes) batch {batch}: median {:.1} ms (min {:.1}); eager {:.1} ms",
+                g.median_ms, g.min_ms, t.median_ms
+            );
+        }
     }
     if let Some(b) = bench::peak_rss_bytes() {
         println!("peak memory (RSS): {:.0} MiB", b as f64 / (1 << 20) as f64);

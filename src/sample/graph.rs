@@ -492,24 +492,45 @@ pub struct GraphParity {
     pub nodes: usize,
 }
 
-/// Sample `steps` steps of `sampler` (a PC preset) with a random-weight `net_preset` network at
-/// `batch`, once eagerly and once through a graph, on `cuda`; per-image or one noise stream.
-pub fn graph_parity(
-    cuda: &Cuda,
-    net_preset: &str,
-    sampler: &str,
-    batch: usize,
-    per_image: bool,
-    steps: usize,
-    seed: u64,
-) -> Result<GraphParity> {
-    let mut config = NetConfig::preset(net_preset)?;
+/// One graph-against-eager comparison ([`graph_parity`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ParityCase<'a> {
+    /// Network preset (random weights), e.g. `ve-tiny`.
+    pub net: &'a str,
+    /// PC sampler preset, e.g. `sde-ve-cs`.
+    pub sampler: &'a str,
+    pub batch: usize,
+    /// Per-image noise streams (`NoiseStream::per_image`) or one stream.
+    pub per_image: bool,
+    pub steps: usize,
+    pub langevin_norm: LangevinNorm,
+}
+
+impl<'a> ParityCase<'a> {
+    pub fn new(net: &'a str, sampler: &'a str, batch: usize, per_image: bool) -> Self {
+        ParityCase {
+            net,
+            sampler,
+            batch,
+            per_image,
+            steps: 4,
+            langevin_norm: LangevinNorm::PerImage,
+        }
+    }
+}
+
+/// Sample a [`ParityCase`] on `cuda` once eagerly ([`pc_sample_eager`]) and once through a graph,
+/// and compare the results.
+pub fn graph_parity(cuda: &Cuda, case: &ParityCase<'_>, seed: u64) -> Result<GraphParity> {
+    let (batch, per_image) = (case.batch, case.per_image);
+    let mut config = NetConfig::preset(case.net)?;
     config.model.dropout = 0.0;
     let size = config.data.image_size;
     let centered = config.data.centered;
     let model = ScoreModel::new(Ncsnpp::random(cuda, config, seed)?);
-    let mut cfg = SamplerConfig::preset(sampler, &model.sde)?;
-    cfg.steps = steps;
+    let mut cfg = SamplerConfig::preset(case.sampler, &model.sde)?;
+    cfg.steps = case.steps;
+    cfg.langevin_norm = case.langevin_norm;
     let u = cuda.rand_uniform(&[batch, 3, size, size], seed ^ 0x5eed, 0)?;
     let y = if centered { cuda.affine(&u, 2.0, -1.0)? } else { u };
     let noise = if per_image {
@@ -534,16 +555,17 @@ pub fn graph_parity(
 /// sde-vp at batch 1 and 3; the bound is 1e-6 (the design target is bitwise equality).
 pub fn graph_selftest(cuda: &Cuda, seed: u64) -> Result<Vec<SelftestRow>> {
     let cases = [
-        ("ve-tiny", "sde-ve", 1, false),
-        ("ve-tiny", "sde-ve-cs", 1, true),
-        ("ve-tiny", "sde-ve-cs", 3, true),
-        ("vp-tiny", "sde-vp", 3, false),
+        ParityCase::new("ve-tiny", "sde-ve", 1, false),
+        ParityCase::new("ve-tiny", "sde-ve-cs", 1, true),
+        ParityCase::new("ve-tiny", "sde-ve-cs", 3, true),
+        ParityCase::new("vp-tiny", "sde-vp", 3, false),
     ];
     let bound = 1e-6;
     Ok(cases
         .iter()
-        .map(|&(net, sampler, batch, per_image)| {
-            let r = graph_parity(cuda, net, sampler, batch, per_image, 4, seed);
+        .map(|case| {
+            let (net, sampler, batch) = (case.net, case.sampler, case.batch);
+            let r = graph_parity(cuda, case, seed);
             let (rel_err, error, shape) = match &r {
                 Ok(p) => (
                     p.rel_err,

@@ -178,7 +178,12 @@ struct Capturing<'a> {
 }
 
 impl Capturing<'_> {
-    fn end(&mut self) -> (std::result::Result<sys::CUgraph, result::DriverError>, GraphMemory) {
+    fn end(
+        &mut self,
+    ) -> (
+        std::result::Result<sys::CUgraph, result::DriverError>,
+        GraphMemory,
+    ) {
         self.ended = true;
         let graph = if std::mem::take(&mut self.stream) {
             // SAFETY: the stream is capturing (begun in `capture`, on this thread).
@@ -345,11 +350,18 @@ impl Cuda {
         if seeds.len() != want {
             return Err(Error::shape(
                 op,
-                format!("{} seeds for batch {batch} (per-image: {})", seeds.len(), layout.per_image),
+                format!(
+                    "{} seeds for batch {batch} (per-image: {})",
+                    seeds.len(),
+                    layout.per_image
+                ),
             ));
         }
         if batch > 65535 {
-            return Err(Error::shape(op, format!("batch {batch} exceeds the grid's y limit")));
+            return Err(Error::shape(
+                op,
+                format!("batch {batch} exceeds the grid's y limit"),
+            ));
         }
         Ok(SamplerTables {
             rows: self.upload_pod(rows)?,
@@ -427,6 +439,7 @@ impl Cuda {
     /// One Langevin corrector update of `x` in place (draw `draw` of the step), given the raw
     /// network output `h` at x: per-image score and noise norms, the step size and the update,
     /// in two kernels and without the host.
+    #[allow(clippy::too_many_arguments)]
     pub fn langevin_update(
         &self,
         t: &SamplerTables,
@@ -440,7 +453,10 @@ impl Cuda {
         self.check_state("langevin_update", t, &[x, h])?;
         // The split of the eager sum_squares_per_sample, so the norms are the same numbers.
         let parts = t.per.div_ceil(BLOCK as usize * 16).clamp(1, 256);
-        let partial = self.inner.pool.alloc(2 * t.batch * parts * 8, 4 * t.batch * parts)?;
+        let partial = self
+            .inner
+            .pool
+            .alloc(2 * t.batch * parts * 8, 4 * t.batch * parts)?;
         let batch = t.batch as u32;
         self.launch(
             "langevin_partials",
