@@ -88,3 +88,123 @@ pub fn ema_update<T: CpuFloat>(shadow: &mut [T], p: &[T], decay: f64) {
 pub fn squared_norm<T: CpuFloat>(x: &[T]) -> f64 {
     x.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuF32;
+    use crate::backend::{AdamStep, Backend};
+    use crate::rng;
+
+    fn draw(n: usize, s: f32, seed: u64) -> Vec<f32> {
+        (0..n as u64).map(|i| s * rng::normal(seed, i)).collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The backend method (chunked over rayon) gives the host loop's exact bits, also across
+    /// chunk boundaries (n > 4096) and with a clip scale and a late step.
+    #[test]
+    fn cpu_adam_update_is_the_host_loop_bitwise() {
+        let be = CpuF32::new();
+        for (n, step, scale) in [
+            (5usize, 1u64, 1.0f64),
+            (10_001, 3, 0.37),
+            (4097, 2_400_000, 0.001),
+        ] {
+            let (p, g, m) = (draw(n, 0.1, 1), draw(n, 1.0, 2), draw(n, 0.05, 3));
+            let v: Vec<f32> = draw(n, 0.01, 4).iter().map(|x| x.abs()).collect();
+            let hp = AdamStep {
+                lr: 2e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                step,
+                grad_scale: scale,
+            };
+            let t = |d: &[f32]| be.from_f32(&[n], d).unwrap();
+            let (p2, m2, v2) = be.adam_update(&t(&p), &t(&g), &t(&m), &t(&v), &hp).unwrap();
+            let (mut hp_, mut hm, mut hv) = (p.clone(), m.clone(), v.clone());
+            adam_update(
+                &mut hp_,
+                &g,
+                &mut hm,
+                &mut hv,
+                scale as f32,
+                2e-4,
+                0.9,
+                0.999,
+                1e-8,
+                step,
+            );
+            assert_eq!(bits(&be.to_f32(&p2).unwrap()), bits(&hp_), "p n={n}");
+            assert_eq!(bits(&be.to_f32(&m2).unwrap()), bits(&hm), "m n={n}");
+            assert_eq!(bits(&be.to_f32(&v2).unwrap()), bits(&hv), "v n={n}");
+            assert_ne!(hp_, p, "the update moved the weights");
+        }
+    }
+
+    #[test]
+    fn cpu_ema_update_and_norms_are_the_host_formulas_bitwise() {
+        let be = CpuF32::new();
+        let n = 9000;
+        let (s, p) = (draw(n, 1.0, 5), draw(n, 1.0, 6));
+        let out = be
+            .ema_update(
+                &be.from_f32(&[n], &s).unwrap(),
+                &be.from_f32(&[n], &p).unwrap(),
+                0.999,
+            )
+            .unwrap();
+        let mut host = s.clone();
+        ema_update(&mut host, &p, 0.999);
+        assert_eq!(bits(&be.to_f32(&out).unwrap()), bits(&host));
+
+        let xs: Vec<Vec<f32>> = [0usize, 1, 4097, 300]
+            .iter()
+            .map(|&k| draw(k, 0.5, k as u64))
+            .collect();
+        let ts: Vec<_> = xs.iter().map(|x| be.from_f32(&[x.len()], x).unwrap()).collect();
+        let sums = be.squared_norms(&ts.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(sums.len(), 4);
+        assert_eq!(sums[0], 0.0);
+        let total = sums.iter().sum::<f64>().sqrt();
+        let reference = crate::train::optim::global_norm(xs.iter().map(|x| x.as_slice()));
+        assert_eq!(
+            total.to_bits(),
+            reference.to_bits(),
+            "global norm from the per-tensor sums"
+        );
+    }
+
+    #[test]
+    fn bad_optimiser_inputs_are_errors() {
+        let be = CpuF32::new();
+        let a = be.zeros(&[3]).unwrap();
+        let b = be.zeros(&[4]).unwrap();
+        let hp = AdamStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 1,
+            grad_scale: 1.0,
+        };
+        assert!(be.adam_update(&a, &b, &a, &a, &hp).is_err(), "shape mismatch");
+        assert!(
+            be.adam_update(&a, &a, &a, &a, &AdamStep { step: 0, ..hp })
+                .is_err(),
+            "step 0"
+        );
+        assert!(
+            be.adam_update(&a, &a, &a, &a, &AdamStep { beta2: 1.0, ..hp })
+                .is_err(),
+            "beta2 1"
+        );
+        assert!(be.ema_update(&a, &b, 0.9).is_err(), "shape mismatch");
+        assert!(be.ema_update(&a, &a, 1.5).is_err(), "decay > 1");
+        assert!(be.squared_norms(&[]).unwrap().is_empty());
+    }
+}
