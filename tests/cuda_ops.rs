@@ -131,3 +131,65 @@ fn op_bench_times_every_row() {
     }
     assert!(rows.len() >= 10);
 }
+
+/// The training ops reduce without float atomics (split workspaces added in a fixed order), so
+/// two runs on the same inputs give bitwise equal gradients at every precision.
+#[test]
+fn backward_ops_are_bitwise_reproducible() {
+    let Some(dev) = device() else { return };
+    let bits = |d: &Cuda, t: &srsde_fast::tensor::Tensor<Cuda>| -> Vec<u32> {
+        d.to_f32(t).unwrap().iter().map(|v| v.to_bits()).collect()
+    };
+    for p in Precision::ALL {
+        if !dev.supports(p) {
+            continue;
+        }
+        let d = dev.with_precision(p);
+        let x = d.randn(&[8, 64, 33, 33], 1, 0).unwrap();
+        let w = d
+            .affine(&d.randn(&[96, 64, 3, 3], 2, 0).unwrap(), 0.04, 0.0)
+            .unwrap();
+        let dy = d.randn(&[8, 96, 16, 16], 3, 0).unwrap(); // stride 2, pad 0: (33 − 3) / 2 + 1
+        let a = d.conv2d_backward(&x, &w, &dy, 2, 0).unwrap();
+        let b = d.conv2d_backward(&x, &w, &dy, 2, 0).unwrap();
+        assert!(bits(&d, &a.dx) == bits(&d, &b.dx), "{p}: conv dx");
+        assert!(bits(&d, &a.dw) == bits(&d, &b.dw), "{p}: conv dw");
+        assert!(bits(&d, &a.db) == bits(&d, &b.db), "{p}: conv db");
+    }
+    let x = dev.randn(&[4, 128, 16, 16], 4, 0).unwrap();
+    let g = dev.affine(&dev.randn(&[128], 5, 0).unwrap(), 0.2, 1.0).unwrap();
+    let be = dev.randn(&[128], 6, 0).unwrap();
+    let dy = dev.randn(&[4, 128, 16, 16], 7, 0).unwrap();
+    let a = dev.group_norm_backward(&x, &g, &be, &dy, 32, 1e-6, true).unwrap();
+    let b = dev.group_norm_backward(&x, &g, &be, &dy, 32, 1e-6, true).unwrap();
+    assert!(bits(&dev, &a.dw) == bits(&dev, &b.dw) && bits(&dev, &a.db) == bits(&dev, &b.db));
+    let (q1, k1, v1) = dev.attention_backward(&x, &dy, &x, &dy).unwrap();
+    let (q2, k2, v2) = dev.attention_backward(&x, &dy, &x, &dy).unwrap();
+    assert!(bits(&dev, &q1) == bits(&dev, &q2) && bits(&dev, &k1) == bits(&dev, &k2));
+    assert!(bits(&dev, &v1) == bits(&dev, &v2));
+}
+
+/// Bad shapes are errors naming the op, never panics or launches.
+#[test]
+fn backward_ops_reject_bad_shapes() {
+    let Some(dev) = device() else { return };
+    let x = dev.zeros(&[2, 4, 8, 8]).unwrap();
+    let w = dev.zeros(&[5, 4, 3, 3]).unwrap();
+    let shape_err = |r: srsde_fast::Result<()>| matches!(r, Err(Error::Shape { .. }));
+    let wrong_dy = dev.zeros(&[2, 5, 7, 8]).unwrap();
+    assert!(shape_err(
+        dev.conv2d_backward(&x, &w, &wrong_dy, 1, 1).map(|_| ())
+    ));
+    let nin_w = dev.zeros(&[3, 6]).unwrap(); // expects 4 input channels
+    let dy = dev.zeros(&[2, 6, 8, 8]).unwrap();
+    assert!(shape_err(dev.nin_backward(&x, &nin_w, &dy).map(|_| ())));
+    let g = dev.zeros(&[4]).unwrap();
+    assert!(shape_err(
+        dev.group_norm_backward(&x, &g, &g, &x, 3, 1e-6, false)
+            .map(|_| ())
+    ));
+    let lin_x = dev.zeros(&[3, 7]).unwrap();
+    let lin_w = dev.zeros(&[5, 7]).unwrap();
+    assert!(shape_err(dev.linear_backward(&lin_x, &lin_w, &lin_x).map(|_| ())));
+    assert!(shape_err(dev.attention_backward(&x, &x, &x, &dy).map(|_| ())));
+}
