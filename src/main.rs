@@ -300,6 +300,12 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+            // PC sampling replayed from a CUDA graph against the eager CUDA sampler.
+            for r in srsde_fast::sample::graph::graph_selftest(&cu, seed)? {
+                println!("{r}");
+                total += 1;
+                failed += usize::from(!r.pass);
+            }
             println!("{} passed, {} failed", total - failed, failed);
             if failed > 0 {
                 bail!("{failed} CUDA op checks failed");
@@ -406,11 +412,13 @@ fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_ste
             "PC step (2 NFE + updates) batch {batch}: median {:.1} ms (min {:.1})",
             t.median_ms, t.min_ms
         );
-        if let Some((g, nodes)) = bench::time_pc_step_graph(&model, batch, iters)? {
-            println!(
+        match bench::time_pc_step_graph(&model, batch, iters) {
+            Ok(Some((g, nodes))) => println!(
                 "PC step, CUDA graph ({nodes} nodes) batch {batch}: median {:.1} ms (min {:.1}); eager {:.1} ms",
                 g.median_ms, g.min_ms, t.median_ms
-            );
+            ),
+            Ok(None) => {}
+            Err(e) => println!("PC step, CUDA graph batch {batch}: failed ({e})"),
         }
     }
     if let Some(b) = bench::peak_rss_bytes() {
