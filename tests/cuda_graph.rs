@@ -132,7 +132,6 @@ fn pc_graph_steps_rewinds_and_releases_memory() {
     let mut cfg = SamplerConfig::preset("sde-vp", &model.sde).unwrap();
     cfg.steps = 3;
     let y = cuda.zeros(&[1, 3, 128, 128]).unwrap();
-    let cached_before = cuda.pool_stats().bytes_cached;
     let graph_bytes;
     {
         let mut g = PcGraph::new(&model, &model.sde, &cfg, &y, NoiseStream::new(1)).unwrap();
@@ -147,8 +146,13 @@ fn pc_graph_steps_rewinds_and_releases_memory() {
         let x = g.finish().unwrap();
         assert!(cuda.to_f32(&x).unwrap().iter().all(|v| v.is_finite()));
     }
-    // Dropping the graph returns its blocks to the free lists.
-    assert!(cuda.pool_stats().bytes_cached >= cached_before.min(graph_bytes));
+    // Dropping the graph returns its blocks to the free lists (vp-tiny has no scale_by_sigma, so
+    // no twin network and no pool trim in between).
+    let cached = cuda.pool_stats().bytes_cached;
+    assert!(
+        cached >= graph_bytes,
+        "{cached} bytes cached, the graph held {graph_bytes}"
+    );
     // A second graph on the same handle builds (no capture state left behind).
     let mut g = PcGraph::new(&model, &model.sde, &cfg, &y, NoiseStream::new(2)).unwrap();
     g.run(3).unwrap();

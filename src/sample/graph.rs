@@ -455,7 +455,9 @@ pub(crate) fn try_pc_sample<B: Backend, S: ScoreFn<B> + 'static>(
     noise: &NoiseStream,
     observer: &mut dyn FnMut(StepInfo<'_, B>) -> Result<()>,
 ) -> Result<Option<Tensor<B>>> {
-    if !cuda_graphs_enabled() || validate(cfg, y.shape()).is_err() {
+    // Inputs the eager path rejects are left to it (its messages; graphs stay on).
+    let seeds_fit = noise.image_seeds.is_empty() || y.shape().first() == Some(&noise.image_seeds.len());
+    if !cuda_graphs_enabled() || validate(cfg, y.shape()).is_err() || !seeds_fit {
         return Ok(None);
     }
     let (Some(cuda), Some(model), Some(y)) = (
