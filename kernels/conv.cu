@@ -617,3 +617,155 @@ extern "C" __global__ void conv_pack_bf16(const float* __restrict__ w, unsigned*
         wp[i] = pack_bf16x2(v[0], v[1]);
     }
 }
+
+// ---- weight gradient: bf16 tensor cores, asynchronous pipeline ------------------------------------
+// conv_dw_bf16_mma (BN = 128 channels per block) / conv_dw_bf16_mma_n64 (BN = 64):
+//   D[m, (tap, c)] = Σ_p dy[n, m, p] · x[n, c, oy·s − pad + ky, ox·s − pad + kx]
+// over the output pixels p of this block's slice [z·k_chunk, (z+1)·k_chunk) (g.k_chunk counts
+// pixels here, a multiple of 32). Block (x, y) covers output channels y·128 … and the channels
+// c0 … c0 + BN − 1 of one filter tap (x = tap·ctiles + channel tile). The partial sums go to
+// ws[z][m][c·KHW + tap] (OIHW order); conv_dw_reduce (conv_bwd.cu) adds the slices in order.
+// Both operands stream as f32 through DW_STAGES cp.async stages, stored [row][pixel] so that a
+// fragment register (two consecutive pixels) is one 64-bit load, rounded to bf16 there.
+// CPU twin: conv2d_backward's dw (with bf16-rounded operands).
+#define DW_STAGES 4
+#define DW_BP 32  // pixels per pipeline step
+#define DW_LDP 40 // floats per smem row: 32 + 8 (≡ 8 mod 32: conflict-free 64-bit fragment loads)
+
+template <int BN>
+struct DwMmaTile {
+    static constexpr int BM = 128, WARPS_M = 2, WARPS_N = 4;
+    static constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // 64×32 or 64×16
+    static constexpr int MI = WTM / 16, NI = WTN / 8;
+    static constexpr int A_FLOATS = BM * DW_LDP, B_FLOATS = BN * DW_LDP;
+    static constexpr int STAGE = A_FLOATS + B_FLOATS;
+    static constexpr int SMEM_BYTES = DW_STAGES * STAGE * 4;
+};
+
+template <int BN>
+__device__ __forceinline__ void conv_dw_mma_body(const float* __restrict__ x, const float* __restrict__ dy,
+                                                 float* __restrict__ ws, const ConvGeom& g) {
+    typedef DwMmaTile<BN> T;
+    extern __shared__ float S[];
+    const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+    const int wm = warp / T::WARPS_N, wn = warp % T::WARPS_N;
+    const int M = g.O, C = g.C, KHW = g.KH * g.KW, HW = g.H * g.W, OHW = g.OH * g.OW;
+    const int ctiles = (C + BN - 1) / BN;
+    const int tap = blockIdx.x / ctiles, c0 = (blockIdx.x - tap * ctiles) * BN;
+    const int ky = tap / g.KW, kx = tap - ky * g.KW;
+    const int m0 = blockIdx.y * T::BM;
+    const long long P = (long long)g.N * OHW;
+    const long long pb = (long long)blockIdx.z * g.k_chunk, pe = min(P, pb + g.k_chunk);
+    const int nsteps = pe > pb ? (int)((pe - pb + DW_BP - 1) / DW_BP) : 0;
+
+    // Loader: pixel column t % 32 of each step; A rows (channels m) and B rows (channels c)
+    // t / 32 + 8·i.
+    const int pcol = t & 31, r0 = t >> 5;
+    auto load_step = [&](int stage, int step) {
+        float* As = S + stage * T::STAGE;
+        float* Bs = As + T::A_FLOATS;
+        long long p = pb + (long long)step * DW_BP + pcol;
+        const bool pv = p < pe;
+        if (!pv) p = 0;
+        const int n = (int)(p / OHW), r = (int)(p - (long long)n * OHW);
+        const int oy = r / g.OW, ox = r - oy * g.OW;
+        const float* dyp = dy + (long long)n * M * OHW + r;
+#pragma unroll
+        for (int i = 0; i < T::BM / 8; ++i) {
+            const int row = r0 + 8 * i, m = m0 + row;
+            const bool ok = pv && m < M;
+            cp_async4(As + row * DW_LDP + pcol, ok ? dyp + (long long)m * OHW : dy, ok);
+        }
+        const int iy = oy * g.stride - g.pad + ky, ix = ox * g.stride - g.pad + kx;
+        const bool inside = pv && (unsigned)iy < (unsigned)g.H && (unsigned)ix < (unsigned)g.W;
+        const float* xp = inside ? x + (long long)n * C * HW + iy * g.W + ix : x;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            const int row = r0 + 8 * i, c = c0 + row;
+            const bool ok = inside && c < C;
+            cp_async4(Bs + row * DW_LDP + pcol, ok ? xp + (long long)c * HW : x, ok);
+        }
+    };
+
+    float acc[T::MI][T::NI][4];
+#pragma unroll
+    for (int i = 0; i < T::MI; ++i)
+#pragma unroll
+        for (int j = 0; j < T::NI; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < DW_STAGES - 1; ++s) {
+        if (s < nsteps) load_step(s, s);
+        cp_async_commit();
+    }
+    const int g8 = lane >> 2, q4 = lane & 3;
+    for (int step = 0; step < nsteps; ++step) {
+        cp_async_wait<DW_STAGES - 2>();
+        __syncthreads();
+        const int next = step + DW_STAGES - 1;
+        if (next < nsteps) load_step(next % DW_STAGES, next);
+        cp_async_commit();
+        const float* As = S + (step % DW_STAGES) * T::STAGE;
+        const float* Bs = As + T::A_FLOATS;
+#pragma unroll
+        for (int kk = 0; kk < DW_BP; kk += 16) {
+            unsigned af[T::MI][4], bfr[T::NI][2];
+#pragma unroll
+            for (int mi = 0; mi < T::MI; ++mi) {
+                const float* a = As + (wm * T::WTM + mi * 16 + g8) * DW_LDP + kk + 2 * q4;
+                const float2 v0 = *reinterpret_cast<const float2*>(a);
+                const float2 v1 = *reinterpret_cast<const float2*>(a + 8 * DW_LDP);
+                const float2 v2 = *reinterpret_cast<const float2*>(a + 8);
+                const float2 v3 = *reinterpret_cast<const float2*>(a + 8 * DW_LDP + 8);
+                af[mi][0] = pack_bf16x2(v0.x, v0.y);
+                af[mi][1] = pack_bf16x2(v1.x, v1.y);
+                af[mi][2] = pack_bf16x2(v2.x, v2.y);
+                af[mi][3] = pack_bf16x2(v3.x, v3.y);
+            }
+#pragma unroll
+            for (int ni = 0; ni < T::NI; ++ni) {
+                const float* b = Bs + (wn * T::WTN + ni * 8 + g8) * DW_LDP + kk + 2 * q4;
+                const float2 v0 = *reinterpret_cast<const float2*>(b);
+                const float2 v1 = *reinterpret_cast<const float2*>(b + 8);
+                bfr[ni][0] = pack_bf16x2(v0.x, v0.y);
+                bfr[ni][1] = pack_bf16x2(v1.x, v1.y);
+            }
+#pragma unroll
+            for (int mi = 0; mi < T::MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < T::NI; ++ni) mma_bf16_16816(acc[mi][ni], af[mi], bfr[ni]);
+        }
+    }
+    cp_async_wait<0>();
+
+    const long long K = (long long)C * KHW;
+    float* dst = ws + (long long)blockIdx.z * M * K;
+#pragma unroll
+    for (int mi = 0; mi < T::MI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m0 + wm * T::WTM + mi * 16 + g8 + 8 * h;
+            if (m >= M) continue;
+#pragma unroll
+            for (int ni = 0; ni < T::NI; ++ni)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int c = c0 + wn * T::WTN + ni * 8 + 2 * q4 + j;
+                    if (c < C) dst[m * K + (long long)c * KHW + tap] = acc[mi][ni][2 * h + j];
+                }
+        }
+}
+
+// Dynamic shared memory: DwMmaTile<128>::SMEM_BYTES (163,840) / DwMmaTile<64>::SMEM_BYTES
+// (122,880); one block per multiprocessor.
+extern "C" __global__ void __launch_bounds__(256, 1) conv_dw_bf16_mma(const float* __restrict__ x,
+    const float* __restrict__ dy, float* __restrict__ ws, ConvGeom g) {
+    conv_dw_mma_body<128>(x, dy, ws, g);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) conv_dw_bf16_mma_n64(const float* __restrict__ x,
+    const float* __restrict__ dy, float* __restrict__ ws, ConvGeom g) {
+    conv_dw_mma_body<64>(x, dy, ws, g);
+}

@@ -59,7 +59,39 @@ static void test(int N, int C, int H, int W, int O, int k, int s, int p, bool bi
     report(std::string(name) + " vs f32", relerr(out, ref), 2e-2);
 }
 
+// conv_dw_bf16_mma(_n64) + conv_dw_reduce: the weight gradient of a conv (OIHW) or NIN ((in, out)).
+static void test_dw(int N, int C, int H, int W, int O, int k, int s, int p, int bn, int splits, bool nin_layout = false) {
+    const int OH = (H + 2 * p - k) / s + 1, OW = (W + 2 * p - k) / s + 1, KHW = k * k, K = C * KHW;
+    auto x = randv((size_t)N * C * H * W), dy = randv((size_t)N * O * OH * OW);
+    std::vector<double> ref((size_t)O * K, 0.0), ref_r((size_t)O * K, 0.0);
+    for (int n = 0; n < N; ++n) for (int o = 0; o < O; ++o) for (int oy = 0; oy < OH; ++oy) for (int ox = 0; ox < OW; ++ox) {
+        const float d = dy[(((size_t)n * O + o) * OH + oy) * OW + ox];
+        for (int c = 0; c < C; ++c) for (int ky = 0; ky < k; ++ky) for (int kx = 0; kx < k; ++kx) {
+            int iy = oy * s - p + ky, ix = ox * s - p + kx; if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+            const float xv = x[(((size_t)n * C + c) * H + iy) * W + ix];
+            const size_t i = nin_layout ? (size_t)c * O + o : (size_t)o * K + (c * k + ky) * k + kx;
+            ref[i] += (double)d * xv; ref_r[i] += (double)rbf(d) * rbf(xv); } }
+    const long long P = (long long)N * OH * OW;
+    const long long chunk = ((P + splits - 1) / splits + 31) / 32 * 32;
+    const int gz = (int)((P + chunk - 1) / chunk);
+    ConvGeom g{N, C, H, W, O, OH, OW, k, k, s, p, (int)chunk, 0, 0};
+    std::vector<float> ws((size_t)gz * O * K, NAN), out((size_t)O * K, NAN);
+    const int ctiles = (C + bn - 1) / bn;
+    launch({(unsigned)(KHW * ctiles), (unsigned)((O + 127) / 128), (unsigned)gz}, {256}, [&] {
+        (bn == 128 ? conv_dw_bf16_mma : conv_dw_bf16_mma_n64)(x.data(), dy.data(), ws.data(), g); });
+    launch({4, 1, 1}, {256}, [&] { conv_dw_reduce(ws.data(), out.data(), O, K, gz, nin_layout ? 1LL : (long long)K, nin_layout ? (long long)O : 1LL); });
+    char name[160];
+    snprintf(name, sizeof name, "%s dw bf16 mma/%d N%d C%d %dx%d O%d k%d s%d p%d slices%d", nin_layout ? "nin" : "conv", bn, N, C, H, W, O, k, s, p, gz);
+    report(std::string(name) + " vs rounded", relerr(out, ref_r), 1e-5);
+    report(std::string(name) + " vs f32", relerr(out, ref), 2e-2);
+}
+
 int main() {
+    test_dw(2, 20, 7, 9, 72, 3, 1, 1, 64, 1);
+    test_dw(1, 70, 9, 9, 136, 3, 2, 0, 128, 3);   // stride 2, two M tiles, C off the tile, slices
+    test_dw(3, 48, 4, 5, 40, 1, 1, 0, 64, 2, true);  // NIN layout
+    test_dw(2, 40, 12, 12, 64, 3, 1, 1, 128, 5);  // five pixel slices, partial last step
+
     test(1, 32, 8, 8, 128, 3, 1, 1, true, 128, 1);
     test(2, 40, 7, 9, 72, 3, 1, 1, true, 128, 1);    // C, O, P off the tiles; partial pixel tile
     test(1, 64, 9, 9, 136, 3, 2, 0, false, 64, 1);   // stride 2, two M tiles

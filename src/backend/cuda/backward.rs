@@ -104,6 +104,12 @@ fn weight_grad(
             ),
         ));
     }
+    if precision == Precision::Bf16
+        && g.c as usize >= super::MMA_MIN_CHANNELS
+        && super::DW_MMA_KERNELS.iter().all(|(n, _)| b.inner.kernels.contains_key(n))
+    {
+        return weight_grad_mma(b, op, x, dy, &g, out);
+    }
     let (grid_x, grid_y) = (k.div_ceil(DW_TILE), m.div_ceil(DW_TILE));
     if grid_y > 65535 {
         return Err(Error::shape(op, format!("{m} output channels are too many")));
@@ -141,6 +147,76 @@ fn weight_grad(
             Arg::I32(splits as i32),
             Arg::I64(o_sm),
             Arg::I64(o_sk),
+        ],
+    )?;
+    Ok(out)
+}
+
+/// The weight gradient on the pipelined bf16 kernel (kernels/conv.cu `conv_dw_bf16_mma*`):
+/// blocks over (filter tap × channel tile, output-channel tile), the pixels split into slices so
+/// that about two waves of blocks run (one block per multiprocessor), each slice ≥ 128 pixels;
+/// the slices' partial sums are added in order by `conv_dw_reduce`.
+fn weight_grad_mma(
+    b: &Cuda,
+    op: &'static str,
+    x: &Tensor<Cuda>,
+    dy: &Tensor<Cuda>,
+    g: &DwGeom,
+    out: Tensor<Cuda>,
+) -> Result<Tensor<Cuda>> {
+    let (m, c, khw) = (g.o as usize, g.c as usize, (g.kh * g.kw) as usize);
+    let k = c * khw;
+    let p = g.n as usize * g.oh as usize * g.ow as usize;
+    let ((kernel, smem), bn) = if c > 64 {
+        (super::DW_MMA_KERNELS[0], 128)
+    } else {
+        (super::DW_MMA_KERNELS[1], 64)
+    };
+    let col_blocks = khw * c.div_ceil(bn);
+    let blocks = col_blocks * m.div_ceil(128);
+    let want = (2 * b.inner.sm_count).div_ceil(blocks.max(1));
+    let splits = want.min(p.div_ceil(128)).clamp(1, 4096);
+    let chunk = p.div_ceil(splits).div_ceil(32) * 32;
+    let splits = p.div_ceil(chunk);
+    if m.div_ceil(128) > 65535 {
+        return Err(Error::shape(op, format!("{m} output channels are too many")));
+    }
+    let cg = super::ConvGeom {
+        n: g.n,
+        c: g.c,
+        h: g.h,
+        w: g.w,
+        o: g.o,
+        oh: g.oh,
+        ow: g.ow,
+        kh: g.kh,
+        kw: g.kw,
+        stride: g.stride,
+        pad: g.pad,
+        k_chunk: to_i32(op, chunk)?,
+        a_sm: 0,
+        a_sk: 0,
+    };
+    let ws_len = splits * m * k;
+    let ws = b.inner.pool.alloc(ws_len * 4, ws_len)?;
+    b.launch(
+        kernel,
+        (to_i32(op, col_blocks)? as u32, m.div_ceil(128) as u32, splits as u32),
+        256,
+        smem as u32,
+        vec![ptr(x), ptr(dy), Arg::Ptr(ws.device_ptr()), raw(&cg)],
+    )?;
+    b.launch_n(
+        "conv_dw_reduce",
+        m * k,
+        vec![
+            Arg::Ptr(ws.device_ptr()),
+            ptr(&out),
+            Arg::I32(m as i32),
+            Arg::I32(k as i32),
+            Arg::I32(splits as i32),
+            Arg::I64(g.o_sm),
+            Arg::I64(g.o_sk),
         ],
     )?;
     Ok(out)

@@ -7,17 +7,23 @@
 //!   the next op at once;
 //! - the modules are loaded once from the embedded CUBIN (PTX as the fallback) and every kernel is
 //!   looked up by name at launch;
-//! - [`Precision`] selects the GEMM path of `conv2d` and `nin`: exact SIMT f32 (default), TF32 or
-//!   bf16 tensor cores (WMMA, f32 accumulate). `linear` (tiny: the time-embedding MLP) and
-//!   attention always run in f32.
+//! - [`Precision`] selects the GEMM path of `conv2d`, `nin` and their backward: exact SIMT f32
+//!   (default), TF32 (WMMA) or bf16 tensor cores, f32 accumulate. `linear` (tiny: the
+//!   time-embedding MLP) and attention always run in f32.
 //!
-//! What is fused: bias into the conv/NIN/linear epilogue; SiLU into GroupNorm; QKᵀ, softmax and
-//! ·V into one attention kernel; zero-insertion, padding, FIR and decimation into one upfirdn2d
-//! kernel. Not fused yet: the residual adds and the time-embedding bias (`add_channel_bias`) are
-//! separate elementwise launches; GroupNorm reads its input three times; the conv GEMMs use
-//! WMMA (mma.sync) with register-staged double buffering, not TMA/wgmma, and small GEMMs pay
-//! a second launch for the split-K reduction; nothing is captured in a CUDA graph yet. Training ops (the backward of conv,
-//! linear, NIN, GroupNorm, attention) are not implemented on CUDA and return an error.
+//! The bf16 GEMMs (forward conv/NIN with at least 16 input channels, and the weight gradient) use
+//! pipelined kernels: cp.async into 4 shared-memory stages, mma.sync m16n8k16, K walked per filter
+//! tap over 32-channel tiles so the im2col gather is one load per element; forward weights are
+//! repacked to bf16 once per weight tensor (cached by buffer identity). The other precisions and
+//! the 6-channel input conv use the WMMA/SIMT kernels with register-staged double buffering.
+//!
+//! What is fused: bias into the conv/NIN/linear epilogue, and at inference a residual block's
+//! time-embedding bias and skip connection too (`conv2d_fused`); SiLU into GroupNorm; QKᵀ,
+//! softmax and ·V into one attention kernel; zero-insertion, padding, FIR and decimation into one
+//! upfirdn2d kernel; the sampler's predictor and Langevin updates ([`graph`]). GroupNorm is two
+//! kernels (f64 partial statistics over ~2 blocks per multiprocessor, then a float4 apply). Small
+//! GEMMs pay a second launch for the split-K reduction. Training ops: every backward in
+//! `backward.rs` (dx of conv as a forward conv of the dilated dy with flipped weights).
 //!
 //! Checking: [`selftest`] runs every op against the CPU backend on fresh random inputs with
 //! NaN-poisoned outputs (wired into `srsde-fast selftest` and tests/cuda_ops.rs); [`bench`]
@@ -297,6 +303,9 @@ const CONV_MAX_SPLITS: usize = 64;
 /// The pipelined bf16 conv kernels and their dynamic shared memory (kernels/conv.cu
 /// `MmaTile<BN>::SMEM_BYTES`: 4 stages of a 128×32 bf16 A tile and a 32×BN f32 B tile).
 const MMA_KERNELS: [(&str, usize); 2] = [("conv_bf16_mma", 108_544), ("conv_bf16_mma_n64", 75_776)];
+/// The pipelined bf16 weight-gradient kernels and their dynamic shared memory (kernels/conv.cu
+/// `DwMmaTile<BN>::SMEM_BYTES`; BN = 128, 64 channels per block).
+const DW_MMA_KERNELS: [(&str, usize); 2] = [("conv_dw_bf16_mma", 163_840), ("conv_dw_bf16_mma_n64", 122_880)];
 /// Channels per K tile of the pipelined kernels (kernels/conv.cu `MMA_BK`).
 const MMA_BK: usize = 32;
 /// Below this many input channels (the 6-channel input conv) most of a 32-channel K tile would
@@ -466,13 +475,13 @@ impl Cuda {
         }
         // The pipelined conv kernels keep 4 stages of operands in dynamic shared memory (above
         // the default 48 KB limit).
-        for (name, bytes) in MMA_KERNELS {
+        for (name, bytes) in MMA_KERNELS.iter().chain(&DW_MMA_KERNELS) {
             if let Some(f) = kernels.get(name) {
                 drv(
                     "raising the shared-memory limit of the conv kernels",
                     f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
+                        *bytes as i32,
                     ),
                 )?;
             }
@@ -912,11 +921,6 @@ impl Cuda {
         Ok(packed)
     }
 
-    pub(super) fn not_on_cuda<T>(op: &str) -> Result<T> {
-        Err(Error::Backend(format!(
-            "{op} is not implemented on CUDA yet (training runs on the CPU backend)"
-        )))
-    }
 }
 
 /// Validated conv2d geometry as the kernels see it, and the output shape.
