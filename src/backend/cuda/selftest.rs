@@ -74,6 +74,8 @@ enum Op {
     Linear,
     Nin,
     Conv { stride: usize, pad: usize },
+    /// conv2d_fused: inputs x, w, b, channel bias [N, O], residual; out = α·(conv + cb) + β·r.
+    ConvFused { stride: usize, pad: usize, alpha: f64, beta: f64 },
     GroupNorm { groups: usize, silu: bool },
     Attention,
     // Backward ops: inputs are the forward's inputs (without bias) followed by dy; each of the
@@ -146,6 +148,18 @@ fn apply_forward<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Tensor<B
         Op::Linear => b.linear(&x[0], &x[1], x.get(2)),
         Op::Nin => b.nin(&x[0], &x[1], &x[2]),
         Op::Conv { stride, pad } => b.conv2d(&x[0], &x[1], x.get(2), *stride, *pad),
+        Op::ConvFused {
+            stride,
+            pad,
+            alpha,
+            beta,
+        } => {
+            let epi = crate::backend::ConvEpilogue {
+                channel_bias: Some(&x[3]),
+                residual: Some((&x[4], *alpha, *beta)),
+            };
+            b.conv2d_fused(&x[0], &x[1], Some(&x[2]), *stride, *pad, &epi)
+        }
         Op::GroupNorm { groups, silu } => b.group_norm(&x[0], &x[1], &x[2], *groups, 1e-6, *silu),
         Op::Attention => b.attention(&x[0], &x[1], &x[2]),
         Op::UpFirDn(f, g) => b.upfirdn2d(&x[0], f, *g),
@@ -341,6 +355,29 @@ fn cases(seed: u64) -> Vec<Case> {
                 bound: b,
             });
         }
+        // The residual-block epilogue (fused into the bf16 kernel, separate ops otherwise), with
+        // and without split-K (batch 1 at 8×8 splits K).
+        for &(n, c, h, wd, o) in &[(2usize, 64usize, 32usize, 32usize, 128usize), (1, 256, 8, 8, 256)] {
+            let s = std::f64::consts::FRAC_1_SQRT_2;
+            v.push(Case {
+                name: "conv2d_fused",
+                op: Op::ConvFused {
+                    stride: 1,
+                    pad: 1,
+                    alpha: s,
+                    beta: s,
+                },
+                inputs: vec![
+                    (vec![n, c, h, wd], n01()),
+                    (vec![o, c, 3, 3], w(1.0 / ((c * 9) as f32).sqrt())),
+                    (vec![o], n01()),
+                    (vec![n, o], n01()),
+                    (vec![n, o, h, wd], n01()),
+                ],
+                precision: p,
+                bound: b,
+            });
+        }
     }
 
     for (shape, groups, silu) in [
@@ -475,6 +512,12 @@ fn shape_text(c: &Case) -> String {
     let ins: Vec<String> = c.inputs.iter().map(|(s, _)| format!("{s:?}")).collect();
     let extra = match &c.op {
         Op::Conv { stride, pad } | Op::ConvBackward { stride, pad } => format!(" s{stride} p{pad}"),
+        Op::ConvFused {
+            stride,
+            pad,
+            alpha,
+            beta,
+        } => format!(" s{stride} p{pad} α{alpha:.3} β{beta:.3}"),
         Op::GroupNorm { groups, silu } | Op::GroupNormBackward { groups, silu } => {
             format!(" g{groups}{}", if *silu { "+silu" } else { "" })
         }
