@@ -300,6 +300,12 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+            // The fused optimiser (Adam, EMA, gradient norms) against the host formulas.
+            for r in cuda::optim::selftest_rows(&cu, seed)? {
+                println!("{r}");
+                total += 1;
+                failed += usize::from(!r.pass);
+            }
             // PC sampling replayed from a CUDA graph against the eager CUDA sampler.
             for r in srsde_fast::sample::graph::graph_selftest(&cu, seed)? {
                 println!("{r}");
