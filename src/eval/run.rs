@@ -32,9 +32,9 @@ use crate::eval::plot;
 use crate::eval::report::{self, ImageRecord, MethodRecord, MethodSummary, Metrics};
 use crate::io::{self, CropMode};
 use crate::model::ScoreModel;
-use crate::sample::{pc_sample_with_noise, CorrectorKind, LangevinNorm, NoiseStream, SamplerConfig, PRESETS};
+use crate::sample::{sample_with_noise, CorrectorKind, LangevinNorm, NoiseStream, SamplerConfig};
 use crate::sde::Sde;
-use crate::upscale::item_seed;
+use crate::upscale::{fast_overrides, item_seed, sampler_value_parser};
 
 /// Row name of the ground truth against itself.
 pub const HR_VS_HR: &str = "HR vs HR";
@@ -67,11 +67,23 @@ pub struct EvalOptions {
     #[arg(short = 'o', long = "out-dir", value_name = "OUTDIR")]
     pub out_dir: PathBuf,
     /// Sampler preset [default: the paper's for the model's SDE].
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS))]
+    ///
+    /// The fast ones (ode-heun, dpm*) solve the probability-flow ODE; for them --steps counts network
+    /// evaluations.
+    #[arg(long, value_parser = sampler_value_parser())]
     pub sampler: Option<String>,
-    /// Number of time steps N [default: the model config's num_scales].
+    /// PC samplers: number of time steps N [default: the model config's num_scales]. Fast samplers:
+    /// number of network evaluations, exactly [default: the preset's].
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Fast samplers: churn in [0, 1] between the probability-flow ODE (0) and the full reverse SDE (1)
+    /// [default: 0].
+    #[arg(long, value_name = "S")]
+    pub churn: Option<f64>,
+    /// Fast samplers: Karras' ρ of the noise schedule, `inf` = uniform in log σ [default: 7 for
+    /// ode-heun, inf for dpm*].
+    #[arg(long)]
+    pub rho: Option<f64>,
     /// Langevin snr [default: 0.075] (samplers with a corrector).
     #[arg(long, conflicts_with = "snr_sweep")]
     pub snr: Option<f64>,
@@ -107,6 +119,8 @@ impl EvalOptions {
             out_dir,
             sampler: None,
             steps: None,
+            churn: None,
+            rho: None,
             snr: None,
             snr_sweep: None,
             limit: None,
@@ -128,6 +142,9 @@ pub struct EvalConfig {
     pub files: Vec<String>,
     pub sampler: String,
     pub steps: usize,
+    /// A fast sampler's schedule and churn ("rho 7, churn 0"); none for the PC samplers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast: Option<String>,
     /// The snr of each SR method (none for samplers without a corrector).
     pub snrs: Vec<Option<f64>>,
     pub samples: usize,
@@ -202,6 +219,7 @@ fn methods(opts: &EvalOptions, sde: &Sde) -> Result<(String, Vec<Method>)> {
     if let Some(n) = opts.steps {
         base.steps = n;
     }
+    fast_overrides(&mut base, &name, opts.churn, opts.rho)?;
     base.langevin_norm = LangevinNorm::PerImage;
     let langevin = base.corrector == CorrectorKind::Langevin;
     let snrs: Vec<f64> = match (&opts.snr_sweep, opts.snr) {
@@ -292,6 +310,10 @@ pub fn run<B: Backend>(opts: &EvalOptions, backend: &B) -> Result<EvalSummary> {
         files: files.iter().map(|f| relative(f, &opts.hr)).collect(),
         sampler: sampler.clone(),
         steps: methods[0].cfg.steps,
+        fast: methods[0]
+            .cfg
+            .fast
+            .map(|f| format!("rho {}, churn {}", f.rho, f.churn)),
         snrs: methods.iter().map(|m| m.snr).collect(),
         samples: opts.samples,
         seed: opts.seed,
@@ -490,6 +512,7 @@ fn differing_fields(a: &EvalConfig, b: &EvalConfig) -> Vec<&'static str> {
     check("hr", a.hr != b.hr || a.files != b.files);
     check("sampler", a.sampler != b.sampler);
     check("steps", a.steps != b.steps);
+    check("rho/churn", a.fast != b.fast);
     check("snr", a.snrs != b.snrs);
     check("samples", a.samples != b.samples);
     check("seed", a.seed != b.seed);
@@ -556,7 +579,7 @@ impl<B: Backend> Ctx<'_, B> {
                 .iter()
                 .flat_map(|f| (0..k).map(move |s| item_seed(self.seed, f.index, s)))
                 .collect();
-            let x = pc_sample_with_noise(
+            let x = sample_with_noise(
                 self.backend,
                 self.model,
                 &self.model.sde,
@@ -708,7 +731,10 @@ fn write_reports(
         config.model,
         records.len(),
         config.hr,
-        config.sampler,
+        match &config.fast {
+            Some(f) => format!("{} ({f})", config.sampler),
+            None => config.sampler.clone(),
+        },
         config.steps,
         config.samples,
         config.seed,
@@ -819,5 +845,29 @@ mod tests {
         for bad in ["0.1:0.05:0.01", "0:1:0.1", "0.1:0.2", "a:b:c", "0.1:0.2:0"] {
             assert!(parse_sweep(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn fast_sampler_methods() {
+        let sde = Sde::paper_ve();
+        let mut opts = EvalOptions::new("m".into(), "hr".into(), "out".into());
+        opts.sampler = Some("dpm2".into());
+        opts.steps = Some(12);
+        opts.rho = Some(7.0);
+        let (name, m) = methods(&opts, &sde).unwrap();
+        assert_eq!((name.as_str(), m.len(), m[0].snr), ("dpm2", 1, None));
+        let fast = m[0].cfg.fast.unwrap();
+        assert_eq!(
+            (m[0].cfg.steps, m[0].cfg.nfe(), fast.rho, fast.churn),
+            (12, 12, 7.0, 0.0)
+        );
+        // Langevin options do not apply to a fast sampler; --churn does not apply to a PC one.
+        opts.snr = Some(0.1);
+        assert!(methods(&opts, &sde).is_err());
+        opts.snr = None;
+        opts.sampler = Some("sde-ve".into());
+        assert!(methods(&opts, &sde).is_err());
+        opts.rho = None;
+        assert!(methods(&opts, &sde).unwrap().1[0].cfg.fast.is_none());
     }
 }

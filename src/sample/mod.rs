@@ -77,16 +77,15 @@ pub const PRESETS: &[&str] = &[
     "sde-ve-cs",
     "sde-vp",
     "sde-subvp",
-    "ode-euler",
     "ode-heun",
     "dpm1",
     "dpm2",
     "dpm3",
 ];
 
-/// The fast presets: (name, solver, default number of network evaluations).
+/// The fast presets: (name, solver, default number of network evaluations); each on its solver's
+/// default schedule ([`FastSolver::default_rho`]).
 pub const FAST_PRESETS: &[(&str, FastSolver, usize)] = &[
-    ("ode-euler", FastSolver::Euler, 100),
     ("ode-heun", FastSolver::Heun, 35),
     ("dpm1", FastSolver::Dpm { order: 1 }, 50),
     ("dpm2", FastSolver::Dpm { order: 2 }, 25),
@@ -97,8 +96,9 @@ pub const FAST_PRESETS: &[(&str, FastSolver, usize)] = &[
 pub fn preset_help(name: &str) -> String {
     if let Some((_, solver, steps)) = FAST_PRESETS.iter().find(|p| p.0 == name) {
         return format!(
-            "{}; any SDE; default {steps} network evaluations",
-            solver.describe()
+            "{}; any SDE; default {steps} network evaluations, rho {}",
+            solver.describe(),
+            solver.default_rho()
         );
     }
     match name {
@@ -120,8 +120,8 @@ impl SamplerConfig {
     ///
     /// The preset must match the SDE kind (a VE preset on a VP SDE is an error).
     ///
-    /// The fast presets (`ode-euler`, `ode-heun`, `dpm1`, `dpm2`, `dpm3`, see [`FAST_PRESETS`]) run on
-    /// any SDE with ρ = 7, no churn and their default number of network evaluations.
+    /// The fast presets (`ode-heun`, `dpm1`, `dpm2`, `dpm3`, see [`FAST_PRESETS`]) run on any SDE
+    /// with their solver's default schedule, no churn and their default number of network evaluations.
     pub fn preset(name: &str, sde: &Sde) -> Result<SamplerConfig> {
         if let Some(&(_, solver, steps)) = FAST_PRESETS.iter().find(|p| p.0 == name) {
             return Ok(SamplerConfig {
