@@ -273,14 +273,19 @@ mod tests {
             });
             img.save(src.join(format!("face_{i:03}.jpg"))).unwrap();
         }
-        // Unconstrained: quality 95.
+        // Quality 95 and quality 50 bound the sizes; a budget between them needs a quality between.
         let big = pack_faces(&src, &base.join("q95"), 0.1, Some(95), None).unwrap();
         assert_eq!((big.train_files, big.heldout.len()), (36, 4));
-        // Half that budget: a lower quality is found and respected.
-        let budget = big.bytes / 2;
+        let small = pack_faces(&src, &base.join("q50"), 0.1, Some(50), None).unwrap();
+        assert!(small.bytes < big.bytes);
+        let budget = (big.bytes + small.bytes) / 2;
         let r = pack_faces(&src, &base.join("fit"), 0.1, None, Some(budget)).unwrap();
-        assert!(r.bytes <= budget && r.quality < 95, "{r:?}");
-        assert!(r.tried.iter().any(|&(q, b)| q == r.quality + 1 && b > budget) || r.quality == 95);
+        assert!(r.bytes <= budget && r.quality > 50 && r.quality < 95, "{r:?}");
+        // The next quality up was tried and did not fit (the search found the highest).
+        assert!(
+            r.tried.iter().any(|&(q, b)| q == r.quality + 1 && b > budget),
+            "{r:?}"
+        );
         let on_disk: u64 = std::fs::read_dir(base.join("fit"))
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())
