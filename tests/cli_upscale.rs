@@ -91,7 +91,18 @@ fn upscale_folder_end_to_end() {
     write_inputs(&inputs);
     let out = tmp.path("out");
     let gif = tmp.path("out/trajectory.gif");
-    let base = [s(&inputs), "-o", s(&out), "--model", s(&model), "--steps", "3"];
+    // The paper's sampler, named: on the CPU the default would be the fast dpm2.
+    let base = [
+        s(&inputs),
+        "-o",
+        s(&out),
+        "--model",
+        s(&model),
+        "--sampler",
+        "sde-ve-cs",
+        "--steps",
+        "3",
+    ];
     let first: Vec<&str> = base
         .iter()
         .copied()
@@ -187,6 +198,8 @@ fn upscale_folder_end_to_end() {
         s(&out4),
         "--model",
         s(&model),
+        "--sampler",
+        "sde-ve-cs",
         "--steps",
         "3",
         "--seed",
@@ -212,10 +225,24 @@ fn upscale_without_model_says_what_to_do() {
     let tmp = TempDir::new("nomodel");
     let face = tmp.path("a.png");
     save_png(&face, &[0.5; 3 * 16 * 16], 3, 16, 16, false).unwrap();
-    let r = upscale(&[s(&face), "-o", s(&tmp.path("out"))]);
+    if srsde_fast::model::default::has_embedded() {
+        // The lookup with a bundled model is covered by tests/sharded_weights.rs.
+        println!("skipped: this build bundles a default model");
+        return;
+    }
+    // No override and no installed model either.
+    let r = Command::new(env!("CARGO_BIN_EXE_srsde-fast"))
+        .args(["upscale", "--device", "cpu", s(&face), "-o", s(&tmp.path("out"))])
+        .env_remove(srsde_fast::model::default::ENV_VAR)
+        .env("XDG_DATA_HOME", tmp.path("home"))
+        .output()
+        .expect("run srsde-fast");
     let (_, stderr) = text(&r);
     assert!(!r.status.success());
-    assert!(stderr.contains("--model") && stderr.contains("later"), "{stderr}");
+    assert!(
+        stderr.contains("--model") && stderr.contains("no bundled default model"),
+        "{stderr}"
+    );
     assert!(
         !tmp.path("out").exists(),
         "nothing may be created without a model"

@@ -240,7 +240,10 @@ fn upscale_without_model_uses_the_override_or_explains() {
     // SRSDE_MODEL names the sharded export: no --model needed.
     let res = srsde(&args, &[(ENV_VAR, &model), ("XDG_DATA_HOME", &empty_home)]);
     assert!(res.status.success());
-    assert!(String::from_utf8_lossy(&res.stdout).contains(&*model.display().to_string()));
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(stdout.contains(&*model.display().to_string()), "{stdout}");
+    // On the CPU a VE model samples with the fast dpm2 unless --sampler says otherwise.
+    assert!(stdout.contains("sampler: dpm2"), "{stdout}");
     let sr = image::open(out.join("face_sr.png")).unwrap();
     assert_eq!((sr.width(), sr.height()), (128, 128));
 
