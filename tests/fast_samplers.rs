@@ -550,3 +550,36 @@ fn upscale_cli_runs_fast_samplers() {
         assert!(String::from_utf8_lossy(&r.stderr).contains("churn"));
     }
 }
+
+#[test]
+fn eval_cli_runs_a_fast_sampler_and_resumes_only_the_same_one() {
+    use common::{write_golden_model, TempDir};
+    let tmp = TempDir::new("fast-eval");
+    let model = tmp.path("ve_nf16.safetensors");
+    write_golden_model("ncsnpp_ve_nf16.safetensors", &model);
+    let hr = tmp.path("hr");
+    std::fs::create_dir_all(&hr).unwrap();
+    let src = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/val128");
+    std::fs::copy(src.join("celebahq_000004.jpg"), hr.join("a.jpg")).unwrap();
+    let out = tmp.path("out");
+    let (model, hr, out_s) = (
+        model.to_str().unwrap(),
+        hr.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let base = [
+        "eval", "--device", "cpu", "--model", model, "--hr", hr, "-o", out_s, "--seed", "1",
+    ];
+    let with =
+        |extra: &[&'static str]| -> Vec<&str> { base.iter().copied().chain(extra.iter().copied()).collect() };
+
+    let r = srsde(&with(&["--sampler", "dpm2", "--steps", "4"]));
+    assert!(r.status.success());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("dpm2 (rho inf, churn 0), 4 steps"), "{md}");
+    assert!(md.contains("| dpm2"), "a table row for the sampler: {md}");
+    // Another churn is another configuration: resuming refuses it without --force.
+    let r = srsde(&with(&["--sampler", "dpm2", "--steps", "4", "--churn", "0.5"]));
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("rho/churn"));
+}
