@@ -13,7 +13,8 @@
 //! to σ̂(eps) (eps = the SDE's `sampling_eps`, as the PC sampler), spaced with Karras' ρ, and the
 //! last step goes from σ̂(eps) to σ̂ = 0, i.e. returns the denoiser D(x̂, σ̂(eps)) — Tweedie's
 //! estimate of x₀ and the ODE counterpart of the PC sampler's `noise_removal` (which returns the
-//! noise-free x̄ of its last step; for VE that x̄ is exactly D at σ_min). Heun spends 2 evaluations
+//! noise-free x̄ of its last step; for VE that x̄ = x + σ_min²·s is Tweedie's D at σ ≈ σ_min, the
+//! score taken at σ(eps) = 1.0001·σ_min). Heun spends 2 evaluations
 //! per step and 1 on the final (Euler) step, as Karras; with an even budget its first step is an
 //! Euler step too. DPM spends 1 per level.
 //!
