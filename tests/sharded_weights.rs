@@ -293,3 +293,61 @@ fn upscale_without_model_uses_the_override_or_explains() {
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("nothing-here"));
 }
+
+#[test]
+fn eval_without_model_uses_the_override() {
+    let (cfg, w) = tiny_model();
+    let tmp = TempDir::new("eval_default");
+    let model = tmp.path("model");
+    save_sharded(&model, &cfg, &w, StorageType::F16, 256 * KIB, None).unwrap();
+    let hr = tmp.path("hr");
+    std::fs::create_dir_all(&hr).unwrap();
+    let face = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/val128/celebahq_000004.jpg");
+    std::fs::copy(&face, hr.join("face.jpg")).unwrap();
+    let out = tmp.path("eval");
+    let (h, o) = (hr.to_str().unwrap(), out.to_str().unwrap());
+    let args = [
+        "eval",
+        "--hr",
+        h,
+        "-o",
+        o,
+        "--device",
+        "cpu",
+        "--sampler",
+        "dpm2",
+        "--steps",
+        "2",
+        "--sheet",
+        "0",
+    ];
+    let res = srsde(&args, &[(ENV_VAR, &model)]);
+    assert!(res.status.success());
+    assert!(out.join("report.md").is_file());
+    // The run records the sharded export (its index) as the model, so a resume can check it.
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_config.json")).unwrap()).unwrap();
+    let recorded = cfg_json["model"].as_str().unwrap();
+    assert!(recorded.ends_with(INDEX_FILE), "{recorded}");
+    let shard_bytes: u64 = shard_files(&model)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(cfg_json["model_bytes"], shard_bytes);
+}
+
+#[test]
+fn upscale_help_shows_the_before_after_example() {
+    let res = srsde(&["upscale", "--help"], &[]);
+    assert!(res.status.success());
+    let help = String::from_utf8_lossy(&res.stdout);
+    for want in [
+        "examples/face_lr16.png",
+        "examples/face_strip.png",
+        "LR",
+        "HR",
+        ENV_VAR,
+    ] {
+        assert!(help.contains(want), "`{want}` missing from upscale --help");
+    }
+}
