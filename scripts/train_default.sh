@@ -176,6 +176,10 @@ say "- mode: $MODE; preset $PRESET, batch $BATCH, lr $LR, seed $SEED, ${PREC_ARG
 step train "$TRAIN_TIMEOUT" "$BIN" train "${TRAIN_ARGS[@]}" --max-minutes "$TRAIN_MIN"
 TRAIN_RC=$?
 say "- train exit $TRAIN_RC"
+if [ "$TRAIN_RC" != 0 ]; then
+    say "- last lines of the training output:"
+    tail -8 "$LOGS/train.txt" | sed 's/^/    /' >>"$SUMMARY"
+fi
 grep -E '^(finished|stopped)' "$LOGS/train.txt" | tail -1 | sed 's/^/- /' >>"$SUMMARY"
 LOG="$RUN_DIR/train_log.jsonl"
 if [ -f "$LOG" ]; then
