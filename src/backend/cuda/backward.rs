@@ -106,7 +106,9 @@ fn weight_grad(
     }
     if precision == Precision::Bf16
         && g.c as usize >= super::MMA_MIN_CHANNELS
-        && super::DW_MMA_KERNELS.iter().all(|(n, _)| b.inner.kernels.contains_key(n))
+        && super::DW_MMA_KERNELS
+            .iter()
+            .all(|(n, _)| b.inner.kernels.contains_key(n))
     {
         return weight_grad_mma(b, op, x, dy, &g, out);
     }
@@ -201,7 +203,11 @@ fn weight_grad_mma(
     let ws = b.inner.pool.alloc(ws_len * 4, ws_len)?;
     b.launch(
         kernel,
-        (to_i32(op, col_blocks)? as u32, m.div_ceil(128) as u32, splits as u32),
+        (
+            to_i32(op, col_blocks)? as u32,
+            m.div_ceil(128) as u32,
+            splits as u32,
+        ),
         256,
         smem as u32,
         vec![ptr(x), ptr(dy), Arg::Ptr(ws.device_ptr()), raw(&cg)],

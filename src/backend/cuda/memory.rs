@@ -46,7 +46,9 @@ pub struct PoolStats {
 impl PoolStats {
     fn note_peak(&mut self) {
         self.peak_bytes_reserved = self.peak_bytes_reserved.max(self.bytes_reserved);
-        self.peak_bytes_in_use = self.peak_bytes_in_use.max(self.bytes_reserved - self.bytes_cached);
+        self.peak_bytes_in_use = self
+            .peak_bytes_in_use
+            .max(self.bytes_reserved - self.bytes_cached);
     }
 }
 
@@ -104,7 +106,11 @@ impl Pool {
             let mut st = lock(&self.state);
             // During a capture, blocks the capture itself freed come first (reuse within one
             // captured stream is ordered exactly as in eager execution).
-            let captured = st.capture.as_mut().and_then(|c| c.get_mut(&class)).and_then(|v| v.pop());
+            let captured = st
+                .capture
+                .as_mut()
+                .and_then(|c| c.get_mut(&class))
+                .and_then(|v| v.pop());
             if let Some(ptr) = captured {
                 st.stats.reuses += 1;
                 return Ok(CudaBuf {

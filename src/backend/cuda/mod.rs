@@ -920,7 +920,6 @@ impl Cuda {
         );
         Ok(packed)
     }
-
 }
 
 /// Validated conv2d geometry as the kernels see it, and the output shape.

@@ -73,22 +73,42 @@ enum Op {
     Interleave,
     Linear,
     Nin,
-    Conv { stride: usize, pad: usize },
+    Conv {
+        stride: usize,
+        pad: usize,
+    },
     /// conv2d_fused: inputs x, w, b, channel bias [N, O], residual; out = α·(conv + cb) + β·r.
-    ConvFused { stride: usize, pad: usize, alpha: f64, beta: f64 },
-    GroupNorm { groups: usize, silu: bool },
+    ConvFused {
+        stride: usize,
+        pad: usize,
+        alpha: f64,
+        beta: f64,
+    },
+    GroupNorm {
+        groups: usize,
+        silu: bool,
+    },
     Attention,
     // Backward ops: inputs are the forward's inputs (without bias) followed by dy; each of the
     // three gradients is compared on a row of its own.
     LinearBackward,
     NinBackward,
-    ConvBackward { stride: usize, pad: usize },
-    GroupNormBackward { groups: usize, silu: bool },
+    ConvBackward {
+        stride: usize,
+        pad: usize,
+    },
+    GroupNormBackward {
+        groups: usize,
+        silu: bool,
+    },
     AttentionBackward,
     UpFirDn(Fir, UpFirDn),
     UpFirDnBackward(Fir, UpFirDn, Vec<usize>),
     Fourier,
-    Sinusoidal { dim: usize, max_positions: f64 },
+    Sinusoidal {
+        dim: usize,
+        max_positions: f64,
+    },
     Randn(Vec<usize>, u64),
     Uniform(Vec<usize>, u64),
     Dropout(Vec<usize>, f64, u64),
