@@ -27,7 +27,7 @@ fi
 rc_selftest=skipped
 if [ "${SELFTEST:-1}" = 1 ]; then
     stamp "selftest (every CUDA op, forward and backward, against the CPU backend)" | tee "$CHECK_DIR/selftest.txt"
-    timeout 240 "$BIN" selftest 2>&1 | tee -a "$CHECK_DIR/selftest.txt"
+    timeout 200 "$BIN" selftest 2>&1 | tee -a "$CHECK_DIR/selftest.txt"
     rc_selftest=${PIPESTATUS[0]}
 fi
 
