@@ -769,3 +769,26 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv_dw_bf16_mma_n64(const 
     const float* __restrict__ dy, float* __restrict__ ws, ConvGeom g) {
     conv_dw_mma_body<64>(x, dy, ws, g);
 }
+
+// ---- dense layers --------------------------------------------------------------------------------
+// linear_warp: y[n, o] = Σ_i x[n, i]·w[o, i] + b[o] (PyTorch Linear), one warp per output: the
+// lanes stride over i (coalesced rows of x and w), then a shuffle tree. These layers are tiny
+// (the time-embedding MLP and each res-block's projection of it) — a GEMM tile would be almost
+// all padding, and at batch 1 their latency adds up. Exact f32. CPU twin: linear.
+extern "C" __global__ void __launch_bounds__(256) linear_warp(const float* __restrict__ x,
+                                                              const float* __restrict__ w,
+                                                              const float* __restrict__ b,
+                                                              float* __restrict__ y, int N, int I, int O) {
+    const long long warps = (long long)N * O;
+    const int lane = threadIdx.x & 31;
+    for (long long wi = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; wi < warps;
+         wi += ((long long)gridDim.x * blockDim.x) >> 5) {
+        const int n = (int)(wi / O), o = (int)(wi - (long long)n * O);
+        const float* xr = x + (long long)n * I;
+        const float* wr = w + (long long)o * I;
+        float s = 0.0f;
+        for (int i = lane; i < I; i += 32) s = fmaf(xr[i], wr[i], s);
+        s = warp_sum(s);
+        if (lane == 0) y[wi] = s + (b ? b[o] : 0.0f);
+    }
+}

@@ -252,6 +252,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     println!("precision {}", p.as_str());
                     let be = be.with_precision(p);
+                    let _ = be.kernel_profile(); // start the per-kernel profile (if on) afresh
                     if train {
                         be.reset_pool_peak();
                         bench_train(&be, &preset, batch, iters)?;
@@ -264,6 +265,7 @@ fn run(cli: Cli) -> Result<()> {
                     } else {
                         bench_on(&be, &preset, batch, iters, pc_step)?;
                     }
+                    print_kernel_profile(&be);
                 }
             }
         },
@@ -431,6 +433,17 @@ fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_ste
         println!("peak memory (RSS): {:.0} MiB", b as f64 / (1 << 20) as f64);
     }
     Ok(())
+}
+
+/// The per-kernel GPU time table of a `SRSDE_CUDA_PROFILE=1` run (warm-up and timed runs
+/// together), heaviest first.
+fn print_kernel_profile(be: &Cuda) {
+    let Some(rows) = be.kernel_profile() else { return };
+    let total: f64 = rows.iter().map(|r| r.2).sum();
+    println!("kernel profile (SRSDE_CUDA_PROFILE=1; launches serialised): {total:.1} ms in all");
+    for (name, n, ms) in rows.iter().take(30) {
+        println!("  {ms:9.2} ms {:5.1} % {n:7}x  {name}", 100.0 * ms / total);
+    }
 }
 
 fn bench_train<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize) -> Result<()> {

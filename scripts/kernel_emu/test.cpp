@@ -92,8 +92,17 @@ static void test_fir(int NC, int H, int W, std::vector<float> taps, int kh, int 
     FirGeom g{H, W, OH, OW, up, down, p0, p1}; FirTaps ft{}; for (size_t i = 0; i < taps.size(); ++i) ft.taps[i] = taps[i]; ft.kh = kh; ft.kw = kw;
     auto out = poison(ref.size()), dx = poison(refb.size());
     long long tot = ref.size(), totb = refb.size();
-    launch({(unsigned)((tot + 255) / 256), 1, 1}, {256}, [&] { fir_forward(x.data(), out.data(), tot, g, ft); });
-    launch({(unsigned)((totb + 255) / 256), 1, 1}, {256}, [&] { fir_backward(dy.data(), dx.data(), totb, g, ft); });
+    // As the backend launches them: grid.y over (fewer than all) planes, the specialised entry
+    // points for the (up, down) pairs they cover, the generic ones otherwise.
+    const long long planes = tot / ((long long)g.OH * g.OW);
+    const unsigned gy = (unsigned)std::min<long long>(planes, 3);
+    auto fwd = g.up == 2 && g.down == 1 ? fir_forward_up2 : g.up == 1 && g.down == 2 ? fir_forward_down2
+             : g.up == 1 && g.down == 1 ? fir_forward_same : fir_forward;
+    auto bwd = g.up == 2 && g.down == 1 ? fir_backward_up2 : g.up == 1 && g.down == 2 ? fir_backward_down2
+             : g.up == 1 && g.down == 1 ? fir_backward_same : fir_backward;
+    launch({(unsigned)((g.OH * g.OW + 255) / 256), gy, 1}, {256}, [&] { fwd(x.data(), out.data(), planes, g, ft); });
+    launch({(unsigned)((g.H * g.W + 255) / 256), gy, 1}, {256}, [&] { bwd(dy.data(), dx.data(), planes, g, ft); });
+    (void)totb;
     char name[128]; snprintf(name, sizeof name, "fir %dx%d k%dx%d up%d dn%d pad%d,%d", H, W, kh, kw, up, down, p0, p1);
     report(std::string(name) + " fwd", relerr(out, ref), 1e-6);
     report(std::string(name) + " bwd", relerr(dx, refb), 1e-6);
@@ -149,6 +158,7 @@ int main() {
     test_fir(3, 7, 9, {1/64.f,3/64.f,3/64.f,1/64.f, 3/64.f,9/64.f,9/64.f,3/64.f, 3/64.f,9/64.f,9/64.f,3/64.f, 1/64.f,3/64.f,3/64.f,1/64.f}, 4, 4, 1, 2, 1, 1);
     test_fir(2, 6, 5, {.1f,.2f,.3f,.4f,.5f,.6f,.7f,.8f,.9f,1.f,1.1f,1.2f,1.3f,1.4f,1.5f,1.6f}, 4, 4, 2, 1, 2, 1);
     test_fir(2, 7, 9, {0.3f, -0.1f, 0.5f, 0.25f, 0.7f, -0.4f}, 3, 2, 3, 2, -1, 2);
+    test_fir(5, 6, 7, {0.2f, 0.5f, -0.3f, 0.6f}, 2, 2, 1, 1, 1, 0);  // the (1, 1) entry point, planes > grid.y
     test_gn(2, 12, 35, 4, false);
     test_gn(1, 128, 64, 32, true);
     test_attn(2, 32, 35);

@@ -86,7 +86,24 @@ static void test_dw(int N, int C, int H, int W, int O, int k, int s, int p, int 
     report(std::string(name) + " vs f32", relerr(out, ref), 2e-2);
 }
 
+// linear_warp (one warp per output) against a double reference.
+static void test_linear(int N, int I, int O, bool bias) {
+    auto x = randv((size_t)N * I), w = randv((size_t)O * I), b = randv(O);
+    std::vector<double> ref((size_t)N * O);
+    for (int n = 0; n < N; ++n) for (int o = 0; o < O; ++o) {
+        double a = bias ? b[o] : 0; for (int i = 0; i < I; ++i) a += (double)x[(size_t)n * I + i] * w[(size_t)o * I + i];
+        ref[(size_t)n * O + o] = a; }
+    std::vector<float> y(ref.size(), NAN);
+    launch({2, 1, 1}, {256}, [&] { linear_warp(x.data(), w.data(), bias ? b.data() : nullptr, y.data(), N, I, O); });
+    char name[96]; snprintf(name, sizeof name, "linear warp N%d I%d O%d%s", N, I, O, bias ? " +b" : "");
+    report(name, relerr(y, ref), 1e-6);
+}
+
 int main() {
+    test_linear(3, 37, 19, true);   // 57 warps over 16: the grid-stride loop
+    test_linear(2, 512, 8, false);
+
+
     test_dw(2, 20, 7, 9, 72, 3, 1, 1, 64, 1);
     test_dw(1, 70, 9, 9, 136, 3, 2, 0, 128, 3);   // stride 2, two M tiles, C off the tile, slices
     test_dw(3, 48, 4, 5, 40, 1, 1, 0, 64, 2, true);  // NIN layout

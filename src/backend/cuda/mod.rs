@@ -120,6 +120,8 @@ struct Inner {
     sm_count: usize,
     /// How the modules were loaded, e.g. "cubin sm_90 (8 modules)".
     loaded_from: String,
+    /// Per-kernel GPU time when SRSDE_CUDA_PROFILE=1 (see [`Cuda::kernel_profile`]).
+    profile: Option<Mutex<HashMap<&'static str, (u64, f64)>>>,
     /// Weights repacked for the pipelined bf16 conv ([`Cuda::packed_weights`]).
     packed: Mutex<HashMap<PackKey, PackedWeights>>,
 }
@@ -498,6 +500,9 @@ impl Cuda {
                 sm_count,
                 loaded_from,
                 packed: Mutex::new(HashMap::new()),
+                profile: std::env::var_os("SRSDE_CUDA_PROFILE")
+                    .is_some_and(|v| v == "1")
+                    .then(|| Mutex::new(HashMap::new())),
             }),
             precision: Precision::default(),
             poison: false,
@@ -539,6 +544,16 @@ impl Cuda {
     /// Restart the pool's peak-memory counters from the current usage.
     pub fn reset_pool_peak(&self) {
         self.inner.pool.reset_peak()
+    }
+    /// Kernel name → (launches, milliseconds) since the last call, heaviest first, when the
+    /// backend was opened with SRSDE_CUDA_PROFILE=1 (each launch then waits for the GPU, so the
+    /// times are exact per kernel but the run is slower); None otherwise.
+    pub fn kernel_profile(&self) -> Option<Vec<(&'static str, u64, f64)>> {
+        let prof = self.inner.profile.as_ref()?;
+        let mut p = prof.lock().ok()?;
+        let mut v: Vec<_> = p.drain().map(|(k, (n, ms))| (k, n, ms)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        Some(v)
     }
     /// Give cached device memory back to the driver.
     pub fn trim_pool(&self) -> Result<()> {
@@ -630,6 +645,15 @@ impl Cuda {
         // SAFETY: the argument list matches the kernel's signature (each call site mirrors the
         // .cu declaration) and every pointer refers to a live buffer of the right size; `args`
         // outlives the call, which copies the parameters.
+        // Profiling (SRSDE_CUDA_PROFILE=1): drain the stream, launch, wait, and charge the
+        // wall time to the kernel — serialises everything, for finding where time goes only.
+        let t0 = match &self.inner.profile {
+            Some(_) => {
+                drv("profiling sync", self.inner.stream.synchronize())?;
+                Some(std::time::Instant::now())
+            }
+            None => None,
+        };
         let r = unsafe {
             result::launch_kernel(
                 f.cu_function(),
@@ -640,7 +664,17 @@ impl Cuda {
                 &mut params,
             )
         };
-        drv(name, r)
+        drv(name, r)?;
+        if let (Some(t0), Some(prof)) = (t0, &self.inner.profile) {
+            drv("profiling sync", self.inner.stream.synchronize())?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            if let Ok(mut p) = prof.lock() {
+                let e = p.entry(name).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += ms;
+            }
+        }
+        Ok(())
     }
 
     /// Launch an elementwise kernel over n elements (skipped when n = 0).
@@ -966,6 +1000,16 @@ fn conv_geom(
     Ok((g, vec![n, o, oh, ow]))
 }
 
+/// The FIR kernels' grid: x over the pixels of one plane, y over the planes (both capped; the
+/// kernels loop over the rest).
+fn fir_grid(planes: usize, pixels: usize) -> (u32, u32, u32) {
+    (
+        pixels.div_ceil(BLOCK as usize).clamp(1, 65535) as u32,
+        planes.clamp(1, 65535) as u32,
+        1,
+    )
+}
+
 /// Validated FIR geometry (the shared checks plus the kernel's tap limit) and the output size.
 fn fir_setup(
     op: &'static str,
@@ -1252,24 +1296,28 @@ impl Backend for Cuda {
     fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: Option<&Tensor<Self>>) -> Result<Tensor<Self>> {
         let op = "linear";
         let (n, i, o) = shapes::linear(op, x.shape(), w.shape(), b.map(|b| b.shape()))?;
-        // A 1×1 convolution of [N, I, 1, 1]; always f32 (these layers are tiny).
-        let g = ConvGeom {
-            n: to_i32(op, n)?,
-            c: to_i32(op, i)?,
-            h: 1,
-            w: 1,
-            o: to_i32(op, o)?,
-            oh: 1,
-            ow: 1,
-            kh: 1,
-            kw: 1,
-            stride: 1,
-            pad: 0,
-            k_chunk: 0, // set by gemm_conv
-            a_sm: i as i64,
-            a_sk: 1,
-        };
-        self.gemm_conv(Precision::F32, x, w, b, g, &[n, o])
+        // One warp per output, always f32 (these layers are tiny: kernels/conv.cu linear_warp).
+        let out = self.out(&[n, o])?;
+        if out.numel() == 0 {
+            return Ok(out);
+        }
+        let threads = (n * o).saturating_mul(32);
+        self.launch(
+            "linear_warp",
+            (grid_for(threads), 1, 1),
+            BLOCK,
+            0,
+            vec![
+                ptr(x),
+                ptr(w),
+                b.map_or(Arg::Ptr(0), ptr),
+                ptr(&out),
+                Arg::I32(to_i32(op, n)?),
+                Arg::I32(to_i32(op, i)?),
+                Arg::I32(to_i32(op, o)?),
+            ],
+        )?;
+        Ok(out)
     }
     fn linear_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>> {
         backward::linear_backward(self, x, w, dy)
@@ -1479,11 +1527,21 @@ impl Backend for Cuda {
         let (g, taps, oh, ow) = fir_setup("upfirdn2d", x.shape(), fir, geom)?;
         let (n, c) = (x.shape()[0], x.shape()[1]);
         let out = self.out(&[n, c, oh, ow])?;
-        let total = out.numel();
-        self.launch_n(
-            "fir_forward",
-            total,
-            vec![ptr(x), ptr(&out), Arg::I64(total as i64), raw(&g), raw(&taps)],
+        if out.numel() == 0 {
+            return Ok(out);
+        }
+        let kernel = match (geom.up, geom.down) {
+            (2, 1) => "fir_forward_up2",
+            (1, 2) => "fir_forward_down2",
+            (1, 1) => "fir_forward_same",
+            _ => "fir_forward",
+        };
+        self.launch(
+            kernel,
+            fir_grid(n * c, oh * ow),
+            BLOCK,
+            0,
+            vec![ptr(x), ptr(&out), Arg::I64((n * c) as i64), raw(&g), raw(&taps)],
         )?;
         Ok(out)
     }
@@ -1498,11 +1556,22 @@ impl Backend for Cuda {
         let (g, taps, oh, ow) = fir_setup(op, x_shape, fir, geom)?;
         expect_shape(op, "dy", dy.shape(), &[x_shape[0], x_shape[1], oh, ow])?;
         let dx = self.out(x_shape)?;
-        let total = dx.numel();
-        self.launch_n(
-            "fir_backward",
-            total,
-            vec![ptr(dy), ptr(&dx), Arg::I64(total as i64), raw(&g), raw(&taps)],
+        if dx.numel() == 0 {
+            return Ok(dx);
+        }
+        let kernel = match (geom.up, geom.down) {
+            (2, 1) => "fir_backward_up2",
+            (1, 2) => "fir_backward_down2",
+            (1, 1) => "fir_backward_same",
+            _ => "fir_backward",
+        };
+        let planes = x_shape[0] * x_shape[1];
+        self.launch(
+            kernel,
+            fir_grid(planes, x_shape[2] * x_shape[3]),
+            BLOCK,
+            0,
+            vec![ptr(dy), ptr(&dx), Arg::I64(planes as i64), raw(&g), raw(&taps)],
         )?;
         Ok(dx)
     }
