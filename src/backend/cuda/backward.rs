@@ -176,6 +176,8 @@ fn weight_grad_mma(
     };
     let col_blocks = khw * c.div_ceil(bn);
     let blocks = col_blocks * m.div_ceil(128);
+    // About two waves (one block per multiprocessor). Rounding the split count down instead
+    // (never a partial third wave) measured slower on the H200: 236 vs 161 ms per training step.
     let want = (2 * b.inner.sm_count).div_ceil(blocks.max(1));
     let splits = want.min(p.div_ceil(128)).clamp(1, 4096);
     let chunk = p.div_ceil(splits).div_ceil(32) * 32;
