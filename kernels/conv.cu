@@ -576,9 +576,9 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
     }
 
     // Split-K: park this block's partial sums in slice z of the workspace; the last block of the
-    // output tile to finish adds the slices in the order z = 0, 1, … (deterministic) and writes
-    // the output with the bias and the epilogue. Its counter is zero before the launch and is
-    // reset by that last block (so CUDA-graph replays find it zero again).
+    // output tile to finish adds the slices in the order z = 0, 1, … (deterministic) and writes the output with the bias and the epilogue. Its
+    // counter is zero before the launch and is reset by that last block (so CUDA-graph replays
+    // find it zero again).
     const long long numel = P * M;
     float* wsz = ws + (long long)blockIdx.z * numel;
 #pragma unroll
