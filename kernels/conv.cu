@@ -403,8 +403,8 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_bf16_n64(const f
 // Operands stream through MMA_STAGES shared-memory stages with cp.async (A as bf16, B as f32
 // zero-filled outside the image, rounded to bf16 when the fragments are built); A fragments come
 // from ldmatrix, B fragments from 64-bit loads of (k, k+1) pairs stored side by side.
-// Split-K over blockIdx.z counts K tiles: block z takes tiles [z·tiles_per_split, …); the partial
-// sums meet in a workspace and the last block of each output tile reduces them (see the epilogue).
+// Split-K over blockIdx.z counts K tiles: block z takes tiles [z·tiles_per_split, …); then the
+// caller passes a null epilogue and conv_splitk_reduce_epi applies it.
 // CPU twins: conv2d / nin (with bf16-rounded operands).
 
 // A residual block's epilogue fused into the output write: v = conv + bias[m] (+ cb[n·M + m]),
@@ -420,6 +420,20 @@ __device__ __forceinline__ float conv_epi(const ConvEpi& e, float v, long long n
     if (e.cb) v += e.cb[n * M + m];
     if (e.res) v = e.alpha * v + e.beta * e.res[i];
     return v;
+}
+
+// Split-K reduction with the epilogue: out[i] = epi(Σ_z ws[z·numel + i] + bias[m]).
+extern "C" __global__ void conv_splitk_reduce_epi(const float* __restrict__ ws, const float* __restrict__ bias,
+                                                  float* __restrict__ out, long long numel, int splits, int O,
+                                                  long long ohw, ConvEpi e) {
+    GRID_STRIDE(i, numel) {
+        float s = 0.0f;
+        for (int z = 0; z < splits; ++z) s += ws[(long long)z * numel + i];
+        const long long nm = i / ohw;
+        const int m = (int)(nm % O);
+        if (bias) s += bias[m];
+        out[i] = conv_epi(e, s, nm / O, m, O, i);
+    }
 }
 
 #define MMA_BK 32
@@ -443,8 +457,7 @@ struct MmaTile {
 template <int BN>
 __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const unsigned* __restrict__ wp,
                                               const float* __restrict__ bias, float* __restrict__ out,
-                                              const ConvGeom& g, int tiles_per_split, const ConvEpi& epi,
-                                              float* __restrict__ ws, int* __restrict__ counters) {
+                                              const ConvGeom& g, int tiles_per_split, const ConvEpi& epi) {
     typedef MmaTile<BN> T;
     extern __shared__ float S[];
     unsigned* const smem = reinterpret_cast<unsigned*>(S);
@@ -542,6 +555,7 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
     // Epilogue straight from the accumulators: lane (g, q) holds rows g and g + 8 of each m16
     // fragment at pixels 2q, 2q + 1 of each n8 fragment.
     const int g8 = lane >> 2, q4 = lane & 3;
+    float* dst = out + (long long)blockIdx.z * (P * M);
     const long long ohw_l = ohw;
     long long poff[T::NI][2];
     int pn[T::NI][2];  // the pixel's sample
@@ -555,71 +569,20 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
             pn[ni][j] = pok[ni][j] ? (int)(p / ohw) : 0;
             poff[ni][j] = pok[ni][j] ? out_offset(g, p) : 0;
         }
-    if (gridDim.z == 1) {
-#pragma unroll
-        for (int mi = 0; mi < T::MI; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int m = m0 + wm * T::WTM + mi * 16 + g8 + h * 8;
-                if (m >= M) continue;
-                const float bv = bias ? bias[m] : 0.0f;
-#pragma unroll
-                for (int ni = 0; ni < T::NI; ++ni)
-#pragma unroll
-                    for (int j = 0; j < 2; ++j)
-                        if (pok[ni][j]) {
-                            const long long i = poff[ni][j] + m * ohw_l;
-                            out[i] = conv_epi(epi, acc[mi][ni][h * 2 + j] + bv, pn[ni][j], m, M, i);
-                        }
-            }
-        return;
-    }
-
-    // Split-K: park this block's partial sums in slice z of the workspace; the last block of the
-    // output tile to finish adds the slices in the order z = 0, 1, … (deterministic) and writes the output with the bias and the epilogue. Its
-    // counter is zero before the launch and is reset by that last block (so CUDA-graph replays
-    // find it zero again).
-    const long long numel = P * M;
-    float* wsz = ws + (long long)blockIdx.z * numel;
 #pragma unroll
     for (int mi = 0; mi < T::MI; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int m = m0 + wm * T::WTM + mi * 16 + g8 + h * 8;
             if (m >= M) continue;
-#pragma unroll
-            for (int ni = 0; ni < T::NI; ++ni)
-#pragma unroll
-                for (int j = 0; j < 2; ++j)
-                    if (pok[ni][j]) wsz[poff[ni][j] + m * ohw_l] = acc[mi][ni][h * 2 + j];
-        }
-    __threadfence();
-    __syncthreads();
-    __shared__ int last_block;
-    if (t == 0) {
-        int* counter = counters + blockIdx.y * gridDim.x + blockIdx.x;
-        last_block = atomicAdd(counter, 1) == (int)gridDim.z - 1;
-        if (last_block) *counter = 0;
-    }
-    __syncthreads();
-    if (!last_block) return;
-    __threadfence();
-#pragma unroll
-    for (int mi = 0; mi < T::MI; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = m0 + wm * T::WTM + mi * 16 + g8 + h * 8;
-            if (m >= M) continue;
+            const float bv = bias ? bias[m] : 0.0f;
 #pragma unroll
             for (int ni = 0; ni < T::NI; ++ni)
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
                     if (pok[ni][j]) {
                         const long long i = poff[ni][j] + m * ohw_l;
-                        float s = 0.0f;
-                        for (int z = 0; z < (int)gridDim.z; ++z) s += __ldcg(ws + z * numel + i);
-                        if (bias) s += bias[m];
-                        out[i] = conv_epi(epi, s, pn[ni][j], m, M, i);
+                        dst[i] = conv_epi(epi, acc[mi][ni][h * 2 + j] + bv, pn[ni][j], m, M, i);
                     }
         }
 }
@@ -628,14 +591,14 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
 // the host raises the kernels' limit above the default 48 KB once at start-up.
 extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_mma(const float* __restrict__ x,
     const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
-    int tiles_per_split, ConvEpi epi, float* __restrict__ ws, int* __restrict__ counters) {
-    conv_mma_body<128>(x, wp, bias, out, g, tiles_per_split, epi, ws, counters);
+    int tiles_per_split, ConvEpi epi) {
+    conv_mma_body<128>(x, wp, bias, out, g, tiles_per_split, epi);
 }
 
 extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_mma_n64(const float* __restrict__ x,
     const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
-    int tiles_per_split, ConvEpi epi, float* __restrict__ ws, int* __restrict__ counters) {
-    conv_mma_body<64>(x, wp, bias, out, g, tiles_per_split, epi, ws, counters);
+    int tiles_per_split, ConvEpi epi) {
+    conv_mma_body<64>(x, wp, bias, out, g, tiles_per_split, epi);
 }
 
 // wp[m][tap][c] (bf16 pairs along c) = A[m, c·KHW + tap] for m < M, c < C, else 0, where

@@ -136,8 +136,3 @@ inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned
         const int row = g + (i / 2) * 8, col = 2 * t + (i % 2);
         double s = d[i]; for (int k = 0; k < 16; ++k) s += (double)A[row][k] * B[k][col]; d[i] = (float)s; }
 }
-// ---- atomics and cache hints (blocks run one after another here) -----------------------------
-#include <atomic>
-inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-template <class T> inline T __ldcg(const T* p) { return *p; }

@@ -122,9 +122,6 @@ struct Inner {
     loaded_from: String,
     /// Per-kernel GPU time when SRSDE_CUDA_PROFILE=1 (see [`Cuda::kernel_profile`]).
     profile: Option<Mutex<HashMap<&'static str, (u64, f64)>>>,
-    /// One counter per output tile of a split-K launch of the pipelined conv (kernels/conv.cu:
-    /// the last block of a tile reduces the partial sums and resets its counter to zero).
-    split_counters: CudaBuf,
     /// Weights repacked for the pipelined bf16 conv ([`Cuda::packed_weights`]).
     packed: Mutex<HashMap<PackKey, PackedWeights>>,
 }
@@ -311,8 +308,6 @@ const MMA_KERNELS: [(&str, usize); 2] = [("conv_bf16_mma", 108_544), ("conv_bf16
 /// The pipelined bf16 weight-gradient kernels and their dynamic shared memory (kernels/conv.cu
 /// `DwMmaTile<BN>::SMEM_BYTES`; BN = 128, 64 channels per block).
 const DW_MMA_KERNELS: [(&str, usize); 2] = [("conv_dw_bf16_mma", 163_840), ("conv_dw_bf16_mma_n64", 122_880)];
-/// Output tiles one split-K launch of the pipelined conv may have (its counters).
-const SPLIT_COUNTERS: usize = 1 << 16;
 /// Channels per K tile of the pipelined kernels (kernels/conv.cu `MMA_BK`).
 const MMA_BK: usize = 32;
 /// Below this many input channels (the 6-channel input conv) most of a 32-channel K tile would
@@ -495,16 +490,6 @@ impl Cuda {
         }
         let loaded_from = format!("{from_cubin} modules from sm_90 CUBIN, {from_ptx} from PTX");
         let pool = Pool::new(ctx.clone());
-        // Split-K tile counters of the pipelined conv, zero between launches (see conv.cu).
-        let split_counters = pool.alloc(SPLIT_COUNTERS * 4, SPLIT_COUNTERS)?;
-        drv("clearing the split-K counters", unsafe {
-            result::memset_d8_async(
-                split_counters.device_ptr(),
-                0,
-                SPLIT_COUNTERS * 4,
-                stream.cu_stream(),
-            )
-        })?;
         Ok(Cuda {
             inner: Arc::new(Inner {
                 ctx,
@@ -515,7 +500,6 @@ impl Cuda {
                 sm_count,
                 loaded_from,
                 packed: Mutex::new(HashMap::new()),
-                split_counters,
                 profile: std::env::var_os("SRSDE_CUDA_PROFILE")
                     .is_some_and(|v| v == "1")
                     .then(|| Mutex::new(HashMap::new())),
@@ -865,22 +849,29 @@ impl Cuda {
             plan.splits as u32,
         );
         let smem = plan.smem_bytes as u32;
-        let bias = b.map_or(Arg::Ptr(0), ptr);
+        let bias = || b.map_or(Arg::Ptr(0), ptr);
         let per = Arg::I32(plan.tiles_per_split as i32);
-        // With split-K the partial sums go to a workspace; the last block of each output tile
-        // adds them (in a fixed order) and writes the output.
-        let ws = if plan.splits > 1 {
-            if (grid.0 as usize) * (grid.1 as usize) > SPLIT_COUNTERS {
-                return Err(Error::Backend(format!(
-                    "conv2d: {} output tiles exceed the split-K counters",
-                    grid.0 as usize * grid.1 as usize
-                )));
-            }
-            let len = out.numel() * plan.splits;
-            Some(self.inner.pool.alloc(len * 4, len)?)
-        } else {
-            None
-        };
+        if plan.splits == 1 {
+            self.launch(
+                plan.kernel,
+                grid,
+                CONV_THREADS,
+                smem,
+                vec![
+                    ptr(x),
+                    Arg::Ptr(wp.device_ptr()),
+                    bias(),
+                    ptr(&out),
+                    raw(&g),
+                    per,
+                    raw(&epi),
+                ],
+            )?;
+            return Ok(out);
+        }
+        let numel = out.numel();
+        let ws_len = numel * plan.splits;
+        let ws = self.inner.pool.alloc(ws_len * 4, ws_len)?;
         self.launch(
             plan.kernel,
             grid,
@@ -889,13 +880,25 @@ impl Cuda {
             vec![
                 ptr(x),
                 Arg::Ptr(wp.device_ptr()),
-                bias,
-                ptr(&out),
+                Arg::Ptr(0),
+                Arg::Ptr(ws.device_ptr()),
                 raw(&g),
                 per,
+                raw(&ConvEpiC::NONE),
+            ],
+        )?;
+        self.launch_n(
+            "conv_splitk_reduce_epi",
+            numel,
+            vec![
+                Arg::Ptr(ws.device_ptr()),
+                bias(),
+                ptr(&out),
+                Arg::I64(numel as i64),
+                Arg::I32(plan.splits as i32),
+                Arg::I32(g.o),
+                Arg::I64(g.oh as i64 * g.ow as i64),
                 raw(&epi),
-                Arg::Ptr(ws.as_ref().map_or(0, |w| w.device_ptr())),
-                Arg::Ptr(self.inner.split_counters.device_ptr()),
             ],
         )?;
         Ok(out)
