@@ -161,16 +161,17 @@ enum Cmd {
 /// Shown by `srsde-fast upscale --help`.
 const UPSCALE_EXAMPLES: &str = "\
 Examples:
-  srsde-fast upscale examples/face_lr16.png -o out/
-      The bundled 16×16 example face with the bundled default model → out/face_lr16_sr.png.
-      Before → after: examples/face_strip.png shows LR (16×16, enlarged) | SR | HR (128×128).
-  srsde-fast upscale faces/ -o out/ --samples 4 --seed 7
-      Every face in faces/, four hypotheses each (out/NAME_sr_0.png … _3.png).
-  srsde-fast upscale face.png -o out/ --model run/export/ --sampler sde-ve-cs
-      Another model (a sharded export folder, a .safetensors file or the original .pth) and the
-      paper's own predictor–corrector sampler (2000 steps: slow on a CPU).
+  srsde-fast upscale faces/ -o out/ --model model/
+      Every 16×16 face (LR) in faces/ → out/NAME_sr.png (128×128, SR); the model is a sharded
+      export folder (`srsde-fast export --shard-mib 16`), a .safetensors file or the original .pth.
+  srsde-fast upscale faces/ -o out/ --model model/ --samples 4 --seed 7
+      Four hypotheses per face (out/NAME_sr_0.png … _3.png); --save-lr also writes the bicubic guide.
+  srsde-fast upscale face.png -o out/ --model model/ --sampler sde-ve-cs
+      The paper's own predictor–corrector sampler (2000 steps: slow on a CPU, where the default is
+      the fast dpm2 sampler).
 
-Without --model the model is $SRSDE_MODEL if set, else the one bundled in the binary, else a
+Without --model the model is $SRSDE_MODEL if set, else the one bundled in the binary (built from
+assets/model/ when it holds an export — the repository ships none yet, see docs/training.md), else a
 sharded export in ~/.local/share/srsde-fast/model/.";
 
 fn main() {

@@ -337,17 +337,11 @@ fn eval_without_model_uses_the_override() {
 }
 
 #[test]
-fn upscale_help_shows_the_before_after_example() {
+fn upscale_help_shows_examples_and_the_model_lookup() {
     let res = srsde(&["upscale", "--help"], &[]);
     assert!(res.status.success());
     let help = String::from_utf8_lossy(&res.stdout);
-    for want in [
-        "examples/face_lr16.png",
-        "examples/face_strip.png",
-        "LR",
-        "HR",
-        ENV_VAR,
-    ] {
+    for want in ["--model model/", "LR", "SR", "sde-ve-cs", "assets/model/", ENV_VAR] {
         assert!(help.contains(want), "`{want}` missing from upscale --help");
     }
 }
