@@ -439,11 +439,19 @@ fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_ste
 /// The per-kernel GPU time table of a `SRSDE_CUDA_PROFILE=1` run (warm-up and timed runs
 /// together), heaviest first.
 fn print_kernel_profile(be: &Cuda) {
-    let Some(rows) = be.kernel_profile() else { return };
-    let total: f64 = rows.iter().map(|r| r.2).sum();
+    let Some(prof) = be.kernel_profile() else { return };
+    let total: f64 = prof.by_kernel.iter().map(|r| r.2).sum();
     println!("kernel profile (SRSDE_CUDA_PROFILE=1; launches serialised): {total:.1} ms in all");
-    for (name, n, ms) in rows.iter().take(30) {
+    for (name, n, ms) in prof.by_kernel.iter().take(30) {
         println!("  {ms:9.2} ms {:5.1} % {n:7}x  {name}", 100.0 * ms / total);
+    }
+    println!("heaviest launch shapes (kernel, grid):");
+    for (name, grid, n, ms) in prof.by_launch.iter().take(25) {
+        println!(
+            "  {ms:9.2} ms {:5.1} % {n:7}x  {name} {grid:?}  ({:.1} µs each)",
+            100.0 * ms / total,
+            1e3 * ms / *n as f64
+        );
     }
 }
 

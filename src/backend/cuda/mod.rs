@@ -121,7 +121,7 @@ struct Inner {
     /// How the modules were loaded, e.g. "cubin sm_90 (8 modules)".
     loaded_from: String,
     /// Per-kernel GPU time when SRSDE_CUDA_PROFILE=1 (see [`Cuda::kernel_profile`]).
-    profile: Option<Mutex<HashMap<&'static str, (u64, f64)>>>,
+    profile: Option<Mutex<HashMap<(&'static str, (u32, u32, u32)), (u64, f64)>>>,
     /// Weights repacked for the pipelined bf16 conv ([`Cuda::packed_weights`]).
     packed: Mutex<HashMap<PackKey, PackedWeights>>,
 }
@@ -235,6 +235,12 @@ struct ConvGeom {
     k_chunk: i32,
     a_sm: i64,
     a_sk: i64,
+}
+
+/// [`Cuda::kernel_profile`]: (kernel, launches, ms) and (kernel, grid, launches, ms).
+pub struct KernelProfile {
+    pub by_kernel: Vec<(&'static str, u64, f64)>,
+    pub by_launch: Vec<(&'static str, (u32, u32, u32), u64, f64)>,
 }
 
 /// kernels/conv.cu `ConvEpi`: the fused residual-block epilogue (null pointers: none).
@@ -545,15 +551,24 @@ impl Cuda {
     pub fn reset_pool_peak(&self) {
         self.inner.pool.reset_peak()
     }
-    /// Kernel name → (launches, milliseconds) since the last call, heaviest first, when the
-    /// backend was opened with SRSDE_CUDA_PROFILE=1 (each launch then waits for the GPU, so the
-    /// times are exact per kernel but the run is slower); None otherwise.
-    pub fn kernel_profile(&self) -> Option<Vec<(&'static str, u64, f64)>> {
+    /// The launches since the last call, when the backend was opened with SRSDE_CUDA_PROFILE=1
+    /// (each launch then waits for the GPU, so the times are exact per kernel but the run is
+    /// slower); None otherwise. Heaviest first, per kernel and per (kernel, grid) — the grid
+    /// tells the layers apart.
+    pub fn kernel_profile(&self) -> Option<KernelProfile> {
         let prof = self.inner.profile.as_ref()?;
         let mut p = prof.lock().ok()?;
-        let mut v: Vec<_> = p.drain().map(|(k, (n, ms))| (k, n, ms)).collect();
-        v.sort_by(|a, b| b.2.total_cmp(&a.2));
-        Some(v)
+        let mut by_launch: Vec<_> = p.drain().map(|((k, grid), (n, ms))| (k, grid, n, ms)).collect();
+        by_launch.sort_by(|a, b| b.3.total_cmp(&a.3));
+        let mut per_kernel: HashMap<&'static str, (u64, f64)> = HashMap::new();
+        for &(k, _, n, ms) in &by_launch {
+            let e = per_kernel.entry(k).or_insert((0, 0.0));
+            e.0 += n;
+            e.1 += ms;
+        }
+        let mut by_kernel: Vec<_> = per_kernel.into_iter().map(|(k, (n, ms))| (k, n, ms)).collect();
+        by_kernel.sort_by(|a, b| b.2.total_cmp(&a.2));
+        Some(KernelProfile { by_kernel, by_launch })
     }
     /// Give cached device memory back to the driver.
     pub fn trim_pool(&self) -> Result<()> {
@@ -669,7 +684,7 @@ impl Cuda {
             drv("profiling sync", self.inner.stream.synchronize())?;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
             if let Ok(mut p) = prof.lock() {
-                let e = p.entry(name).or_insert((0, 0.0));
+                let e = p.entry((name, grid)).or_insert((0, 0.0));
                 e.0 += 1;
                 e.1 += ms;
             }
