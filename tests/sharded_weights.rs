@@ -341,7 +341,14 @@ fn upscale_help_shows_examples_and_the_model_lookup() {
     let res = srsde(&["upscale", "--help"], &[]);
     assert!(res.status.success());
     let help = String::from_utf8_lossy(&res.stdout);
-    for want in ["--model model/", "LR", "SR", "sde-ve-cs", "assets/model/", ENV_VAR] {
+    for want in [
+        "--model model/",
+        "LR",
+        "SR",
+        "sde-ve-cs",
+        "assets/model/",
+        ENV_VAR,
+    ] {
         assert!(help.contains(want), "`{want}` missing from upscale --help");
     }
 }

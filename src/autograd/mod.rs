@@ -284,9 +284,10 @@ impl<B: Backend> Graph<B> {
         }))
     }
 
-    /// conv2d, then + chan_bias[n, o], then alpha·y + beta·r for `residual` = (r, alpha, beta).
-    /// Recording: exactly the separate ops (same tape as composing them by hand); inference: one
-    /// fused backend op ([`Backend::conv2d_fused`]).
+    /// conv2d, then + chan_bias[n, o], then alpha·y + beta·r for `residual` = (r, alpha, beta):
+    /// one fused backend op ([`Backend::conv2d_fused`]). Recorded as one node whose backward runs
+    /// the separate ops' backward in their order (the skip's scaling, the channel-bias sum, the
+    /// conv's backward), so the gradients equal those of composing the ops by hand.
     #[allow(clippy::too_many_arguments)] // the conv's arguments plus the epilogue
     pub fn conv2d_fused(
         &self,
@@ -298,20 +299,6 @@ impl<B: Backend> Graph<B> {
         chan_bias: Option<&Var<B>>,
         residual: Option<(&Var<B>, f64, f64)>,
     ) -> Result<Var<B>> {
-        if self.recording {
-            let mut y = self.conv2d(x, w, b, stride, pad)?;
-            if let Some(cb) = chan_bias {
-                y = self.add_channel_bias(&y, cb)?;
-            }
-            if let Some((r, alpha, beta)) = residual {
-                y = if alpha == 1.0 && beta == 1.0 {
-                    self.add(r, &y)?
-                } else {
-                    self.axpby(beta, r, alpha, &y)?
-                };
-            }
-            return Ok(y);
-        }
         let epi = ConvEpilogue {
             channel_bias: chan_bias.map(|v| &v.value),
             residual: residual.map(|(r, a, be)| (&r.value, a, be)),
@@ -319,7 +306,30 @@ impl<B: Backend> Graph<B> {
         let y = self
             .backend
             .conv2d_fused(&x.value, &w.value, Some(&b.value), stride, pad, &epi)?;
-        Ok(self.constant(y))
+        let mut inputs = vec![x, w, b];
+        inputs.extend(chan_bias);
+        inputs.extend(residual.map(|(r, _, _)| r));
+        let (xv, wv) = (x.value.clone(), w.value.clone());
+        let has_cb = chan_bias.is_some();
+        let skip = residual.map(|(_, alpha, beta)| (alpha, beta));
+        Ok(self.record(y, &inputs, move |be, g| {
+            // The skip connection: alpha·y + beta·r (a plain add when both are 1).
+            let (gy, gr) = match skip {
+                None => (g.clone(), None),
+                Some((a, b)) if a == 1.0 && b == 1.0 => (g.clone(), Some(g.clone())),
+                Some((a, b)) => (be.affine(g, a, 0.0)?, Some(be.affine(g, b, 0.0)?)),
+            };
+            let gcb = if has_cb { Some(be.sum_spatial(&gy)?) } else { None };
+            let gc = be.conv2d_backward(&xv, &wv, &gy, stride, pad)?;
+            let mut grads = vec![Some(gc.dx), Some(gc.dw), Some(gc.db)];
+            if has_cb {
+                grads.push(gcb);
+            }
+            if skip.is_some() {
+                grads.push(gr);
+            }
+            Ok(grads)
+        }))
     }
 
     pub fn group_norm(
