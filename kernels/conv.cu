@@ -14,7 +14,7 @@
 // All use 256 threads, two shared-memory stages (the next K tile is loaded into registers while the
 // tensor cores work on the current one; one barrier per K tile) and split-K over blockIdx.z: block
 // z sums k in [z·k_chunk, (z+1)·k_chunk) and writes out + z·numel; with gridDim.z > 1 the caller
-// passes a workspace and no bias, and conv_splitk_reduce adds the partials and the bias.
+// passes a workspace and no bias, and conv_splitk_reduce_epi adds the partials and the bias.
 //
 // The im2col gather walks each thread's k sequence (an arithmetic progression) incrementally, so the
 // inner loop has no integer division (see ColWalker).
@@ -117,15 +117,33 @@ struct RowWalker {
 
 // ---- split-K reduction ---------------------------------------------------------------------------
 
-// out[i] = Σ_z ws[z·numel + i] + bias[m(i)], m(i) = (i / ohw) mod O.
-extern "C" __global__ void conv_splitk_reduce(const float* __restrict__ ws, const float* __restrict__ bias,
-                                              float* __restrict__ out, long long numel, int splits, int O,
-                                              long long ohw) {
+// A residual block's epilogue fused into the output write: v = conv + bias[m] (+ cb[n·M + m]),
+// then alpha·v + beta·res[i] when res is given (the CPU twin composes conv2d, add_channel_bias
+// and axpby — Backend::conv2d_fused).
+struct ConvEpi {
+    const float* cb;   // [N, M] or null
+    const float* res;  // like the output, or null
+    float alpha, beta;
+};
+
+__device__ __forceinline__ float conv_epi(const ConvEpi& e, float v, long long n, int m, int M, long long i) {
+    if (e.cb) v += e.cb[n * M + m];
+    if (e.res) v = e.alpha * v + e.beta * e.res[i];
+    return v;
+}
+
+// Split-K reduction (every GEMM kernel's): out[i] = epi(Σ_z ws[z·numel + i] + bias[m]), m = (i / ohw)
+// mod O; the plain GEMMs pass an empty epilogue.
+extern "C" __global__ void conv_splitk_reduce_epi(const float* __restrict__ ws, const float* __restrict__ bias,
+                                                  float* __restrict__ out, long long numel, int splits, int O,
+                                                  long long ohw, ConvEpi e) {
     GRID_STRIDE(i, numel) {
         float s = 0.0f;
         for (int z = 0; z < splits; ++z) s += ws[(long long)z * numel + i];
-        if (bias) s += bias[(i / ohw) % O];
-        out[i] = s;
+        const long long nm = i / ohw;
+        const int m = (int)(nm % O);
+        if (bias) s += bias[m];
+        out[i] = conv_epi(e, s, nm / O, m, O, i);
     }
 }
 
@@ -406,35 +424,6 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_bf16_n64(const f
 // Split-K over blockIdx.z counts K tiles: block z takes tiles [z·tiles_per_split, …); then the
 // caller passes a null epilogue and conv_splitk_reduce_epi applies it.
 // CPU twins: conv2d / nin (with bf16-rounded operands).
-
-// A residual block's epilogue fused into the output write: v = conv + bias[m] (+ cb[n·M + m]),
-// then alpha·v + beta·res[i] when res is given (the CPU twin composes conv2d, add_channel_bias
-// and axpby — Backend::conv2d_fused).
-struct ConvEpi {
-    const float* cb;   // [N, M] or null
-    const float* res;  // like the output, or null
-    float alpha, beta;
-};
-
-__device__ __forceinline__ float conv_epi(const ConvEpi& e, float v, long long n, int m, int M, long long i) {
-    if (e.cb) v += e.cb[n * M + m];
-    if (e.res) v = e.alpha * v + e.beta * e.res[i];
-    return v;
-}
-
-// Split-K reduction with the epilogue: out[i] = epi(Σ_z ws[z·numel + i] + bias[m]).
-extern "C" __global__ void conv_splitk_reduce_epi(const float* __restrict__ ws, const float* __restrict__ bias,
-                                                  float* __restrict__ out, long long numel, int splits, int O,
-                                                  long long ohw, ConvEpi e) {
-    GRID_STRIDE(i, numel) {
-        float s = 0.0f;
-        for (int z = 0; z < splits; ++z) s += ws[(long long)z * numel + i];
-        const long long nm = i / ohw;
-        const int m = (int)(nm % O);
-        if (bias) s += bias[m];
-        out[i] = conv_epi(e, s, nm / O, m, O, i);
-    }
-}
 
 #define MMA_BK 32
 #define MMA_STAGES 4

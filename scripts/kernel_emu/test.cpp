@@ -16,7 +16,7 @@ static std::vector<float> poison(size_t n) { return std::vector<float>(n, NAN); 
 
 // ---- conv ------------------------------------------------------------------------------------
 // prec: 0 f32, 1 tf32, 2 bf16; bn: tensor-core tile width (128 or 64); splits: split-K parts
-// (partials in a workspace, then conv_splitk_reduce), as the launcher in src/backend/cuda does.
+// (partials in a workspace, then conv_splitk_reduce_epi), as the launcher in src/backend/cuda does.
 static void test_conv(int N, int C, int H, int W, int O, int k, int s, int p, bool bias, int prec,
                       bool nin_layout = false, int bn = 128, int splits = 1) {
     int OH = (H + 2 * p - k) / s + 1, OW = (W + 2 * p - k) / s + 1, K = C * k * k;
@@ -44,7 +44,7 @@ static void test_conv(int N, int C, int H, int W, int O, int k, int s, int p, bo
     if (prec == 0) launch(grid, {256}, [&] { conv_f32(x.data(), w.data(), bp, dst, g); });
     if (prec == 1) launch(grid, {256}, [&] { (bn == 128 ? conv_tf32 : conv_tf32_n64)(x.data(), w.data(), bp, dst, g); });
     if (prec == 2) launch(grid, {256}, [&] { (bn == 128 ? conv_bf16 : conv_bf16_n64)(x.data(), w.data(), bp, dst, g); });
-    if (gz > 1) launch({4, 1, 1}, {256}, [&] { conv_splitk_reduce(ws.data(), bias ? b.data() : nullptr, out.data(), numel, (int)gz, O, (long long)OH * OW); });
+    if (gz > 1) launch({4, 1, 1}, {256}, [&] { conv_splitk_reduce_epi(ws.data(), bias ? b.data() : nullptr, out.data(), numel, (int)gz, O, (long long)OH * OW, ConvEpi{nullptr, nullptr, 1.f, 0.f}); });
     char name[128]; snprintf(name, sizeof name, "%s%s/%d N%d C%d %dx%d O%d k%d s%d p%d split%u", nin_layout ? "nin " : "conv ", prec == 0 ? "f32" : prec == 1 ? "tf32" : "bf16", tn, N, C, H, W, O, k, s, p, gz);
     report(name, relerr(out, ref), prec == 0 ? 1e-6 : prec == 1 ? 2e-3 : 2e-2);
 }

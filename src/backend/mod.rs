@@ -220,8 +220,9 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor<Self>>;
-    /// `conv2d` plus a residual block's epilogue (see [`ConvEpilogue`]) in one op, for inference
-    /// (it has no backward; training records the separate ops). Default: the separate ops.
+    /// `conv2d` plus a residual block's epilogue (see [`ConvEpilogue`]) in one op. Its gradients
+    /// are those of the separate ops (`Graph::conv2d_fused` records it with their backward).
+    /// Default: the separate ops.
     fn conv2d_fused(
         &self,
         x: &Tensor<Self>,

@@ -121,7 +121,7 @@ struct Inner {
     /// How the modules were loaded, e.g. "cubin sm_90 (8 modules)".
     loaded_from: String,
     /// Per-kernel GPU time when SRSDE_CUDA_PROFILE=1 (see [`Cuda::kernel_profile`]).
-    profile: Option<Mutex<HashMap<(&'static str, (u32, u32, u32)), (u64, f64)>>>,
+    profile: Option<Mutex<HashMap<(&'static str, Grid), (u64, f64)>>>,
     /// Weights repacked for the pipelined bf16 conv ([`Cuda::packed_weights`]).
     packed: Mutex<HashMap<PackKey, PackedWeights>>,
 }
@@ -237,10 +237,13 @@ struct ConvGeom {
     a_sk: i64,
 }
 
+/// A launch's grid (x, y, z blocks).
+pub type Grid = (u32, u32, u32);
+
 /// [`Cuda::kernel_profile`]: (kernel, launches, ms) and (kernel, grid, launches, ms).
 pub struct KernelProfile {
     pub by_kernel: Vec<(&'static str, u64, f64)>,
-    pub by_launch: Vec<(&'static str, (u32, u32, u32), u64, f64)>,
+    pub by_launch: Vec<(&'static str, Grid, u64, f64)>,
 }
 
 /// kernels/conv.cu `ConvEpi`: the fused residual-block epilogue (null pointers: none).
@@ -744,7 +747,7 @@ impl Cuda {
     }
 
     /// The implicit-GEMM kernel for conv2d / nin / linear (tiling chosen by [`conv_plan`]; with
-    /// split-K the partial sums go to a workspace that `conv_splitk_reduce` adds up with the bias).
+    /// split-K the partial sums go to a workspace that [`Cuda::splitk_reduce`] adds up with the bias).
     fn gemm_conv(
         &self,
         precision: Precision,
@@ -787,14 +790,13 @@ impl Cuda {
         }
         g.k_chunk = to_i32("conv2d", plan.k_chunk)?;
         let grid = (grid_x, grid_y, plan.splits as u32);
-        let bias = || b.map_or(Arg::Ptr(0), ptr);
         if plan.splits == 1 {
             self.launch(
                 plan.kernel,
                 grid,
                 CONV_THREADS,
                 0,
-                vec![ptr(x), ptr(w), bias(), ptr(&out), raw(&g)],
+                vec![ptr(x), ptr(w), b.map_or(Arg::Ptr(0), ptr), ptr(&out), raw(&g)],
             )?;
             return Ok(out);
         }
@@ -810,20 +812,36 @@ impl Cuda {
             0,
             vec![ptr(x), ptr(w), Arg::Ptr(0), Arg::Ptr(ws.device_ptr()), raw(&g)],
         )?;
+        self.splitk_reduce(&ws, b, &out, plan.splits, &g, ConvEpiC::NONE)?;
+        Ok(out)
+    }
+
+    /// `conv_splitk_reduce_epi`: out = epi(Σ of the `splits` partial sums in `ws` + bias), the
+    /// second launch of every split-K GEMM.
+    fn splitk_reduce(
+        &self,
+        ws: &CudaBuf,
+        b: Option<&Tensor<Cuda>>,
+        out: &Tensor<Cuda>,
+        splits: usize,
+        g: &ConvGeom,
+        epi: ConvEpiC,
+    ) -> Result<()> {
+        let numel = out.numel();
         self.launch_n(
-            "conv_splitk_reduce",
+            "conv_splitk_reduce_epi",
             numel,
             vec![
                 Arg::Ptr(ws.device_ptr()),
-                bias(),
-                ptr(&out),
+                b.map_or(Arg::Ptr(0), ptr),
+                ptr(out),
                 Arg::I64(numel as i64),
-                Arg::I32(plan.splits as i32),
+                Arg::I32(splits as i32),
                 Arg::I32(g.o),
                 Arg::I64(g.oh as i64 * g.ow as i64),
+                raw(&epi),
             ],
-        )?;
-        Ok(out)
+        )
     }
 
     /// Whether a GEMM of this precision and geometry runs on the pipelined bf16 kernel (and
@@ -864,7 +882,6 @@ impl Cuda {
             plan.splits as u32,
         );
         let smem = plan.smem_bytes as u32;
-        let bias = || b.map_or(Arg::Ptr(0), ptr);
         let per = Arg::I32(plan.tiles_per_split as i32);
         if plan.splits == 1 {
             self.launch(
@@ -875,7 +892,7 @@ impl Cuda {
                 vec![
                     ptr(x),
                     Arg::Ptr(wp.device_ptr()),
-                    bias(),
+                    b.map_or(Arg::Ptr(0), ptr),
                     ptr(&out),
                     raw(&g),
                     per,
@@ -902,20 +919,7 @@ impl Cuda {
                 raw(&ConvEpiC::NONE),
             ],
         )?;
-        self.launch_n(
-            "conv_splitk_reduce_epi",
-            numel,
-            vec![
-                Arg::Ptr(ws.device_ptr()),
-                bias(),
-                ptr(&out),
-                Arg::I64(numel as i64),
-                Arg::I32(plan.splits as i32),
-                Arg::I32(g.o),
-                Arg::I64(g.oh as i64 * g.ow as i64),
-                raw(&epi),
-            ],
-        )?;
+        self.splitk_reduce(&ws, b, &out, plan.splits, &g, epi)?;
         Ok(out)
     }
 
