@@ -121,7 +121,7 @@ struct Inner {
     /// How the modules were loaded, e.g. "cubin sm_90 (8 modules)".
     loaded_from: String,
     /// Per-kernel GPU time when SRSDE_CUDA_PROFILE=1 (see [`Cuda::kernel_profile`]).
-    profile: Option<Mutex<HashMap<(&'static str, Grid), (u64, f64)>>>,
+    profile: Option<Mutex<LaunchTimes>>,
     /// Weights repacked for the pipelined bf16 conv ([`Cuda::packed_weights`]).
     packed: Mutex<HashMap<PackKey, PackedWeights>>,
 }
@@ -239,6 +239,8 @@ struct ConvGeom {
 
 /// A launch's grid (x, y, z blocks).
 pub type Grid = (u32, u32, u32);
+/// (kernel, grid) → (launches, milliseconds).
+type LaunchTimes = HashMap<(&'static str, Grid), (u64, f64)>;
 
 /// [`Cuda::kernel_profile`]: (kernel, launches, ms) and (kernel, grid, launches, ms).
 pub struct KernelProfile {
