@@ -290,9 +290,9 @@ pub fn run<B: Backend>(opts: &UpscaleOptions, backend: &B) -> Result<UpscaleRepo
     let model = ScoreModel::new(net);
     // On a CPU the paper's sampler (2000 predictor–corrector steps, 4000 network evaluations) takes
     // about half an hour per face even for ve-small, so without --sampler a VE model samples with
-    // the fast dpm2 (25 evaluations) there. `Backend::name` of the CPU backend starts with "cpu".
+    // the fast dpm2 (25 evaluations) there.
     let cpu_default;
-    let opts = if opts.sampler.is_none() && backend.name().starts_with("cpu") && model.sde.name() == "ve" {
+    let opts = if opts.sampler.is_none() && backend.is_cpu() && model.sde.name() == "ve" {
         cpu_default = UpscaleOptions {
             sampler: Some(CPU_DEFAULT_SAMPLER.to_string()),
             ..opts.clone()

@@ -158,6 +158,11 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
 
     /// Human-readable name, e.g. "cpu (2 threads)" or "cuda: NVIDIA H200".
     fn name(&self) -> String;
+    /// Whether this backend computes on the host CPU (commands pick lighter defaults there, e.g.
+    /// a fast sampler).
+    fn is_cpu(&self) -> bool {
+        false
+    }
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;

@@ -200,6 +200,9 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             if T::NAME == "f32" { "" } else { ", f64" }
         )
     }
+    fn is_cpu(&self) -> bool {
+        true
+    }
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>> {
