@@ -16,7 +16,7 @@
 //!   per-(sample, channel) sums; a second kernel adds those over the batch for dγ, dβ.
 //! - attention: one kernel recomputes the softmax rows and forms dS = P ⊙ (dP − rowsum(dP ⊙ P))
 //!   into [N, L, L] workspaces; three batched products give dV, dQ, dK. Always f32.
-use super::{grid_for, ptr, raw, to_i32, Arg, Cuda, Precision, BLOCK};
+use super::{grid_for, ptr, raw, to_i32, Arg, Cuda, CudaBuf, Precision, BLOCK};
 use crate::backend::shapes::{self, expect_shape};
 use crate::backend::{Backend, Grads3};
 use crate::error::{Error, Result};
@@ -93,16 +93,10 @@ fn weight_grad(
     let m = g.o as usize;
     let k = g.c as usize * g.kh as usize * g.kw as usize;
     let p = g.n as usize * g.oh as usize * g.ow as usize;
-    // The kernel indexes one sample's input with 32-bit offsets.
-    let per_sample = g.c as usize * g.h as usize * g.w as usize;
-    if per_sample > i32::MAX as usize || m * k > i32::MAX as usize {
-        return Err(Error::shape(
-            op,
-            format!(
-                "{per_sample} inputs per sample or {} weights exceed the kernels' 32-bit offsets",
-                m * k
-            ),
-        ));
+    super::check_gemm_offsets(op, g.c as usize * g.h as usize * g.w as usize, m * k)?;
+    let (grid_x, grid_y) = (k.div_ceil(DW_TILE), m.div_ceil(DW_TILE));
+    if grid_y > 65535 {
+        return Err(Error::shape(op, format!("{m} output channels are too many")));
     }
     if precision == Precision::Bf16
         && g.c as usize >= super::MMA_MIN_CHANNELS
@@ -111,10 +105,6 @@ fn weight_grad(
             .all(|(n, _)| b.inner.kernels.contains_key(n))
     {
         return weight_grad_mma(b, op, x, dy, &g, out);
-    }
-    let (grid_x, grid_y) = (k.div_ceil(DW_TILE), m.div_ceil(DW_TILE));
-    if grid_y > 65535 {
-        return Err(Error::shape(op, format!("{m} output channels are too many")));
     }
     let (splits, chunk) = dw_plan(m, k, p, b.inner.sm_count);
     g.p_chunk = to_i32(op, chunk)?;
@@ -138,20 +128,35 @@ fn weight_grad(
         0,
         vec![ptr(x), ptr(dy), Arg::Ptr(ws.device_ptr()), raw(&g)],
     )?;
+    dw_reduce(b, &ws, &out, m, k, splits, o_sm, o_sk)?;
+    Ok(out)
+}
+
+/// `conv_dw_reduce`: out[m·o_sm + k·o_sk] = Σ of the `splits` M×K slices in `ws`, in order.
+#[allow(clippy::too_many_arguments)] // the GEMM's sizes and the output strides
+fn dw_reduce(
+    b: &Cuda,
+    ws: &CudaBuf,
+    out: &Tensor<Cuda>,
+    m: usize,
+    k: usize,
+    splits: usize,
+    o_sm: i64,
+    o_sk: i64,
+) -> Result<()> {
     b.launch_n(
         "conv_dw_reduce",
         m * k,
         vec![
             Arg::Ptr(ws.device_ptr()),
-            ptr(&out),
+            ptr(out),
             Arg::I32(m as i32),
             Arg::I32(k as i32),
             Arg::I32(splits as i32),
             Arg::I64(o_sm),
             Arg::I64(o_sk),
         ],
-    )?;
-    Ok(out)
+    )
 }
 
 /// The weight gradient on the pipelined bf16 kernel (kernels/conv.cu `conv_dw_bf16_mma*`):
@@ -183,9 +188,6 @@ fn weight_grad_mma(
     let splits = want.min(p.div_ceil(128)).clamp(1, 4096);
     let chunk = p.div_ceil(splits).div_ceil(32) * 32;
     let splits = p.div_ceil(chunk);
-    if m.div_ceil(128) > 65535 {
-        return Err(Error::shape(op, format!("{m} output channels are too many")));
-    }
     let cg = super::ConvGeom {
         n: g.n,
         c: g.c,
@@ -215,19 +217,7 @@ fn weight_grad_mma(
         smem as u32,
         vec![ptr(x), ptr(dy), Arg::Ptr(ws.device_ptr()), raw(&cg)],
     )?;
-    b.launch_n(
-        "conv_dw_reduce",
-        m * k,
-        vec![
-            Arg::Ptr(ws.device_ptr()),
-            ptr(&out),
-            Arg::I32(m as i32),
-            Arg::I32(k as i32),
-            Arg::I32(splits as i32),
-            Arg::I64(g.o_sm),
-            Arg::I64(g.o_sk),
-        ],
-    )?;
+    dw_reduce(b, &ws, &out, m, k, splits, g.o_sm, g.o_sk)?;
     Ok(out)
 }
 

@@ -766,17 +766,7 @@ impl Cuda {
         let m = g.o as usize;
         let p = g.n as usize * g.oh as usize * g.ow as usize;
         let k = g.c as usize * g.kh as usize * g.kw as usize;
-        // The kernels index one sample's input and one layer's weights with 32-bit offsets.
-        let per_sample = g.c as usize * g.h as usize * g.w as usize;
-        if per_sample > i32::MAX as usize || m * k > i32::MAX as usize {
-            return Err(Error::shape(
-                "conv2d",
-                format!(
-                    "{per_sample} inputs per sample or {} weights exceed the kernels' 32-bit offsets",
-                    m * k
-                ),
-            ));
-        }
+        check_gemm_offsets("conv2d", g.c as usize * g.h as usize * g.w as usize, m * k)?;
         if self.mma_applies(precision, &g) {
             return self.gemm_conv_mma(x, w, b, g, out, ConvEpiC::NONE);
         }
@@ -847,14 +837,11 @@ impl Cuda {
     }
 
     /// Whether a GEMM of this precision and geometry runs on the pipelined bf16 kernel (and
-    /// that kernel is in this build); the 32-bit offset limits as in `gemm_conv`.
+    /// that kernel is in this build). The caller has checked the 32-bit offsets
+    /// ([`check_gemm_offsets`]).
     fn mma_applies(&self, precision: Precision, g: &ConvGeom) -> bool {
-        let per_sample = g.c as usize * g.h as usize * g.w as usize;
-        let weights = g.o as usize * g.c as usize * (g.kh * g.kw) as usize;
         precision == Precision::Bf16
             && g.c as usize >= MMA_MIN_CHANNELS
-            && per_sample <= i32::MAX as usize
-            && weights <= i32::MAX as usize
             && MMA_KERNELS
                 .iter()
                 .all(|(n, _)| self.inner.kernels.contains_key(n))
@@ -975,6 +962,17 @@ impl Cuda {
         );
         Ok(packed)
     }
+}
+
+/// The GEMM kernels index one sample's input and one layer's weights with 32-bit offsets.
+fn check_gemm_offsets(op: &'static str, per_sample: usize, weights: usize) -> Result<()> {
+    if per_sample > i32::MAX as usize || weights > i32::MAX as usize {
+        return Err(Error::shape(
+            op,
+            format!("{per_sample} inputs per sample or {weights} weights exceed the kernels' 32-bit offsets"),
+        ));
+    }
+    Ok(())
 }
 
 /// Validated conv2d geometry as the kernels see it, and the output shape.
@@ -1389,6 +1387,7 @@ impl Backend for Cuda {
         epi: &ConvEpilogue<Self>,
     ) -> Result<Tensor<Self>> {
         let (g, out_shape) = conv_geom(x, w, b, stride, pad)?;
+        check_gemm_offsets("conv2d", g.c as usize * g.h as usize * g.w as usize, w.numel())?;
         if !self.mma_applies(self.precision, &g) {
             return super::conv2d_fused_composed(self, x, w, b, stride, pad, epi);
         }
