@@ -29,6 +29,7 @@
 //! Noise comes from a [`NoiseStream`] (per image with [`NoiseStream::per_image`]): x_T first, then one
 //! draw per churned step, so an image's result does not depend on its batch companions.
 pub mod expint;
+pub mod plan;
 pub mod schedule;
 
 use super::{NoiseStream, StepInfo};
