@@ -429,7 +429,7 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_bf16_n64(const f
 #define MMA_STAGES 4
 #define MMA_A_LD 40  // bf16 per A row in shared memory: 32 + 8 (80-byte rows: ldmatrix conflict-free)
 
-template <int BN>
+template <int BN, bool NHWC>
 struct MmaTile {
     static constexpr int BM = 128, BK = MMA_BK;
     static constexpr int WARPS_M = BN == 128 ? 2 : 4, WARPS_N = 8 / WARPS_M;
@@ -437,17 +437,25 @@ struct MmaTile {
     static constexpr int MI = WTM / 16, NI = WTN / 8;             // m16 × n8 fragments per warp
     static constexpr int LDN = BN + 4;  // pixel stride of a B k-pair row (≡ 4 mod 16: conflict-free)
     static constexpr int A_WORDS = BM * MMA_A_LD / 2;  // 32-bit words of one A stage
-    static constexpr int B_WORDS = BK / 2 * LDN * 2;   // floats of one B stage
+    // One B stage: NCHW f32 [k pair][pixel][2], or NHWC bf16 [pixel][MMA_A_LD] like A.
+    static constexpr int B_WORDS = NHWC ? BN * MMA_A_LD / 2 : BK / 2 * LDN * 2;
     static constexpr int STAGE_WORDS = A_WORDS + B_WORDS;
     static constexpr int SMEM_BYTES = MMA_STAGES * STAGE_WORDS * 4;
-    static constexpr int B_ROWS = CONV_THREADS / BN, EB = BK / B_ROWS;  // B loader: k rows per pass
+    static constexpr int B_ROWS = CONV_THREADS / BN, EB = BK / B_ROWS;  // NCHW B loader: k rows per pass
+    static constexpr int B_CHUNKS = BN * 4 / CONV_THREADS;  // NHWC B loader: 16-byte chunks per thread
+    static_assert(NI % 2 == 0, "B fragments are loaded two n8 blocks at a time");
 };
 
-template <int BN>
-__device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const unsigned* __restrict__ wp,
-                                              const float* __restrict__ bias, float* __restrict__ out,
-                                              const ConvGeom& g, int tiles_per_split, const ConvEpi& epi) {
-    typedef MmaTile<BN> T;
+// The pipelined implicit GEMM shared by both input layouts. NHWC = false: B comes from the f32
+// NCHW input x; NHWC = true: from xh, the input as bf16 [N][H][W][cp] (channels padded to the
+// 32-channel tile with zeros, conv_to_nhwc_bf16), so a B tile is 16-byte copies of 8 channels of
+// one pixel, one bounds check per pixel and tap, and B fragments come from ldmatrix like A's.
+template <int BN, bool NHWC>
+__device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const unsigned* __restrict__ xh,
+                                              const unsigned* __restrict__ wp, const float* __restrict__ bias,
+                                              float* __restrict__ out, const ConvGeom& g, int tiles_per_split,
+                                              const ConvEpi& epi) {
+    typedef MmaTile<BN, NHWC> T;
     extern __shared__ float S[];
     unsigned* const smem = reinterpret_cast<unsigned*>(S);
 
@@ -460,21 +468,34 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
     const long long p0 = (long long)blockIdx.x * BN;
     const int tb = blockIdx.z * tiles_per_split;
     const int ntiles = max(min(KHW * ctiles, tb + tiles_per_split) - tb, 0);
-
-    // B loader: this thread's pixel (column t % BN) and k rows t / BN + i·B_ROWS of every tile.
-    const int bcol = t % BN, brow0 = t / BN;
-    long long pb = p0 + bcol;
-    const bool pvalid = pb < P;
-    if (!pvalid) pb = 0;
     const int ohw = g.OH * g.OW;
-    const int nb = (int)(pb / ohw), rb = (int)(pb - (long long)nb * ohw);
-    const int oy = rb / g.OW, ox = rb - oy * g.OW;
-    const float* const xn = x + (long long)nb * g.C * HW;
+
+    // NCHW B loader: this thread's pixel (column t % BN) and k rows t / BN + i·B_ROWS of every tile.
+    // NHWC B loader: pixel rows (t >> 2) + i·64 of the tile, channel chunk t & 3 (8 channels).
+    constexpr int NPIX = NHWC ? T::B_CHUNKS : 1;
+    int iy0[NPIX], ix0[NPIX];
+    const float* xn = x;
+    const unsigned* xhn[NPIX];
+    const int bcol = t % BN, brow0 = t / BN;
+#pragma unroll
+    for (int i = 0; i < NPIX; ++i) {
+        long long pb = p0 + (NHWC ? (t >> 2) + i * (CONV_THREADS / 4) : bcol);
+        const bool pvalid = pb < P;
+        if (!pvalid) pb = 0;
+        const int nb = (int)(pb / ohw), rb = (int)(pb - (long long)nb * ohw);
+        const int oy = rb / g.OW, ox = rb - oy * g.OW;
+        // An invalid pixel gets an origin far outside the image, so every tap is out of bounds.
+        iy0[i] = pvalid ? oy * g.stride - g.pad : -(1 << 28);
+        ix0[i] = ox * g.stride - g.pad;
+        if (NHWC)
+            xhn[i] = xh + (long long)nb * HW * (cp / 2) + (t & 3) * 4;
+        else
+            xn = x + (long long)nb * g.C * HW;
+    }
 
     auto load_tile = [&](int stage, int tile) {
         const int tap = tile / ctiles, c0 = (tile - tap * ctiles) * T::BK;
         unsigned* As = smem + stage * T::STAGE_WORDS;
-        float* Bs = reinterpret_cast<float*>(As + T::A_WORDS);
         // A: 128 rows × 4 chunks of 8 bf16; chunks t and t + 256.
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -483,14 +504,27 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
             cp_async16(As + row * (MMA_A_LD / 2) + c8 * 4, wp + e / 2);
         }
         const int ky = tap / g.KW, kx = tap - ky * g.KW;
-        const int iy = oy * g.stride - g.pad + ky, ix = ox * g.stride - g.pad + kx;
-        const bool inside = pvalid && (unsigned)iy < (unsigned)g.H && (unsigned)ix < (unsigned)g.W;
-        const float* base = inside ? xn + iy * g.W + ix : x;
+        if constexpr (NHWC) {
+            unsigned* Bs = As + T::A_WORDS;
 #pragma unroll
-        for (int i = 0; i < T::EB; ++i) {
-            const int k = brow0 + i * T::B_ROWS, c = c0 + k;
-            const bool ok = inside && c < g.C;
-            cp_async4(Bs + ((k >> 1) * T::LDN + bcol) * 2 + (k & 1), ok ? base + c * HW : x, ok);
+            for (int i = 0; i < NPIX; ++i) {
+                const int iy = iy0[i] + ky, ix = ix0[i] + kx;
+                const bool inside = (unsigned)iy < (unsigned)g.H && (unsigned)ix < (unsigned)g.W;
+                const unsigned* src = inside ? xhn[i] + ((long long)iy * g.W + ix) * (cp / 2) + c0 / 2 : xh;
+                const int row = (t >> 2) + i * (CONV_THREADS / 4);
+                cp_async16_zfill(Bs + row * (MMA_A_LD / 2) + (t & 3) * 4, src, inside);
+            }
+        } else {
+            float* Bs = reinterpret_cast<float*>(As + T::A_WORDS);
+            const int iy = iy0[0] + ky, ix = ix0[0] + kx;
+            const bool inside = (unsigned)iy < (unsigned)g.H && (unsigned)ix < (unsigned)g.W;
+            const float* base = inside ? xn + iy * g.W + ix : x;
+#pragma unroll
+            for (int i = 0; i < T::EB; ++i) {
+                const int k = brow0 + i * T::B_ROWS, c = c0 + k;
+                const bool ok = inside && c < g.C;
+                cp_async4(Bs + ((k >> 1) * T::LDN + bcol) * 2 + (k & 1), ok ? base + c * HW : x, ok);
+            }
         }
     };
 
@@ -514,7 +548,6 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
         if (next < ntiles) load_tile(next % MMA_STAGES, tb + next);
         cp_async_commit();
         const unsigned* As = smem + (tile % MMA_STAGES) * T::STAGE_WORDS;
-        const float* Bs = reinterpret_cast<const float*>(As + T::A_WORDS);
 #pragma unroll
         for (int kk = 0; kk < T::BK; kk += 16) {
             unsigned af[T::MI][4], bfr[T::NI][2];
@@ -524,14 +557,32 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
                 const int col = kk + (lane >> 4) * 8;
                 ldmatrix_x4(af[mi], As + row * (MMA_A_LD / 2) + col / 2);
             }
+            if constexpr (NHWC) {
+                // Matrices (n block ni, k 0–7), (ni, k 8–15), (ni + 1, k 0–7), (ni + 1, k 8–15):
+                // rows are pixels with k contiguous, i.e. exactly the column fragments of B.
+                const unsigned* Bs = As + T::A_WORDS;
 #pragma unroll
-            for (int ni = 0; ni < T::NI; ++ni) {
-                const int n = wn * T::WTN + ni * 8 + (lane >> 2);
-                const int kp = kk / 2 + (lane & 3);
-                const float2 v0 = *reinterpret_cast<const float2*>(Bs + (kp * T::LDN + n) * 2);
-                const float2 v1 = *reinterpret_cast<const float2*>(Bs + ((kp + 4) * T::LDN + n) * 2);
-                bfr[ni][0] = pack_bf16x2(v0.x, v0.y);
-                bfr[ni][1] = pack_bf16x2(v1.x, v1.y);
+                for (int ni = 0; ni < T::NI; ni += 2) {
+                    const int n = wn * T::WTN + (ni + (lane >> 4)) * 8 + (lane & 7);
+                    const int k = kk + ((lane >> 3) & 1) * 8;
+                    unsigned r[4];
+                    ldmatrix_x4(r, Bs + n * (MMA_A_LD / 2) + k / 2);
+                    bfr[ni][0] = r[0];
+                    bfr[ni][1] = r[1];
+                    bfr[ni + 1][0] = r[2];
+                    bfr[ni + 1][1] = r[3];
+                }
+            } else {
+                const float* Bs = reinterpret_cast<const float*>(As + T::A_WORDS);
+#pragma unroll
+                for (int ni = 0; ni < T::NI; ++ni) {
+                    const int n = wn * T::WTN + ni * 8 + (lane >> 2);
+                    const int kp = kk / 2 + (lane & 3);
+                    const float2 v0 = *reinterpret_cast<const float2*>(Bs + (kp * T::LDN + n) * 2);
+                    const float2 v1 = *reinterpret_cast<const float2*>(Bs + ((kp + 4) * T::LDN + n) * 2);
+                    bfr[ni][0] = pack_bf16x2(v0.x, v0.y);
+                    bfr[ni][1] = pack_bf16x2(v1.x, v1.y);
+                }
             }
 #pragma unroll
             for (int mi = 0; mi < T::MI; ++mi)
@@ -576,18 +627,58 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
         }
 }
 
-// Dynamic shared memory: MmaTile<128>::SMEM_BYTES (108,544) / MmaTile<64>::SMEM_BYTES (75,776);
+// Dynamic shared memory: MmaTile<128, false>::SMEM_BYTES (108,544) / MmaTile<64, false> (75,776);
 // the host raises the kernels' limit above the default 48 KB once at start-up.
 extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_mma(const float* __restrict__ x,
     const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
     int tiles_per_split, ConvEpi epi) {
-    conv_mma_body<128>(x, wp, bias, out, g, tiles_per_split, epi);
+    conv_mma_body<128, false>(x, nullptr, wp, bias, out, g, tiles_per_split, epi);
 }
 
 extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_mma_n64(const float* __restrict__ x,
     const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
     int tiles_per_split, ConvEpi epi) {
-    conv_mma_body<64>(x, wp, bias, out, g, tiles_per_split, epi);
+    conv_mma_body<64, false>(x, nullptr, wp, bias, out, g, tiles_per_split, epi);
+}
+
+// The same GEMM reading xh (bf16 NHWC, conv_to_nhwc_bf16). Shared memory: MmaTile<128, true>
+// (81,920 bytes) / MmaTile<64, true> (61,440).
+extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_nhwc(const unsigned* __restrict__ xh,
+    const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
+    int tiles_per_split, ConvEpi epi) {
+    conv_mma_body<128, true>(nullptr, xh, wp, bias, out, g, tiles_per_split, epi);
+}
+
+extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_nhwc_n64(const unsigned* __restrict__ xh,
+    const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
+    int tiles_per_split, ConvEpi epi) {
+    conv_mma_body<64, true>(nullptr, xh, wp, bias, out, g, tiles_per_split, epi);
+}
+
+// xh[n][p][c] (bf16 pairs along c) = x[n][c][p] for c < C, 0 for C ≤ c < cp (the padding the
+// NHWC conv's 32-channel K tiles read). Grid (⌈HW/32⌉ · ⌈cp/64⌉, N), 256 threads: each block
+// moves 64 channels × 32 pixels through shared memory so reads (along p) and writes (along c)
+// are both coalesced. CPU twin: the layout change alone (the conv's twin is conv2d).
+extern "C" __global__ void __launch_bounds__(256) conv_to_nhwc_bf16(const float* __restrict__ x,
+                                                                   unsigned* __restrict__ xh, int C, int cp,
+                                                                   long long HW) {
+    __shared__ float tile[64][33];
+    const int ptiles = (int)((HW + 31) / 32);
+    const int c0 = (int)(blockIdx.x / ptiles) * 64;
+    const long long p0 = (long long)(blockIdx.x % ptiles) * 32;
+    const int n = blockIdx.y;
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    for (int ci = ty; ci < 64; ci += 8) {
+        const int c = c0 + ci;
+        const long long p = p0 + tx;
+        tile[ci][tx] = (c < C && p < HW) ? x[((long long)n * C + c) * HW + p] : 0.0f;
+    }
+    __syncthreads();
+    for (int pi = ty; pi < 32; pi += 8) {
+        const long long p = p0 + pi;
+        const int c = c0 + 2 * tx;
+        if (p < HW && c < cp) xh[(((long long)n * HW + p) * cp + c) / 2] = pack_bf16x2(tile[2 * tx][pi], tile[2 * tx + 1][pi]);
+    }
 }
 
 // wp[m][tap][c] (bf16 pairs along c) = A[m, c·KHW + tap] for m < M, c < C, else 0, where

@@ -103,6 +103,9 @@ inline void cp_async4(void* dst, const void* src, bool valid) { if (valid) memcp
 inline void cp_async16(void* dst, const void* src) {
     if ((uintptr_t)dst % 16 || (uintptr_t)src % 16) { fprintf(stderr, "cp_async16: misaligned\n"); abort(); }
     memcpy(dst, src, 16); }
+inline void cp_async16_zfill(void* dst, const void* src, bool valid) {
+    if ((uintptr_t)dst % 16 || (valid && (uintptr_t)src % 16)) { fprintf(stderr, "cp_async16_zfill: misaligned\n"); abort(); }
+    if (valid) memcpy(dst, src, 16); else memset(dst, 0, 16); }
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 inline const void* g_xchg_p[1024]; inline unsigned g_xchg_u[1024][6];

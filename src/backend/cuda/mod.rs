@@ -108,7 +108,15 @@ pub struct Cuda {
     inner: Arc<Inner>,
     precision: Precision,
     poison: bool,
+    /// bf16 GEMMs with at least this many output pixels read their input as bf16 NHWC
+    /// (`conv_to_nhwc_bf16` + `conv_bf16_nhwc*`); smaller ones read the f32 NCHW tensor directly.
+    nhwc_min_pixels: usize,
 }
+
+/// Default [`Cuda::with_nhwc_min_pixels`]: the layout pass costs one launch and one read and
+/// write of the input, which pays off once the GEMM is large (overridable for measurements with
+/// `SRSDE_CONV_NHWC_MIN_PIXELS`).
+pub const NHWC_MIN_PIXELS: usize = 8192;
 
 struct Inner {
     ctx: Arc<CudaContext>,
@@ -316,6 +324,8 @@ const CONV_MAX_SPLITS: usize = 64;
 /// The pipelined bf16 conv kernels and their dynamic shared memory (kernels/conv.cu
 /// `MmaTile<BN>::SMEM_BYTES`: 4 stages of a 128×32 bf16 A tile and a 32×BN f32 B tile).
 const MMA_KERNELS: [(&str, usize); 2] = [("conv_bf16_mma", 108_544), ("conv_bf16_mma_n64", 75_776)];
+/// The same GEMM reading bf16 NHWC input (`MmaTile<BN, true>::SMEM_BYTES`).
+const NHWC_KERNELS: [(&str, usize); 2] = [("conv_bf16_nhwc", 81_920), ("conv_bf16_nhwc_n64", 61_440)];
 /// The pipelined bf16 weight-gradient kernels and their dynamic shared memory (kernels/conv.cu
 /// `DwMmaTile<BN>::SMEM_BYTES`; BN = 128, 64 channels per block).
 const DW_MMA_KERNELS: [(&str, usize); 2] = [("conv_dw_bf16_mma", 163_840), ("conv_dw_bf16_mma_n64", 122_880)];
@@ -337,14 +347,12 @@ struct MmaPlan {
 /// Tiling of the pipelined kernel for M output channels, P output pixels and `tiles` K tiles:
 /// 128-pixel tiles when they alone fill the device, else 64; split-K (at least 4 K tiles a
 /// part) when the blocks still number fewer than the multiprocessors.
-fn mma_plan(m: usize, p: usize, tiles: usize, sms: usize) -> MmaPlan {
+/// `kernels`: the 128- and 64-pixel variants ([`MMA_KERNELS`] or [`NHWC_KERNELS`]).
+fn mma_plan(kernels: &[(&'static str, usize); 2], m: usize, p: usize, tiles: usize, sms: usize) -> MmaPlan {
     let blocks_for = |tile_n: usize| m.div_ceil(CONV_TILE_M) * p.div_ceil(tile_n);
-    let (kernel, smem_bytes) = if blocks_for(128) >= sms {
-        MMA_KERNELS[0]
-    } else {
-        MMA_KERNELS[1]
-    };
-    let tile_n = if kernel == MMA_KERNELS[0].0 { 128 } else { 64 };
+    let wide = blocks_for(128) >= sms;
+    let (kernel, smem_bytes) = if wide { kernels[0] } else { kernels[1] };
+    let tile_n = if wide { 128 } else { 64 };
     let blocks = blocks_for(tile_n).max(1);
     let mut splits = 1;
     if blocks < sms {
@@ -488,7 +496,7 @@ impl Cuda {
         }
         // The pipelined conv kernels keep 4 stages of operands in dynamic shared memory (above
         // the default 48 KB limit).
-        for (name, bytes) in MMA_KERNELS.iter().chain(&DW_MMA_KERNELS) {
+        for (name, bytes) in MMA_KERNELS.iter().chain(&NHWC_KERNELS).chain(&DW_MMA_KERNELS) {
             if let Some(f) = kernels.get(name) {
                 drv(
                     "raising the shared-memory limit of the conv kernels",
@@ -517,6 +525,10 @@ impl Cuda {
             }),
             precision: Precision::default(),
             poison: false,
+            nhwc_min_pixels: std::env::var("SRSDE_CONV_NHWC_MIN_PIXELS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(NHWC_MIN_PIXELS),
         })
     }
 
@@ -536,6 +548,15 @@ impl Cuda {
     }
     /// A handle that fills every new output buffer with NaN before the op writes it, so that an
     /// element a kernel forgets to write shows up (used by the selftest).
+    /// This handle with bf16 GEMMs of at least `min_pixels` output pixels on the NHWC-input
+    /// kernels (0: all of them; `usize::MAX`: none). The selftest forces both paths.
+    pub fn with_nhwc_min_pixels(&self, min_pixels: usize) -> Cuda {
+        Cuda {
+            nhwc_min_pixels: min_pixels,
+            ..self.clone()
+        }
+    }
+
     pub fn with_poison(&self, poison: bool) -> Cuda {
         Cuda {
             poison,
@@ -863,7 +884,28 @@ impl Cuda {
         let p = g.n as usize * g.oh as usize * g.ow as usize;
         let wp = self.packed_weights(w, &g)?;
         let tiles = khw * c.div_ceil(MMA_BK);
-        let plan = mma_plan(m, p, tiles, self.inner.sm_count);
+        let nhwc = p >= self.nhwc_min_pixels
+            && NHWC_KERNELS
+                .iter()
+                .all(|(n, _)| self.inner.kernels.contains_key(n));
+        let plan = mma_plan(
+            if nhwc { &NHWC_KERNELS } else { &MMA_KERNELS },
+            m,
+            p,
+            tiles,
+            self.inner.sm_count,
+        );
+        // The NHWC kernels read a bf16 copy of x; it returns to the pool when dropped, safely
+        // since every later user queues on the same stream.
+        let xh = if nhwc {
+            Some(self.to_nhwc_bf16(x, &g)?)
+        } else {
+            None
+        };
+        let input = match &xh {
+            Some(xh) => Arg::Ptr(xh.device_ptr()),
+            None => ptr(x),
+        };
         let grid = (
             u32::try_from(p.div_ceil(plan.tile_n))
                 .map_err(|_| Error::shape("conv2d", format!("{p} output pixels are too many")))?,
@@ -879,7 +921,7 @@ impl Cuda {
                 CONV_THREADS,
                 smem,
                 vec![
-                    ptr(x),
+                    input,
                     Arg::Ptr(wp.device_ptr()),
                     b.map_or(Arg::Ptr(0), ptr),
                     ptr(&out),
@@ -899,7 +941,7 @@ impl Cuda {
             CONV_THREADS,
             smem,
             vec![
-                ptr(x),
+                input,
                 Arg::Ptr(wp.device_ptr()),
                 Arg::Ptr(0),
                 Arg::Ptr(ws.device_ptr()),
@@ -910,6 +952,39 @@ impl Cuda {
         )?;
         self.splitk_reduce(&ws, b, &out, plan.splits, &g, epi)?;
         Ok(out)
+    }
+
+    /// `conv_to_nhwc_bf16`: x (f32 [N, C, H, W]) as bf16 [N][H][W][cp], channels zero-padded to
+    /// the 32-channel K tile.
+    fn to_nhwc_bf16(&self, x: &Tensor<Cuda>, g: &ConvGeom) -> Result<CudaBuf> {
+        let (n, c, hw) = (g.n as usize, g.c as usize, g.h as usize * g.w as usize);
+        let cp = c.div_ceil(MMA_BK) * MMA_BK;
+        let words = n * hw * cp / 2;
+        let xh = self.inner.pool.alloc(words * 4, words)?;
+        let blocks = hw.div_ceil(32) * cp.div_ceil(64);
+        let grid = (
+            u32::try_from(blocks)
+                .map_err(|_| Error::shape("conv2d", format!("{hw} pixels per sample are too many")))?,
+            u32::try_from(n)
+                .ok()
+                .filter(|&n| n <= 65535)
+                .ok_or_else(|| Error::shape("conv2d", format!("batch {n} is too large for the NHWC pass")))?,
+            1,
+        );
+        self.launch(
+            "conv_to_nhwc_bf16",
+            grid,
+            256,
+            0,
+            vec![
+                ptr(x),
+                Arg::Ptr(xh.device_ptr()),
+                Arg::I32(g.c),
+                Arg::I32(to_i32("conv2d", cp)?),
+                Arg::I64(hw as i64),
+            ],
+        )?;
+        Ok(xh)
     }
 
     /// `w` as the pipelined kernel's bf16 A operand wp[m][tap][c] (m padded to the 128-row tile,
@@ -1752,7 +1827,7 @@ mod tests {
         for &m in &[3, 64, 128, 256, 1000] {
             for &p in &[1, 4, 64, 256, 1024, 16384, 1 << 20] {
                 for &tiles in &[1, 2, 9, 36, 72, 144, 1000] {
-                    let plan = mma_plan(m, p, tiles, 132);
+                    let plan = mma_plan(&MMA_KERNELS, m, p, tiles, 132);
                     let what = format!("m{m} p{p} tiles{tiles}: {plan:?}");
                     assert!(plan.splits >= 1 && plan.splits <= CONV_MAX_SPLITS, "{what}");
                     assert!(plan.splits * plan.tiles_per_split >= tiles, "{what}");

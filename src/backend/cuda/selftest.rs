@@ -586,45 +586,70 @@ pub fn selftest_against<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Re
                 .map(|y| reference.to_f32(y))
                 .collect::<Result<Vec<_>>>()
         })();
-        let dev = cuda.with_precision(case.precision).with_poison(true);
-        let got = (|| {
-            let xs = case
-                .inputs
-                .iter()
-                .zip(&host)
-                .map(|((s, _), d)| dev.from_f32(s, d))
-                .collect::<Result<Vec<_>>>()?;
-            let ys = apply(&dev, &case.op, &xs)?;
-            dev.synchronize()?;
-            ys.iter().map(|y| dev.to_f32(y)).collect::<Result<Vec<_>>>()
-        })();
-        for (oi, out_name) in output_names(&case.op).iter().enumerate() {
-            let (rel, error) = match (&got, &want) {
-                (Ok(g), Ok(w)) => match (g.get(oi), w.get(oi)) {
-                    (Some(g), Some(w)) => (rel_err(g, w), None),
-                    _ => (f64::INFINITY, Some(format!("output {out_name} missing"))),
-                },
-                (Err(e), _) => (f64::INFINITY, Some(format!("cuda: {e}"))),
-                (_, Err(e)) => (f64::INFINITY, Some(format!("reference: {e}"))),
-            };
-            let op = if out_name.is_empty() {
-                case.name.to_string()
-            } else {
-                format!("{}.{out_name}", case.name)
-            };
-            rows.push(SelftestRow {
-                op,
-                shape: shape_text(&case),
-                precision: case.precision,
-                rel_err: rel,
-                bound: case.bound,
-                pass: error.is_none() && rel <= case.bound,
-                error,
-            });
-        }
-        // A failed launch leaves the context unusable: report what we have.
-        if fatal(rows.last()) {
-            return Ok(rows);
+        // bf16 GEMMs run twice: as the backend picks the input layout for this size, and with
+        // every GEMM forced onto the NHWC-input kernels (rows marked "[nhwc]").
+        let gemm = matches!(
+            case.op,
+            Op::Conv { .. }
+                | Op::ConvFused { .. }
+                | Op::ConvBackward { .. }
+                | Op::Nin
+                | Op::NinBackward
+                | Op::Linear
+                | Op::LinearBackward
+        );
+        let layouts: &[Option<usize>] = if gemm && case.precision == Precision::Bf16 {
+            &[None, Some(0)]
+        } else {
+            &[None]
+        };
+        for &layout in layouts {
+            let mut dev = cuda.with_precision(case.precision).with_poison(true);
+            if let Some(min_pixels) = layout {
+                dev = dev.with_nhwc_min_pixels(min_pixels);
+            }
+            let got = (|| {
+                let xs = case
+                    .inputs
+                    .iter()
+                    .zip(&host)
+                    .map(|((s, _), d)| dev.from_f32(s, d))
+                    .collect::<Result<Vec<_>>>()?;
+                let ys = apply(&dev, &case.op, &xs)?;
+                dev.synchronize()?;
+                ys.iter().map(|y| dev.to_f32(y)).collect::<Result<Vec<_>>>()
+            })();
+            for (oi, out_name) in output_names(&case.op).iter().enumerate() {
+                let (rel, error) = match (&got, &want) {
+                    (Ok(g), Ok(w)) => match (g.get(oi), w.get(oi)) {
+                        (Some(g), Some(w)) => (rel_err(g, w), None),
+                        _ => (f64::INFINITY, Some(format!("output {out_name} missing"))),
+                    },
+                    (Err(e), _) => (f64::INFINITY, Some(format!("cuda: {e}"))),
+                    (_, Err(e)) => (f64::INFINITY, Some(format!("reference: {e}"))),
+                };
+                let mut op = if out_name.is_empty() {
+                    case.name.to_string()
+                } else {
+                    format!("{}.{out_name}", case.name)
+                };
+                if layout.is_some() {
+                    op.push_str("[nhwc]");
+                }
+                rows.push(SelftestRow {
+                    op,
+                    shape: shape_text(&case),
+                    precision: case.precision,
+                    rel_err: rel,
+                    bound: case.bound,
+                    pass: error.is_none() && rel <= case.bound,
+                    error,
+                });
+            }
+            // A failed launch leaves the context unusable: report what we have.
+            if fatal(rows.last()) {
+                return Ok(rows);
+            }
         }
     }
     rows.extend(training_gradients(cuda, reference, seed));
@@ -713,6 +738,9 @@ fn backward_cases(v: &mut Vec<Case>) {
         (vec![3, 12, 5, 7], 4, false),
         (vec![3, 12, 5, 7], 4, true),
         (vec![2, 9, 1, 1], 3, true),
+        // The split kernels (gn_bwd_*): batch 1 at 128×128, and H·W odd (no float4) in 17 spans.
+        (vec![1, 128, 128, 128], 32, true),
+        (vec![2, 16, 45, 47], 4, false),
     ] {
         let c = shape[1];
         v.push(f32c(
