@@ -212,3 +212,200 @@ extern "C" __global__ void __launch_bounds__(256) gn_apply(const float* __restri
         }
     }
 }
+
+// ---- backward, split over many blocks (what the backend launches for large groups) -------------
+// gn_backward streams a whole group from one block four times (x) and twice (dy): once a group
+// no longer stays in cache that is ~7× the tensor in DRAM traffic, and at batch 1 only 32 blocks
+// run. The split version works on "units": one warp's slice of one channel, elements
+// [s·span, min(hw, (s+1)·span)) of channel nc = n·C + c, numbered u = nc·spans + s, so a
+// (sample, group)'s units are contiguous (ng = nc / cg). Every pass is one warp per unit (no block
+// barriers; blocks of GN_BWD_WARPS warps), float4 loads when H·W is a multiple of 4 (span is):
+//   gn_bwd_xsums  reads x       → per unit (Σx, Σx²)
+//   gn_bwd_fold_x               → per (sample, group) mean, rstd   (E[x²] − mean², as gn_apply)
+//   gn_bwd_dsums  reads x, dy   → per unit (Σdz, Σdz·x̂)
+//   gn_bwd_fold_d               → per (sample, channel) Σdz, Σdz·x̂ (gn_backward_params adds them
+//                                 over the batch) and the group means of dz·γ and dz·γ·x̂
+//   gn_bwd_dx     reads x, dy   → dx, same per-element formulas as gn_backward
+// Partial sums in f64, folded in a fixed order: deterministic, no atomics. gn_bwd_dsums walks the
+// units backwards so that its first loads hit the tail of x that gn_bwd_xsums left in L2, and
+// gn_bwd_dx walks forwards from what gn_bwd_dsums touched last.
+// gstat holds four floats per (sample, group): mean, rstd, mean(dz·γ), mean(dz·γ·x̂).
+
+// The unit (or (sample, group) for the folds) of the calling warp, −1 past the end.
+__device__ __forceinline__ i64 gn_bwd_warp_item(i64 items, int reverse) {
+    const i64 w = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (w >= items) return -1;
+    return reverse ? items - 1 - w : w;
+}
+
+extern "C" __global__ void __launch_bounds__(256) gn_bwd_xsums(const float* __restrict__ x,
+                                                               double* __restrict__ part, i64 hw,
+                                                               int span, int spans, i64 units) {
+    const i64 u = gn_bwd_warp_item(units, 0);
+    if (u < 0) return;  // whole warps only
+    const int lane = threadIdx.x & 31;
+    const i64 nc = u / spans, lo = (u % spans) * span, hi = min(lo + span, hw);
+    const float* xc = x + nc * hw;
+    double s = 0.0, q = 0.0;
+    if ((hw & 3) == 0) {
+#pragma unroll 4
+        for (i64 j = lo + 4 * lane; j < hi; j += 128) {
+            const float4 v = *reinterpret_cast<const float4*>(xc + j);
+            const double a = v.x, b = v.y, c = v.z, d = v.w;
+            s += (a + b) + (c + d);
+            q += (a * a + b * b) + (c * c + d * d);
+        }
+    } else {
+        for (i64 j = lo + lane; j < hi; j += 32) {
+            const double v = xc[j];
+            s += v;
+            q += v * v;
+        }
+    }
+    s = warp_sum_d(s);
+    q = warp_sum_d(q);
+    if (lane == 0) {
+        part[2 * u] = s;
+        part[2 * u + 1] = q;
+    }
+}
+
+// One warp per (sample, group): `per` = cg·spans units, `len` = cg·hw elements.
+extern "C" __global__ void __launch_bounds__(256) gn_bwd_fold_x(const double* __restrict__ part,
+                                                                float* __restrict__ gstat, i64 ngroups,
+                                                                i64 per, double len, double eps) {
+    const i64 ng = gn_bwd_warp_item(ngroups, 0);
+    if (ng < 0) return;
+    const int lane = threadIdx.x & 31;
+    const double* p = part + ng * per * 2;
+    double s = 0.0, q = 0.0;
+    for (i64 i = lane; i < per; i += 32) {
+        s += p[2 * i];
+        q += p[2 * i + 1];
+    }
+    s = warp_sum_d(s);
+    q = warp_sum_d(q);
+    if (lane == 0) {
+        const double mean = s / len;
+        const double var = fmax(q / len - mean * mean, 0.0);
+        gstat[4 * ng] = (float)mean;
+        gstat[4 * ng + 1] = (float)(1.0 / sqrt(var + eps));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gn_bwd_dsums(
+    const float* __restrict__ x, const float* __restrict__ dy, const float* __restrict__ gstat,
+    const float* __restrict__ gamma, const float* __restrict__ beta, double* __restrict__ part, int C,
+    int cg, i64 hw, int span, int spans, i64 units, int silu) {
+    const i64 u = gn_bwd_warp_item(units, 1);
+    if (u < 0) return;
+    const int lane = threadIdx.x & 31;
+    const i64 nc = u / spans, lo = (u % spans) * span, hi = min(lo + span, hw);
+    const int c = (int)(nc % C);
+    const float* st = gstat + 4 * (nc / cg);
+    const float meanf = st[0], rstdf = st[1], gam = gamma[c], bet = beta[c];
+    const float* xc = x + nc * hw;
+    const float* dc = dy + nc * hw;
+    double sd = 0.0, sdx = 0.0;
+    if ((hw & 3) == 0) {
+#pragma unroll 4
+        for (i64 j = lo + 4 * lane; j < hi; j += 128) {
+            const float4 xv = *reinterpret_cast<const float4*>(xc + j);
+            const float4 dv = *reinterpret_cast<const float4*>(dc + j);
+            const float xs[4] = {xv.x, xv.y, xv.z, xv.w}, ds[4] = {dv.x, dv.y, dv.z, dv.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float xhat = (xs[e] - meanf) * rstdf;
+                const float dz = gn_dz(ds[e], xhat, gam, bet, silu);
+                sd += (double)dz;
+                sdx += (double)dz * (double)xhat;
+            }
+        }
+    } else {
+        for (i64 j = lo + lane; j < hi; j += 32) {
+            const float xhat = (xc[j] - meanf) * rstdf;
+            const float dz = gn_dz(dc[j], xhat, gam, bet, silu);
+            sd += (double)dz;
+            sdx += (double)dz * (double)xhat;
+        }
+    }
+    sd = warp_sum_d(sd);
+    sdx = warp_sum_d(sdx);
+    if (lane == 0) {
+        part[2 * u] = sd;
+        part[2 * u + 1] = sdx;
+    }
+}
+
+// One warp per (sample, group): per channel the sums over its spans (→ part_dbeta/part_dgamma at
+// n·C + c, as gn_backward writes them), then the group means of dz·γ and dz·γ·x̂.
+extern "C" __global__ void __launch_bounds__(256) gn_bwd_fold_d(
+    const double* __restrict__ part, const float* __restrict__ gamma, float* __restrict__ gstat,
+    double* __restrict__ part_dgamma, double* __restrict__ part_dbeta, int C, int cg, int spans,
+    i64 ngroups, double len) {
+    const i64 ng = gn_bwd_warp_item(ngroups, 0);
+    if (ng < 0) return;
+    const int lane = threadIdx.x & 31;
+    double sum_g = 0.0, sum_gx = 0.0;
+    for (int j = 0; j < cg; ++j) {
+        const i64 nc = ng * cg + j;
+        const double* p = part + nc * spans * 2;
+        double sd = 0.0, sdx = 0.0;
+        for (int s = lane; s < spans; s += 32) {
+            sd += p[2 * s];
+            sdx += p[2 * s + 1];
+        }
+        sd = warp_sum_d(sd);
+        sdx = warp_sum_d(sdx);
+        const double gam = (double)gamma[nc % C];
+        sum_g += sd * gam;
+        sum_gx += sdx * gam;
+        if (lane == 0) {
+            part_dbeta[nc] = sd;
+            part_dgamma[nc] = sdx;
+        }
+    }
+    if (lane == 0) {
+        gstat[4 * ng + 2] = (float)(sum_g / len);
+        gstat[4 * ng + 3] = (float)(sum_gx / len);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gn_bwd_dx(
+    const float* __restrict__ x, const float* __restrict__ dy, const float* __restrict__ gstat,
+    const float* __restrict__ gamma, const float* __restrict__ beta, float* __restrict__ dx, int C, int cg,
+    i64 hw, int span, int spans, i64 units, int silu) {
+    const i64 u = gn_bwd_warp_item(units, 0);
+    if (u < 0) return;
+    const int lane = threadIdx.x & 31;
+    const i64 nc = u / spans, lo = (u % spans) * span, hi = min(lo + span, hw);
+    const int c = (int)(nc % C);
+    const float* st = gstat + 4 * (nc / cg);
+    const float meanf = st[0], rstdf = st[1], mg = st[2], mgx = st[3];
+    const float gam = gamma[c], bet = beta[c];
+    const float* xc = x + nc * hw;
+    const float* dc = dy + nc * hw;
+    float* out = dx + nc * hw;
+    if ((hw & 3) == 0) {
+#pragma unroll 4
+        for (i64 j = lo + 4 * lane; j < hi; j += 128) {
+            const float4 xv = *reinterpret_cast<const float4*>(xc + j);
+            const float4 dv = *reinterpret_cast<const float4*>(dc + j);
+            const float xs[4] = {xv.x, xv.y, xv.z, xv.w}, ds[4] = {dv.x, dv.y, dv.z, dv.w};
+            float r[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float xhat = (xs[e] - meanf) * rstdf;
+                const float dz = gn_dz(ds[e], xhat, gam, bet, silu);
+                r[e] = rstdf * (dz * gam - mg - xhat * mgx);
+            }
+            *reinterpret_cast<float4*>(out + j) = float4{r[0], r[1], r[2], r[3]};
+        }
+    } else {
+        for (i64 j = lo + lane; j < hi; j += 32) {
+            const float xhat = (xc[j] - meanf) * rstdf;
+            const float dz = gn_dz(dc[j], xhat, gam, bet, silu);
+            out[j] = rstdf * (dz * gam - mg - xhat * mgx);
+        }
+    }
+}

@@ -461,6 +461,33 @@ pub(super) fn conv2d_backward(
     Ok(Grads3 { dx, dw, db })
 }
 
+/// Warps per block of the split GroupNorm backward kernels (kernels/norm.cu `gn_bwd_*`): one
+/// warp per unit (a slice of one channel).
+const GN_BWD_WARPS: usize = 8;
+/// Largest and smallest unit span in elements; multiples of 128 (one float4 per lane).
+const GN_BWD_MAX_SPAN: usize = 2048;
+const GN_BWD_MIN_SPAN: usize = 128;
+/// Below this group length the single-block `gn_backward` keeps: its block re-reads a group
+/// that small from cache, so it moves the tensors once, in one launch.
+const GN_BWD_SINGLE_MAX_GROUP: usize = 4096;
+
+/// How `group_norm_backward` runs: `None` for the single-block kernel, else the split kernels
+/// with this many elements per unit. Units shrink (down to 128 elements) until there are about
+/// four blocks per multiprocessor, so a batch-1 128×128 layer still fills the device.
+fn gn_backward_span(n: usize, c: usize, hw: usize, groups: usize, sms: usize) -> Option<usize> {
+    let group_len = c / groups * hw;
+    let numel = n * c * hw;
+    if group_len < GN_BWD_SINGLE_MAX_GROUP || (numel <= 1 << 20 && n * groups >= 2 * sms) {
+        return None;
+    }
+    let target_units = 4 * sms * GN_BWD_WARPS;
+    let mut span = GN_BWD_MAX_SPAN;
+    while span > GN_BWD_MIN_SPAN && n * c * hw.div_ceil(span) < target_units {
+        span /= 2;
+    }
+    Some(span)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn group_norm_backward(
     b: &Cuda,
@@ -485,37 +512,52 @@ pub(super) fn group_norm_backward(
     let dx = b.out(x.shape())?;
     let (dgamma, dbeta) = (b.out(&[c])?, b.out(&[c])?);
     let hw = h * w;
-    // Per-(sample, channel) partial sums, every one written by the first kernel.
+    // Per-(sample, channel) partial sums of dγ and dβ, every one written by either path.
     let part_g = b.inner.pool.alloc(n * c * 8, n * c * 2)?;
     let part_b = b.inner.pool.alloc(n * c * 8, n * c * 2)?;
-    let group_len = c / groups * hw;
-    let block = if group_len >= 4096 { 512 } else { 256 };
-    b.launch(
-        "gn_backward",
-        (to_i32(op, n * groups)? as u32, 1, 1),
-        block,
-        0,
-        vec![
-            ptr(x),
-            ptr(gamma),
-            ptr(beta),
-            ptr(dy),
-            ptr(&dx),
-            Arg::Ptr(part_g.device_ptr()),
-            Arg::Ptr(part_b.device_ptr()),
-            Arg::I32(to_i32(op, c)?),
-            Arg::I32(to_i32(op, groups)?),
-            Arg::I64(hw as i64),
-            Arg::F64(eps),
-            Arg::I32(silu as i32),
-        ],
-    )?;
+    let parts = (part_g.device_ptr(), part_b.device_ptr());
+    match gn_backward_span(n, c, hw, groups, b.inner.sm_count) {
+        Some(span) => gn_backward_split(
+            b,
+            op,
+            [x, gamma, beta, dy, &dx],
+            parts,
+            (n, c, hw, groups),
+            span,
+            eps,
+            silu,
+        )?,
+        None => {
+            let group_len = c / groups * hw;
+            let block = if group_len >= 4096 { 512 } else { 256 };
+            b.launch(
+                "gn_backward",
+                (to_i32(op, n * groups)? as u32, 1, 1),
+                block,
+                0,
+                vec![
+                    ptr(x),
+                    ptr(gamma),
+                    ptr(beta),
+                    ptr(dy),
+                    ptr(&dx),
+                    Arg::Ptr(parts.0),
+                    Arg::Ptr(parts.1),
+                    Arg::I32(to_i32(op, c)?),
+                    Arg::I32(to_i32(op, groups)?),
+                    Arg::I64(hw as i64),
+                    Arg::F64(eps),
+                    Arg::I32(silu as i32),
+                ],
+            )?;
+        }
+    }
     b.launch_n(
         "gn_backward_params",
         c,
         vec![
-            Arg::Ptr(part_g.device_ptr()),
-            Arg::Ptr(part_b.device_ptr()),
+            Arg::Ptr(parts.0),
+            Arg::Ptr(parts.1),
             ptr(&dgamma),
             ptr(&dbeta),
             Arg::I32(to_i32(op, n)?),
@@ -527,6 +569,124 @@ pub(super) fn group_norm_backward(
         dw: dgamma,
         db: dbeta,
     })
+}
+
+/// The split backward (kernels/norm.cu, "backward, split over many blocks"): x is read three
+/// times and dy twice, each pass spread over `span`-element units, one warp each; writes dx and
+/// the per-(sample, channel) partials `parts` = (Σ dz·x̂, Σ dz).
+#[allow(clippy::too_many_arguments)]
+fn gn_backward_split(
+    b: &Cuda,
+    op: &'static str,
+    [x, gamma, beta, dy, dx]: [&Tensor<Cuda>; 5],
+    parts: (u64, u64),
+    (n, c, hw, groups): (usize, usize, usize, usize),
+    span: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<()> {
+    let cg = c / groups;
+    let spans = hw.div_ceil(span);
+    let units = n * c * spans;
+    let ngroups = n * groups;
+    let len = (cg * hw) as f64;
+    // (Σx, Σx²) and later (Σdz, Σdz·x̂) per unit, f64; the four per-group floats of `gstat`
+    // (mean, rstd, mean(dz·γ), mean(dz·γ·x̂)).
+    let part_buf = b.inner.pool.alloc(units * 16, units * 4)?;
+    let gstat_buf = b.inner.pool.alloc(ngroups * 16, ngroups * 4)?;
+    let (part, gstat) = (part_buf.device_ptr(), gstat_buf.device_ptr());
+    let unit_grid = (to_i32(op, units.div_ceil(GN_BWD_WARPS))? as u32, 1, 1);
+    let group_grid = (to_i32(op, ngroups.div_ceil(GN_BWD_WARPS))? as u32, 1, 1);
+    let threads = (32 * GN_BWD_WARPS) as u32;
+    let (c32, cg32, span32, spans32) = (
+        to_i32(op, c)?,
+        to_i32(op, cg)?,
+        to_i32(op, span)?,
+        to_i32(op, spans)?,
+    );
+    let (hw64, units64, ngroups64) = (hw as i64, units as i64, ngroups as i64);
+    // gn_bwd_dsums (into `part`) and gn_bwd_dx (into dx) take the same arguments.
+    let pass_args = |out: Arg| {
+        vec![
+            ptr(x),
+            ptr(dy),
+            Arg::Ptr(gstat),
+            ptr(gamma),
+            ptr(beta),
+            out,
+            Arg::I32(c32),
+            Arg::I32(cg32),
+            Arg::I64(hw64),
+            Arg::I32(span32),
+            Arg::I32(spans32),
+            Arg::I64(units64),
+            Arg::I32(silu as i32),
+        ]
+    };
+    let xsums = vec![
+        ptr(x),
+        Arg::Ptr(part),
+        Arg::I64(hw64),
+        Arg::I32(span32),
+        Arg::I32(spans32),
+        Arg::I64(units64),
+    ];
+    b.launch("gn_bwd_xsums", unit_grid, threads, 0, xsums)?;
+    let fold_x = vec![
+        Arg::Ptr(part),
+        Arg::Ptr(gstat),
+        Arg::I64(ngroups64),
+        Arg::I64((cg * spans) as i64),
+        Arg::F64(len),
+        Arg::F64(eps),
+    ];
+    b.launch("gn_bwd_fold_x", group_grid, threads, 0, fold_x)?;
+    b.launch("gn_bwd_dsums", unit_grid, threads, 0, pass_args(Arg::Ptr(part)))?;
+    let fold_d = vec![
+        Arg::Ptr(part),
+        ptr(gamma),
+        Arg::Ptr(gstat),
+        Arg::Ptr(parts.0),
+        Arg::Ptr(parts.1),
+        Arg::I32(c32),
+        Arg::I32(cg32),
+        Arg::I32(spans32),
+        Arg::I64(ngroups64),
+        Arg::F64(len),
+    ];
+    b.launch("gn_bwd_fold_d", group_grid, threads, 0, fold_d)?;
+    b.launch("gn_bwd_dx", unit_grid, threads, 0, pass_args(ptr(dx)))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod gn_backward_plan_tests {
+    use super::*;
+
+    const H100_SMS: usize = 132;
+
+    #[test]
+    fn small_groups_keep_the_single_kernel() {
+        // 16×16 with 8 channels per group: 2048-element groups, re-read from cache.
+        assert_eq!(gn_backward_span(64, 256, 256, 32, H100_SMS), None);
+        assert_eq!(gn_backward_span(3, 12, 35, 4, H100_SMS), None);
+    }
+
+    #[test]
+    fn large_groups_split_and_fill_the_device_at_any_batch() {
+        for n in [1, 2, 8, 64] {
+            let (c, hw) = (128, 128 * 128);
+            let span = gn_backward_span(n, c, hw, 32, H100_SMS).expect("65536-element groups split");
+            assert!((GN_BWD_MIN_SPAN..=GN_BWD_MAX_SPAN).contains(&span) && span.is_multiple_of(128));
+            let blocks = (n * c * hw.div_ceil(span)).div_ceil(GN_BWD_WARPS);
+            assert!(blocks >= 2 * H100_SMS, "batch {n}: {blocks} blocks");
+        }
+        // Large batches keep the longest units (fewest partial sums).
+        assert_eq!(
+            gn_backward_span(64, 128, 128 * 128, 32, H100_SMS),
+            Some(GN_BWD_MAX_SPAN)
+        );
+    }
 }
 
 pub(super) fn attention_backward(
