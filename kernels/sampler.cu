@@ -176,3 +176,106 @@ extern "C" __global__ void predictor_update(float* x, float* __restrict__ x_mean
         x[k] = xm + __fmul_rn(r.pred_sigma, z);
     }
 }
+
+// ---- fast samplers (src/sample/fast/graph.rs) ---------------------------------------------------
+//
+// One captured stage per network evaluation: fast_prepare (Heun churn, the network input α·point),
+// the network, fast_update (the denoiser D and the solver's update). Row i of a `FastRow` table
+// (src/sample/fast/plan.rs `Stage`) says what stage i does. CPU twin: the eager solvers in
+// src/sample/fast/mod.rs, i.e. the chains of ew_affine / ew_axpby / rng_normal they launch; every
+// line below is one of those launches as NVRTC compiles it (ew_affine = fma(scale, x, shift),
+// ew_axpby = fma(α, a, β·b)), so graph and eager fast samplers give the same bits.
+
+// src/backend/cuda/graph.rs `FastRow` (#[repr(C)], 88 bytes).
+struct FastRow {
+    u64 pre_draw;    // noise draw of the Heun churn before the evaluation
+    u64 post_draw;   // noise draw of the DPM churn after the update
+    float in_scale;  // α: the network sees α·point (FAST_IN_AFFINE), else point itself
+    float in_shift;  // 0, ew_affine's shift
+    float d_coef;    // σ̂²·α: D = point + d_coef·s
+    float c0;        // DPM: e^{−κh}; Euler: r; Heun: the factor of the Euler point
+    float c1;        // Euler: 1 − r; Heun: the factor of D
+    float w[3];      // DPM weights of D (w[0], this stage's) and the history
+    float pre_std;   // Heun churn std
+    float post_std;  // DPM churn std
+    int kind;        // FAST_*
+    int flags;       // FAST_IN_AFFINE | FAST_PRE_NOISE | FAST_POST_NOISE | FAST_COMMIT
+    int d_slot;      // denoiser buffer this stage writes
+    int n_terms;     // DPM: terms of the combination (1..3)
+    int slot[3];     // DPM: buffer of term q (slot[0] = d_slot)
+    int pad_;
+};
+
+#define FAST_FINAL 0
+#define FAST_DPM 1
+#define FAST_EULER 2
+#define FAST_HEUN 3
+#define FAST_IN_AFFINE 1
+#define FAST_PRE_NOISE 2
+#define FAST_POST_NOISE 4
+#define FAST_COMMIT 8
+
+// Noise of draw `draw` (counted from the first draw after the prior): `d` has draws_per_step = 1
+// and draw = 0, so sampler_noise's offset is base + draw·draw_size, as NoiseStream::next hands it.
+__device__ __forceinline__ float fast_noise(const NoiseDraw& d, u64 draw, i64 k, i64 per) {
+    const i64 n = k / per, j = k - n * per;
+    return sampler_noise(d, draw, n, j, per);
+}
+
+// Before the evaluation of stage i: Heun's churn x̂ = x̂ + std·z (ew_axpby(1, x̂, std, z); x̂ and
+// point hold the same values here) written to both, then the network input xnet = α·point + 0
+// (ew_affine) or a copy of point when α = 1 (the eager sampler passes x̂ itself).
+extern "C" __global__ void fast_prepare(const u64* __restrict__ step, const FastRow* __restrict__ rows,
+                                        i64 n_rows, float* __restrict__ xh, float* __restrict__ point,
+                                        float* __restrict__ xnet, NoiseDraw d, i64 per, i64 total) {
+    const u64 i = sampler_step_index(step, n_rows);
+    const FastRow r = rows[i];
+    GRID_STRIDE(k, total) {
+        float p = point[k];
+        if (r.flags & FAST_PRE_NOISE) {
+            p = fmaf(1.0f, xh[k], __fmul_rn(r.pre_std, fast_noise(d, r.pre_draw, k, per)));
+            xh[k] = p;
+            point[k] = p;
+        }
+        xnet[k] = (r.flags & FAST_IN_AFFINE) ? fmaf(r.in_scale, p, r.in_shift) : p;
+    }
+}
+
+// After the evaluation of stage i, from the raw network output h: the score s (sampler_score with
+// score row i), D = point + d_coef·s into buffer d_slot, then the update of the row's kind:
+//   DPM:   x̂' = fma(e^{−κh}, x̂, w0·D), + w_q·D_q for the history, + std·z when churning;
+//   Euler: point = fma(r, x̂, (1 − r)·D), and x̂ = point for an Euler-only step;
+//   Heun:  x̂' = fma(1, fma(½, x̂, c0·point), c1·D);
+// x̂' goes to x̂ and point. Each element reads only its own index of every buffer.
+extern "C" __global__ void fast_update(const u64* __restrict__ step, const FastRow* __restrict__ rows,
+                                       const StepRow* __restrict__ srows, i64 n_rows, float* __restrict__ xh,
+                                       float* __restrict__ point, const float* __restrict__ h, float* d0,
+                                       float* d1, float* d2, NoiseDraw d, i64 per, i64 total) {
+    const u64 i = sampler_step_index(step, n_rows);
+    const FastRow r = rows[i];
+    const StepRow sr = srows[i];
+    float* ds[3] = {d0, d1, d2};
+    float* dout = ds[r.d_slot];
+    GRID_STRIDE(k, total) {
+        const float s = sampler_score(h[k], sr);
+        const float den = fmaf(1.0f, point[k], __fmul_rn(r.d_coef, s));
+        dout[k] = den;
+        if (r.kind == FAST_DPM) {
+            float next = fmaf(r.c0, xh[k], __fmul_rn(r.w[0], den));
+            for (int q = 1; q < r.n_terms; ++q) next = fmaf(1.0f, next, __fmul_rn(r.w[q], ds[r.slot[q]][k]));
+            if (r.flags & FAST_POST_NOISE)
+                next = fmaf(1.0f, next, __fmul_rn(r.post_std, fast_noise(d, r.post_draw, k, per)));
+            xh[k] = next;
+            point[k] = next;
+        } else if (r.kind == FAST_EULER) {
+            const float xe = fmaf(r.c0, xh[k], __fmul_rn(r.c1, den));
+            point[k] = xe;
+            if (r.flags & FAST_COMMIT) xh[k] = xe;
+        } else if (r.kind == FAST_HEUN) {
+            const float half = fmaf(0.5f, xh[k], __fmul_rn(r.c0, point[k]));
+            const float next = fmaf(1.0f, half, __fmul_rn(r.c1, den));
+            xh[k] = next;
+            point[k] = next;
+        }
+    }
+}

@@ -9,6 +9,8 @@ use srsde_fast::backend::cuda::{self, Cuda, Precision};
 use srsde_fast::backend::Backend;
 use srsde_fast::model::ncsnpp::Ncsnpp;
 use srsde_fast::model::{NetConfig, ScoreModel};
+use srsde_fast::sample::fast::graph::{fast_graph_parity, fast_parity_cases, FastGraph, FastParityCase};
+use srsde_fast::sample::fast::{fast_sample, fast_sample_eager, schedule, FastConfig, FastSolver};
 use srsde_fast::sample::graph::{cuda_graphs_enabled, graph_parity, ParityCase, PcGraph};
 use srsde_fast::sample::pc::pc_sample_eager;
 use srsde_fast::sample::{pc_sample_with_noise, LangevinNorm, NoiseStream, SamplerConfig};
@@ -178,4 +180,130 @@ fn failed_capture_leaves_the_device_usable() {
     graph.launch().unwrap();
     assert_eq!(cuda.to_f32(&out).unwrap(), vec![7.0; 8]);
     drop(graph); // before `out`, whose buffer the graph writes
+}
+
+fn check_fast(cuda: &Cuda, case: FastParityCase<'_>) {
+    let p = fast_graph_parity(cuda, &case, 23).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    println!(
+        "{case:?} [{}]: rel err {:.2e}, bitwise {}, {} nodes per evaluation",
+        cuda.precision(),
+        p.rel_err,
+        p.identical,
+        p.nodes
+    );
+    assert!(
+        p.rel_err <= 1e-6,
+        "{case:?}: fast graph vs eager rel err {}",
+        p.rel_err
+    );
+    assert!(
+        p.steps_match,
+        "{case:?}: the observer saw other steps than the eager sampler's"
+    );
+    assert!(
+        p.nodes > 10,
+        "{case:?}: a stage with a network has more than {} nodes",
+        p.nodes
+    );
+}
+
+/// dpm2, dpm3 and ode-heun with and without churn, batch 1 and 3, per-image and one stream, on
+/// ve-tiny and vp-tiny: the graph gives the eager fast sampler's result.
+#[test]
+fn fast_graph_matches_eager() {
+    let Some((cuda, _lock)) = device() else { return };
+    for case in fast_parity_cases() {
+        check_fast(&cuda, case);
+    }
+    // dpm1 (one term, no history) and a longer dpm3 run with churn.
+    let base = fast_parity_cases()[0];
+    check_fast(
+        &cuda,
+        FastParityCase {
+            solver: FastSolver::Dpm { order: 1 },
+            churn: 0.7,
+            ..base
+        },
+    );
+    check_fast(
+        &cuda,
+        FastParityCase {
+            solver: FastSolver::Dpm { order: 3 },
+            steps: 12,
+            churn: 0.2,
+            batch: 2,
+            ..base
+        },
+    );
+}
+
+#[test]
+fn fast_graph_matches_eager_in_bf16() {
+    let Some((cuda, _lock)) = device() else { return };
+    if !cuda.supports(Precision::Bf16) {
+        println!("skipped: no bf16 kernels in this build");
+        return;
+    }
+    let bf16 = cuda.with_precision(Precision::Bf16);
+    for case in fast_parity_cases().into_iter().filter(|c| c.batch == 3) {
+        check_fast(&bf16, case);
+    }
+}
+
+/// fast_sample takes the graph path on CUDA (no fallback note, graphs stay on), returns what the
+/// eager solvers return, and its observer sees every evaluation; stepping past the end is refused.
+#[test]
+fn fast_sample_uses_the_graph_on_cuda() {
+    let Some((cuda, _lock)) = device() else { return };
+    let mut config = NetConfig::preset("ve-tiny").unwrap();
+    config.model.dropout = 0.0;
+    let model = ScoreModel::new(Ncsnpp::random(&cuda, config, 3).unwrap());
+    let cfg = FastConfig {
+        churn: 0.3,
+        ..FastConfig::new(FastSolver::Dpm { order: 2 })
+    };
+    let y = cuda.rand_uniform(&[2, 3, 128, 128], 9, 0).unwrap();
+    let noise = NoiseStream::per_image(vec![1, 2]);
+    let mut seen = Vec::new();
+    let got = fast_sample(
+        &cuda,
+        &model,
+        &model.sde,
+        &y,
+        &cfg,
+        6,
+        noise.clone(),
+        &mut |info| {
+            seen.push((info.step, info.total));
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert!(cuda_graphs_enabled(), "the fast graph path fell back to eager");
+    assert_eq!(seen, (0..6).map(|i| (i, 6)).collect::<Vec<_>>());
+    let want = fast_sample_eager(&cuda, &model, &model.sde, &y, &cfg, 6, noise.clone(), &mut |_| {
+        Ok(())
+    })
+    .unwrap();
+    let (a, b) = (cuda.to_f32(&got).unwrap(), cuda.to_f32(&want).unwrap());
+    assert!(srsde_fast::check::rel_err(&a, &b) <= 1e-6);
+
+    let mut n = noise;
+    let x_t = cuda
+        .affine(&n.next(&cuda, y.shape()).unwrap(), model.sde.prior_std(), 0.0)
+        .unwrap();
+    let xh = cuda
+        .affine(&x_t, 1.0 / schedule::alpha(&model.sde, 1.0), 0.0)
+        .unwrap();
+    let mut g = FastGraph::new(&model, &model.sde, &cfg, 6, &y, &xh, &n).unwrap();
+    for _ in 0..6 {
+        g.stage().unwrap();
+    }
+    assert!(g.stage().is_err(), "a seventh evaluation of six must be refused");
+    let x = g.finish().unwrap();
+    assert_eq!(
+        cuda.to_f32(&x).unwrap(),
+        a,
+        "FastGraph::finish gives fast_sample's result"
+    );
 }

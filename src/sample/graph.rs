@@ -49,13 +49,13 @@ pub fn cuda_graphs_enabled() -> bool {
 }
 
 /// The first failure switches graphs off for the process, with one line saying why.
-fn fall_back(e: &Error) {
+pub(crate) fn fall_back(e: &Error) {
     if MODE.swap(FAILED, Ordering::Relaxed) == ON {
         eprintln!("note: CUDA graph sampler unavailable, sampling without graphs ({e})");
     }
 }
 
-fn cast_ref<T: 'static, U: 'static>(t: &T) -> Option<&U> {
+pub(crate) fn cast_ref<T: 'static, U: 'static>(t: &T) -> Option<&U> {
     (t as &dyn Any).downcast_ref::<U>()
 }
 
@@ -147,24 +147,32 @@ pub fn step_rows<B: Backend>(
         .iter()
         .map(|&t| {
             let t = t as f64;
-            let (labels, out_scale) = model.conditioning(&[t]);
-            let label = labels[0] as f32;
             let (a, b, sigma) = match predictor {
                 PredictorKind::ReverseDiffusion => ReverseDiffusion::coefficients(sde, t),
                 PredictorKind::EulerMaruyama => EulerMaruyama::coefficients(sde, t),
                 PredictorKind::None => (1.0, 0.0, 0.0),
             };
             StepRow {
-                label,
-                score_scale1: if sigma_in_graph { 1.0 / label } else { 1.0 },
-                score_scale2: out_scale.map_or(1.0, |s| s[0] as f32),
                 pred_a: a as f32,
                 pred_b: b as f32,
                 pred_sigma: sigma as f32,
                 langevin_alpha: sde.langevin_alpha(t),
+                ..score_row(model, t, sigma_in_graph)
             }
         })
         .collect()
+}
+
+/// The network's side of a [`StepRow`] at time t: its label and the score scales (the rest 0).
+pub(crate) fn score_row<B: Backend>(model: &ScoreModel<B>, t: f64, sigma_in_graph: bool) -> StepRow {
+    let (labels, out_scale) = model.conditioning(&[t]);
+    let label = labels[0] as f32;
+    StepRow {
+        label,
+        score_scale1: if sigma_in_graph { 1.0 / label } else { 1.0 },
+        score_scale2: out_scale.map_or(1.0, |s| s[0] as f32),
+        ..StepRow::default()
+    }
 }
 
 /// Seeds and layout of the noise a run draws after its prior, for `batch` images of `per`
@@ -193,14 +201,14 @@ pub fn noise_layout(
 
 /// A copy of `x` in a fresh buffer (the graph updates its state in place; callers' tensors are
 /// never written).
-fn fresh_copy(cuda: &Cuda, x: &Tensor<Cuda>) -> Result<Tensor<Cuda>> {
+pub(crate) fn fresh_copy(cuda: &Cuda, x: &Tensor<Cuda>) -> Result<Tensor<Cuda>> {
     let (_, c, _, _) = x.dims4("pc graph state")?;
     cuda.slice_channels(x, 0, c)
 }
 
 /// The network the graph runs: the model's own, or — when it ends with `scale_by_sigma`, which
 /// reads σ back to the host — a twin without it that shares the model's weight buffers.
-fn graph_network(net: &Ncsnpp<Cuda>) -> Result<Option<Ncsnpp<Cuda>>> {
+pub(crate) fn graph_network(net: &Ncsnpp<Cuda>) -> Result<Option<Ncsnpp<Cuda>>> {
     if !net.config.model.scale_by_sigma {
         return Ok(None);
     }
@@ -554,7 +562,9 @@ pub fn graph_parity(cuda: &Cuda, case: &ParityCase<'_>, seed: u64) -> Result<Gra
 
 /// Selftest rows for `srsde-fast selftest`: graph-replayed PC sampling against the eager CUDA
 /// sampler (tiny random networks, 4 steps) for sde-ve, sde-ve-cs (Langevin, per-image noise) and
-/// sde-vp at batch 1 and 3; the bound is 1e-6 (the design target is bitwise equality).
+/// sde-vp at batch 1 and 3; the bound is 1e-6 (the design target is bitwise equality). Then the
+/// fast samplers' graph against their eager path
+/// ([`crate::sample::fast::graph::fast_graph_selftest`]).
 pub fn graph_selftest(cuda: &Cuda, seed: u64) -> Result<Vec<SelftestRow>> {
     let cases = [
         ParityCase::new("ve-tiny", "sde-ve", 1, false),
@@ -563,7 +573,7 @@ pub fn graph_selftest(cuda: &Cuda, seed: u64) -> Result<Vec<SelftestRow>> {
         ParityCase::new("vp-tiny", "sde-vp", 3, false),
     ];
     let bound = 1e-6;
-    Ok(cases
+    let mut rows: Vec<SelftestRow> = cases
         .iter()
         .map(|case| {
             let (net, sampler, batch) = (case.net, case.sampler, case.batch);
@@ -590,7 +600,9 @@ pub fn graph_selftest(cuda: &Cuda, seed: u64) -> Result<Vec<SelftestRow>> {
                 error,
             }
         })
-        .collect())
+        .collect();
+    rows.extend(crate::sample::fast::graph::fast_graph_selftest(cuda, seed));
+    Ok(rows)
 }
 
 #[cfg(test)]

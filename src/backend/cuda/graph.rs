@@ -529,6 +529,156 @@ impl Cuda {
     }
 }
 
+/// One stage of a fast sampler run (kernels/sampler.cu `FastRow`, built from
+/// `sample::fast::plan::Stage`): what `fast_prepare` and `fast_update` do at that stage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FastRow {
+    /// Noise draw (after the prior) of the Heun churn before the evaluation.
+    pub pre_draw: u64,
+    /// Noise draw of the DPM churn after the update.
+    pub post_draw: u64,
+    /// α: the network sees α·point (with [`FastRow::IN_AFFINE`]), else point itself.
+    pub in_scale: f32,
+    /// ew_affine's shift (0).
+    pub in_shift: f32,
+    /// σ̂²·α: D = point + d_coef·s.
+    pub d_coef: f32,
+    /// DPM: e^{−κh}; Euler: r; Heun: the factor of the Euler point.
+    pub c0: f32,
+    /// Euler: 1 − r; Heun: the factor of D.
+    pub c1: f32,
+    /// DPM weights of this stage's D and of the history, newest first.
+    pub w: [f32; 3],
+    pub pre_std: f32,
+    pub post_std: f32,
+    /// [`FastRow::FINAL`], [`FastRow::DPM`], [`FastRow::EULER`] or [`FastRow::HEUN`].
+    pub kind: i32,
+    pub flags: i32,
+    /// The denoiser buffer this stage writes.
+    pub d_slot: i32,
+    /// DPM: number of terms (1..=3) and their buffers (slot[0] = d_slot).
+    pub n_terms: i32,
+    pub slot: [i32; 3],
+    pub pad: i32,
+}
+
+impl FastRow {
+    pub const FINAL: i32 = 0;
+    pub const DPM: i32 = 1;
+    pub const EULER: i32 = 2;
+    pub const HEUN: i32 = 3;
+    pub const IN_AFFINE: i32 = 1;
+    pub const PRE_NOISE: i32 = 2;
+    pub const POST_NOISE: i32 = 4;
+    pub const COMMIT: i32 = 8;
+}
+
+/// The stage table of a fast sampler run on the device.
+pub struct FastTable {
+    rows: Arc<CudaBuf>,
+    n_rows: usize,
+}
+
+impl Cuda {
+    /// Upload the stage table of a fast sampler run (one row per row of `tables`).
+    pub fn fast_table(&self, t: &SamplerTables, rows: &[FastRow]) -> Result<FastTable> {
+        if rows.len() != t.n_rows {
+            return Err(Error::shape(
+                "fast_table",
+                format!("{} stages for a table of {} steps", rows.len(), t.n_rows),
+            ));
+        }
+        if rows.iter().any(|r| {
+            !(0..3).contains(&r.d_slot) || r.n_terms > 3 || r.slot.iter().any(|s| !(0..3).contains(s))
+        }) {
+            return Err(Error::Config(
+                "fast_table: a stage names a buffer slot outside 0..3".into(),
+            ));
+        }
+        Ok(FastTable {
+            rows: self.upload_pod(rows)?,
+            n_rows: rows.len(),
+        })
+    }
+
+    /// Before a fast sampler stage's evaluation: Heun churn on x̂ and point, then the network
+    /// input `xnet` (α·point, or point).
+    pub fn fast_prepare(
+        &self,
+        t: &SamplerTables,
+        f: &FastTable,
+        c: &StepCounter,
+        xh: &Tensor<Cuda>,
+        point: &Tensor<Cuda>,
+        xnet: &Tensor<Cuda>,
+    ) -> Result<()> {
+        self.check_state("fast_prepare", t, &[xh, point, xnet])?;
+        let total = t.batch * t.per;
+        self.launch(
+            "fast_prepare",
+            (grid_for(total), 1, 1),
+            BLOCK,
+            0,
+            vec![
+                Arg::Ptr(c.counter.device_ptr()),
+                Arg::Ptr(f.rows.device_ptr()),
+                Arg::I64(f.n_rows as i64),
+                ptr(xh),
+                ptr(point),
+                ptr(xnet),
+                self.noise_arg(t, 0),
+                Arg::I64(t.per as i64),
+                Arg::I64(total as i64),
+            ],
+        )
+    }
+
+    /// After a fast sampler stage's evaluation, from the raw network output `h`: D into its slot
+    /// of `d`, then the solver's update of x̂ and point. The noise layout of `t` must have one
+    /// draw per step (draws are indexed by the table).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fast_update(
+        &self,
+        t: &SamplerTables,
+        f: &FastTable,
+        c: &StepCounter,
+        xh: &Tensor<Cuda>,
+        point: &Tensor<Cuda>,
+        h: &Tensor<Cuda>,
+        d: [&Tensor<Cuda>; 3],
+    ) -> Result<()> {
+        self.check_state("fast_update", t, &[xh, point, h, d[0], d[1], d[2]])?;
+        if t.layout.draws_per_step != 1 {
+            return Err(Error::Config(
+                "fast_update: the noise layout must count one draw per step".into(),
+            ));
+        }
+        let total = t.batch * t.per;
+        self.launch(
+            "fast_update",
+            (grid_for(total), 1, 1),
+            BLOCK,
+            0,
+            vec![
+                Arg::Ptr(c.counter.device_ptr()),
+                Arg::Ptr(f.rows.device_ptr()),
+                Arg::Ptr(t.rows.device_ptr()),
+                Arg::I64(f.n_rows as i64),
+                ptr(xh),
+                ptr(point),
+                ptr(h),
+                ptr(d[0]),
+                ptr(d[1]),
+                ptr(d[2]),
+                self.noise_arg(t, 0),
+                Arg::I64(t.per as i64),
+                Arg::I64(total as i64),
+            ],
+        )
+    }
+}
+
 impl StepCounter {
     /// Back to step 0 with clean status words (queued on the stream).
     pub fn reset(&self, cuda: &Cuda) -> Result<()> {
@@ -575,6 +725,17 @@ mod tests {
         assert_eq!(std::mem::offset_of!(StepRow, langevin_alpha), 24);
         assert_eq!(std::mem::size_of::<NoiseDrawC>(), 48);
         assert_eq!(std::mem::offset_of!(NoiseDrawC, per_image), 40);
+    }
+
+    #[test]
+    fn fast_row_matches_the_kernel_layout() {
+        // kernels/sampler.cu FastRow: two u64, ten floats, eight ints (88 bytes).
+        assert_eq!(std::mem::size_of::<FastRow>(), 88);
+        assert_eq!(std::mem::align_of::<FastRow>(), 8);
+        assert_eq!(std::mem::offset_of!(FastRow, in_scale), 16);
+        assert_eq!(std::mem::offset_of!(FastRow, w), 36);
+        assert_eq!(std::mem::offset_of!(FastRow, kind), 56);
+        assert_eq!(std::mem::offset_of!(FastRow, slot), 72);
     }
 
     #[test]

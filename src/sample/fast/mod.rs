@@ -29,6 +29,7 @@
 //! Noise comes from a [`NoiseStream`] (per image with [`NoiseStream::per_image`]): x_T first, then one
 //! draw per churned step, so an image's result does not depend on its batch companions.
 pub mod expint;
+pub mod graph;
 pub mod plan;
 pub mod schedule;
 
@@ -136,7 +137,7 @@ impl FastConfig {
 /// Sample x₀ ~ p₀(x | y) with `steps` network evaluations: x_T ~ N(0, prior_std²) from `noise`, then
 /// [`fast_sample_from`]. `observer` is called after every network evaluation (see there).
 #[allow(clippy::too_many_arguments)]
-pub fn fast_sample<B: Backend, S: ScoreFn<B>>(
+pub fn fast_sample<B: Backend, S: ScoreFn<B> + 'static>(
     backend: &B,
     score: &S,
     sde: &Sde,
@@ -156,8 +157,12 @@ pub fn fast_sample<B: Backend, S: ScoreFn<B>>(
 /// network evaluations; `noise` is only drawn from when churning. After every evaluation,
 /// `observer` sees its index (0..steps), its time t, the point x it was evaluated at and the
 /// denoised estimate D as `x_mean`; the last D is the result.
+///
+/// On CUDA with a [`crate::model::ScoreModel`] the evaluations are one captured CUDA graph
+/// replayed `steps` times (same results; see [`graph`]); otherwise, or if that fails, the eager
+/// solvers ([`fast_sample_eager`]).
 #[allow(clippy::too_many_arguments)]
-pub fn fast_sample_from<B: Backend, S: ScoreFn<B>>(
+pub fn fast_sample_from<B: Backend, S: ScoreFn<B> + 'static>(
     backend: &B,
     score: &S,
     sde: &Sde,
@@ -168,6 +173,41 @@ pub fn fast_sample_from<B: Backend, S: ScoreFn<B>>(
     noise: &mut NoiseStream,
     observer: &mut dyn FnMut(StepInfo<'_, B>) -> Result<()>,
 ) -> Result<Tensor<B>> {
+    let xh = start(backend, sde, y, cfg, steps, x_t)?;
+    if let Some(x) = graph::try_fast_sample(backend, score, sde, y, cfg, steps, &xh, noise, observer)? {
+        return Ok(x);
+    }
+    solve(backend, score, sde, y, cfg, steps, xh, noise, observer)
+}
+
+/// [`fast_sample`] with the eager solvers (a loop of backend ops) on any backend: no CUDA graph.
+#[allow(clippy::too_many_arguments)]
+pub fn fast_sample_eager<B: Backend, S: ScoreFn<B>>(
+    backend: &B,
+    score: &S,
+    sde: &Sde,
+    y: &Tensor<B>,
+    cfg: &FastConfig,
+    steps: usize,
+    mut noise: NoiseStream,
+    observer: &mut dyn FnMut(StepInfo<'_, B>) -> Result<()>,
+) -> Result<Tensor<B>> {
+    cfg.validate(steps)?;
+    check_guide(y)?;
+    let x_t = backend.affine(&noise.next(backend, y.shape())?, sde.prior_std(), 0.0)?;
+    let xh = start(backend, sde, y, cfg, steps, &x_t)?;
+    solve(backend, score, sde, y, cfg, steps, xh, &mut noise, observer)
+}
+
+/// Check the run and map x_T to the solvers' x̂_T = x_T/α(1).
+fn start<B: Backend>(
+    backend: &B,
+    sde: &Sde,
+    y: &Tensor<B>,
+    cfg: &FastConfig,
+    steps: usize,
+    x_t: &Tensor<B>,
+) -> Result<Tensor<B>> {
     cfg.validate(steps)?;
     check_guide(y)?;
     if x_t.shape() != y.shape() {
@@ -176,6 +216,22 @@ pub fn fast_sample_from<B: Backend, S: ScoreFn<B>>(
             format!("x_T {:?} vs guide {:?}", x_t.shape(), y.shape()),
         ));
     }
+    backend.affine(x_t, 1.0 / schedule::alpha(sde, 1.0), 0.0)
+}
+
+/// The eager solvers from x̂_T.
+#[allow(clippy::too_many_arguments)]
+fn solve<B: Backend, S: ScoreFn<B>>(
+    backend: &B,
+    score: &S,
+    sde: &Sde,
+    y: &Tensor<B>,
+    cfg: &FastConfig,
+    steps: usize,
+    xh: Tensor<B>,
+    noise: &mut NoiseStream,
+    observer: &mut dyn FnMut(StepInfo<'_, B>) -> Result<()>,
+) -> Result<Tensor<B>> {
     let mut den = Denoiser {
         backend,
         score,
@@ -185,7 +241,6 @@ pub fn fast_sample_from<B: Backend, S: ScoreFn<B>>(
         done: 0,
         total: steps,
     };
-    let xh = backend.affine(x_t, 1.0 / schedule::alpha(sde, 1.0), 0.0)?;
     match cfg.solver {
         FastSolver::Heun => heun(&mut den, cfg, steps, xh, noise),
         FastSolver::Dpm { order } => dpm_multistep(&mut den, cfg, order, steps, xh, noise),
