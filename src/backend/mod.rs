@@ -109,6 +109,22 @@ pub(crate) fn validate_ema(shadow: &[usize], p: &[usize], decay: f64) -> Result<
     Ok(())
 }
 
+/// (p', m', v') of one parameter after an Adam update: an element of
+/// [`Backend::adam_update_many`]'s result.
+pub type AdamUpdate<B> = (Tensor<B>, Tensor<B>, Tensor<B>);
+
+/// Checks of the list ops ([`Backend::adam_update_many`], [`Backend::ema_update_many`]): every
+/// list holds one tensor per parameter, so all lengths are equal.
+pub(crate) fn validate_list_lengths(op: &'static str, lens: &[usize]) -> Result<()> {
+    if lens.windows(2).any(|w| w[0] != w[1]) {
+        return Err(crate::error::Error::shape(
+            op,
+            format!("tensor lists of different lengths {lens:?}"),
+        ));
+    }
+    Ok(())
+}
+
 /// What [`Backend::conv2d_fused`] adds to a convolution's output before it is written: the
 /// epilogue of a residual block, so inference makes one pass over the output instead of three.
 pub struct ConvEpilogue<'a, B: Backend> {
@@ -337,6 +353,39 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     /// One EMA step of a shadow weight towards `p`: with k = 1 − decay rounded to the element
     /// type, shadow' = shadow − k·(shadow − p) (each operation rounded, none fused).
     fn ema_update(&self, shadow: &Tensor<Self>, p: &Tensor<Self>, decay: f64) -> Result<Tensor<Self>>;
+    /// [`Backend::adam_update`] of many parameters with the same settings: element i of the result
+    /// is `adam_update(params[i], grads[i], m[i], v[i], hp)`, bit for bit. The four lists must
+    /// have the same length. A device does it in a few launches instead of one per tensor.
+    /// Default: one `adam_update` per parameter.
+    fn adam_update_many(
+        &self,
+        params: &[&Tensor<Self>],
+        grads: &[&Tensor<Self>],
+        m: &[&Tensor<Self>],
+        v: &[&Tensor<Self>],
+        hp: &AdamStep,
+    ) -> Result<Vec<AdamUpdate<Self>>> {
+        validate_list_lengths("adam_update_many", &[params.len(), grads.len(), m.len(), v.len()])?;
+        (0..params.len())
+            .map(|i| self.adam_update(params[i], grads[i], m[i], v[i], hp))
+            .collect()
+    }
+    /// [`Backend::ema_update`] of many shadow tensors with the same decay: element i of the
+    /// result is `ema_update(shadows[i], params[i], decay)`, bit for bit; the lists must have the
+    /// same length. Default: one `ema_update` per tensor.
+    fn ema_update_many(
+        &self,
+        shadows: &[&Tensor<Self>],
+        params: &[&Tensor<Self>],
+        decay: f64,
+    ) -> Result<Vec<Tensor<Self>>> {
+        validate_list_lengths("ema_update_many", &[shadows.len(), params.len()])?;
+        shadows
+            .iter()
+            .zip(params)
+            .map(|(s, p)| self.ema_update(s, p, decay))
+            .collect()
+    }
     /// Σx² of each tensor (accumulated in f64), delivered to the host in one transfer: the terms
     /// of a global gradient norm with a single device synchronisation. The CPU backend sums each
     /// tensor in index order (bit-identical to `crate::train::optim::global_norm`'s terms); a

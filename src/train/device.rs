@@ -1,7 +1,8 @@
 //! The optimiser state where the training runs: Adam's moments and the EMA shadow as backend
-//! tensors, updated by the fused `Backend::adam_update` / `Backend::ema_update` (kernels on
-//! CUDA), so a step never copies weights, gradients or moments to the host. The only transfer is
-//! the per-tensor Σg² of the global grad-norm clip (one small download per step).
+//! tensors, updated by the fused list ops `Backend::adam_update_many` / `Backend::ema_update_many`
+//! (a few multi-tensor kernel launches per step on CUDA), so a step never copies weights,
+//! gradients or moments to the host. The only transfer is the per-tensor Σg² of the global
+//! grad-norm clip (one small download per step).
 //!
 //! The schedule is that of the host [`Adam`] / [`Ema`] in [`crate::train::optim`] — the same
 //! order of tensors, the same f64 norm, clip scale, warm-up lr, step and decay counters — and the
@@ -130,11 +131,30 @@ impl<B: Backend> DeviceAdam<B> {
             step: self.steps + 1,
             grad_scale: scale,
         };
-        for ((name, m), g) in self.m.iter_mut().zip(gs) {
-            let v = self.v.get_mut(name).expect("m and v share keys");
-            let p = params.get_mut(name).expect("checked above");
-            let (p2, m2, v2) = be.adam_update(p, g, m, v, &hp)?;
-            (*p, *m, *v) = (p2, m2, v2);
+        // One list update over all parameters (a few launches on a device), in name order.
+        let ps: Vec<&Tensor<B>> = self.m.keys().map(|name| &params[name]).collect();
+        let ms: Vec<&Tensor<B>> = self.m.values().collect();
+        let vs = self
+            .m
+            .keys()
+            .map(|name| {
+                self.v
+                    .get(name)
+                    .ok_or_else(|| Error::Other(format!("optimizer: no second moment for `{name}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let updated = be.adam_update_many(&ps, &gs, &ms, &vs, &hp)?;
+        if updated.len() != self.m.len() {
+            return Err(Error::Backend(format!(
+                "adam_update_many returned {} updates for {} parameters",
+                updated.len(),
+                self.m.len()
+            )));
+        }
+        for ((name, m), (p2, m2, v2)) in self.m.iter_mut().zip(updated) {
+            *params.get_mut(name).expect("checked above") = p2;
+            *m = m2;
+            *self.v.get_mut(name).expect("checked above") = v2;
         }
         self.steps += 1;
         Ok(AdamReport {
@@ -204,10 +224,118 @@ impl<B: Backend> DeviceEma<B> {
             }
         }
         let decay = self.next_decay();
-        for (name, s) in self.shadow.iter_mut() {
-            *s = be.ema_update(s, &params[name], decay)?;
+        let shadows: Vec<&Tensor<B>> = self.shadow.values().collect();
+        let ps: Vec<&Tensor<B>> = self.shadow.keys().map(|name| &params[name]).collect();
+        let updated = be.ema_update_many(&shadows, &ps, decay)?;
+        if updated.len() != self.shadow.len() {
+            return Err(Error::Backend(format!(
+                "ema_update_many returned {} tensors for {} shadows",
+                updated.len(),
+                self.shadow.len()
+            )));
+        }
+        for (s, s2) in self.shadow.values_mut().zip(updated) {
+            *s = s2;
         }
         self.updates += 1;
         Ok(decay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuF32;
+    use crate::rng;
+
+    fn draw(n: usize, s: f32, seed: u64) -> Vec<f32> {
+        (0..n as u64).map(|i| s * rng::normal(seed, i)).collect()
+    }
+
+    fn bits<B: Backend>(be: &B, t: &Tensor<B>) -> Vec<u32> {
+        be.to_f32(t).unwrap().iter().map(|x| x.to_bits()).collect()
+    }
+
+    fn refs<B: Backend>(x: &[Tensor<B>]) -> Vec<&Tensor<B>> {
+        x.iter().collect()
+    }
+
+    fn hp() -> AdamStep {
+        AdamStep {
+            lr: 2e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 5,
+            grad_scale: 0.4,
+        }
+    }
+
+    /// The list ops (the default implementation) give element for element the per-tensor ops'
+    /// bits, empty tensors included, and reject lists of different lengths or mismatched shapes.
+    #[test]
+    fn list_updates_are_the_per_tensor_updates() {
+        let be = CpuF32::new();
+        let shapes: [&[usize]; 5] = [&[3, 2], &[0], &[5000], &[1], &[4, 0, 2]];
+        let t = |shape: &[usize], s: f32, seed: u64| {
+            let n = shape.iter().product();
+            let mut d = draw(n, s, seed);
+            if s < 0.02 {
+                d.iter_mut().for_each(|x| *x = x.abs()); // second moments are non-negative
+            }
+            be.from_f32(shape, &d).unwrap()
+        };
+        let [p, g, m, v, s]: [Vec<Tensor<CpuF32>>; 5] = std::array::from_fn(|k| {
+            let scale = [0.1, 1.0, 0.05, 0.01, 0.3][k];
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, sh)| t(sh, scale, (10 * k + i) as u64))
+                .collect()
+        });
+
+        let many = be
+            .adam_update_many(&refs(&p), &refs(&g), &refs(&m), &refs(&v), &hp())
+            .unwrap();
+        assert_eq!(many.len(), shapes.len());
+        for (i, (p2, m2, v2)) in many.iter().enumerate() {
+            let (p1, m1, v1) = be.adam_update(&p[i], &g[i], &m[i], &v[i], &hp()).unwrap();
+            assert_eq!(p2.shape(), shapes[i]);
+            assert_eq!(bits(&be, p2), bits(&be, &p1), "p' of tensor {i}");
+            assert_eq!(bits(&be, m2), bits(&be, &m1), "m' of tensor {i}");
+            assert_eq!(bits(&be, v2), bits(&be, &v1), "v' of tensor {i}");
+        }
+        assert_ne!(
+            bits(&be, &many[2].0),
+            bits(&be, &p[2]),
+            "the update moved the weights"
+        );
+
+        let ema = be.ema_update_many(&refs(&s), &refs(&p), 0.99).unwrap();
+        assert_eq!(ema.len(), shapes.len());
+        for (i, s2) in ema.iter().enumerate() {
+            let s1 = be.ema_update(&s[i], &p[i], 0.99).unwrap();
+            assert_eq!(bits(&be, s2), bits(&be, &s1), "shadow of tensor {i}");
+        }
+
+        // Bad lists: different lengths, a mismatched shape, invalid settings.
+        let short = refs(&g[..4]);
+        assert!(be
+            .adam_update_many(&refs(&p), &short, &refs(&m), &refs(&v), &hp())
+            .is_err());
+        let mut swapped = refs(&g);
+        swapped.swap(0, 2);
+        assert!(be
+            .adam_update_many(&refs(&p), &swapped, &refs(&m), &refs(&v), &hp())
+            .is_err());
+        let step0 = AdamStep { step: 0, ..hp() };
+        assert!(be
+            .adam_update_many(&refs(&p), &refs(&g), &refs(&m), &refs(&v), &step0)
+            .is_err());
+        assert!(be.ema_update_many(&refs(&s), &refs(&p[1..]), 0.9).is_err());
+        assert!(be.ema_update_many(&refs(&s), &swapped, 0.9).is_err());
+        assert!(be.ema_update_many(&refs(&s), &refs(&p), 1.5).is_err());
+        assert!(be.adam_update_many(&[], &[], &[], &[], &hp()).unwrap().is_empty());
+        assert!(be.ema_update_many(&[], &[], 0.9).unwrap().is_empty());
     }
 }

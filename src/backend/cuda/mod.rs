@@ -1788,6 +1788,24 @@ impl Backend for Cuda {
     fn ema_update(&self, shadow: &Tensor<Self>, p: &Tensor<Self>, decay: f64) -> Result<Tensor<Self>> {
         optim::ema_update(self, shadow, p, decay)
     }
+    fn adam_update_many(
+        &self,
+        params: &[&Tensor<Self>],
+        grads: &[&Tensor<Self>],
+        m: &[&Tensor<Self>],
+        v: &[&Tensor<Self>],
+        hp: &AdamStep,
+    ) -> Result<Vec<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>> {
+        optim::adam_update_many(self, params, grads, m, v, hp)
+    }
+    fn ema_update_many(
+        &self,
+        shadows: &[&Tensor<Self>],
+        params: &[&Tensor<Self>],
+        decay: f64,
+    ) -> Result<Vec<Tensor<Self>>> {
+        optim::ema_update_many(self, shadows, params, decay)
+    }
     fn squared_norms(&self, xs: &[&Tensor<Self>]) -> Result<Vec<f64>> {
         optim::squared_norms(self, xs)
     }

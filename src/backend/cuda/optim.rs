@@ -1,6 +1,7 @@
-//! Optimiser ops of the CUDA backend (kernels/optim.cu): fused Adam and EMA updates, one launch
-//! per parameter, and the per-tensor Σx² of the global gradient norm in a few launches with a
-//! single download. CPU twins: `backend::cpu::optim` and the CPU backend's `squared_norms`.
+//! Optimiser ops of the CUDA backend (kernels/optim.cu): fused Adam and EMA updates, per
+//! parameter or over a list of parameters in a few launches (up to [`ADAM_LIST_MAX`] /
+//! [`EMA_LIST_MAX`] tensors each), and the per-tensor Σx² of the global gradient norm in a few
+//! launches with a single download. CPU twins: `backend::cpu::optim` and the CPU backend's `squared_norms`.
 //!
 //! The Adam and EMA kernels perform the host formulas' exact sequence of rounded f32 operations
 //! with the constants rounded on the host by the same code (`AdamConsts`), so a CUDA step gives
@@ -11,7 +12,7 @@ use super::selftest::SelftestRow;
 use super::{drv, ptr, raw, Arg, Cuda, Precision, BLOCK};
 use crate::backend::cpu::optim::AdamConsts;
 use crate::backend::cpu::Cpu;
-use crate::backend::{validate_ema, AdamStep, Backend};
+use crate::backend::{validate_ema, validate_list_lengths, AdamStep, AdamUpdate, Backend};
 use crate::check::rel_err;
 use crate::error::{Error, Result};
 use crate::rng;
@@ -21,6 +22,40 @@ use crate::tensor::Tensor;
 const LIST_MAX: usize = 64;
 /// Blocks per tensor in `optim_sumsq_partial` (each writes one partial sum).
 const SUMSQ_PARTS: usize = 32;
+
+/// Tensors per `optim_adam_many` launch (kernels/optim.cu `OPTIM_ADAM_LIST_MAX`).
+const ADAM_LIST_MAX: usize = 48;
+/// Tensors per `optim_ema_many` launch (kernels/optim.cu `OPTIM_EMA_LIST_MAX`).
+const EMA_LIST_MAX: usize = 112;
+
+/// kernels/optim.cu `AdamList`: the tensors of one `optim_adam_many` launch, by value. Tensor t
+/// owns elements `start[t]..start[t + 1]` of the launch's concatenated index space.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamList {
+    p: [u64; ADAM_LIST_MAX],
+    g: [u64; ADAM_LIST_MAX],
+    m: [u64; ADAM_LIST_MAX],
+    v: [u64; ADAM_LIST_MAX],
+    p_out: [u64; ADAM_LIST_MAX],
+    m_out: [u64; ADAM_LIST_MAX],
+    v_out: [u64; ADAM_LIST_MAX],
+    start: [i64; ADAM_LIST_MAX + 1],
+}
+
+/// kernels/optim.cu `EmaList`, laid out as [`AdamList`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct EmaList {
+    shadow: [u64; EMA_LIST_MAX],
+    p: [u64; EMA_LIST_MAX],
+    out: [u64; EMA_LIST_MAX],
+    start: [i64; EMA_LIST_MAX + 1],
+}
+
+/// Kernel parameters must fit the portable 4 KiB (the lists plus the scalar arguments).
+const _: () = assert!(std::mem::size_of::<AdamList>() + 4 * 8 <= 4096);
+const _: () = assert!(std::mem::size_of::<EmaList>() + 4 * 2 <= 4096);
 
 /// kernels/optim.cu `SumsqList`: device pointers and lengths, passed by value (1 KiB).
 #[repr(C)]
@@ -104,6 +139,115 @@ pub(super) fn ema_update(
         ],
     )?;
     Ok(out)
+}
+
+/// Adam over lists of parameters (see [`Backend::adam_update_many`]): everything is validated
+/// before the first launch, then `optim_adam_many` runs once per [`ADAM_LIST_MAX`] tensors.
+/// Same constants and per-element arithmetic as [`adam_update`], so the same bits.
+pub(super) fn adam_update_many(
+    b: &Cuda,
+    p: &[&Tensor<Cuda>],
+    g: &[&Tensor<Cuda>],
+    m: &[&Tensor<Cuda>],
+    v: &[&Tensor<Cuda>],
+    hp: &AdamStep,
+) -> Result<Vec<AdamUpdate<Cuda>>> {
+    let op = "adam_update_many";
+    validate_list_lengths(op, &[p.len(), g.len(), m.len(), v.len()])?;
+    for i in 0..p.len() {
+        hp.validate(p[i].shape(), g[i].shape(), m[i].shape(), v[i].shape())?;
+        for t in [p[i], g[i], m[i], v[i]] {
+            check_buf(op, t)?;
+        }
+    }
+    let c = AdamConsts::<f32>::new(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.step);
+    let mut outs = Vec::with_capacity(p.len());
+    for base in (0..p.len()).step_by(ADAM_LIST_MAX) {
+        let count = ADAM_LIST_MAX.min(p.len() - base);
+        let mut list = AdamList {
+            p: [0; ADAM_LIST_MAX],
+            g: [0; ADAM_LIST_MAX],
+            m: [0; ADAM_LIST_MAX],
+            v: [0; ADAM_LIST_MAX],
+            p_out: [0; ADAM_LIST_MAX],
+            m_out: [0; ADAM_LIST_MAX],
+            v_out: [0; ADAM_LIST_MAX],
+            start: [0; ADAM_LIST_MAX + 1],
+        };
+        for j in 0..count {
+            let i = base + j;
+            let shape = p[i].shape();
+            let (p2, m2, v2) = (b.out(shape)?, b.out(shape)?, b.out(shape)?);
+            list.p[j] = p[i].buf().device_ptr();
+            list.g[j] = g[i].buf().device_ptr();
+            list.m[j] = m[i].buf().device_ptr();
+            list.v[j] = v[i].buf().device_ptr();
+            list.p_out[j] = p2.buf().device_ptr();
+            list.m_out[j] = m2.buf().device_ptr();
+            list.v_out[j] = v2.buf().device_ptr();
+            list.start[j + 1] = list.start[j] + p[i].numel() as i64;
+            outs.push((p2, m2, v2));
+        }
+        b.launch_n(
+            "optim_adam_many",
+            list.start[count] as usize,
+            vec![
+                raw(&list),
+                Arg::I32(count as i32),
+                Arg::F32(hp.grad_scale as f32),
+                Arg::F32(c.w1),
+                Arg::F32(c.b2),
+                Arg::F32(c.w2),
+                Arg::F32(c.bc2_sqrt),
+                Arg::F32(c.eps),
+                Arg::F32(c.step_size),
+            ],
+        )?;
+    }
+    Ok(outs)
+}
+
+/// EMA over lists of tensors (see [`Backend::ema_update_many`]): validated first, then
+/// `optim_ema_many` once per [`EMA_LIST_MAX`] tensors; the bits of [`ema_update`].
+pub(super) fn ema_update_many(
+    b: &Cuda,
+    shadows: &[&Tensor<Cuda>],
+    p: &[&Tensor<Cuda>],
+    decay: f64,
+) -> Result<Vec<Tensor<Cuda>>> {
+    let op = "ema_update_many";
+    validate_list_lengths(op, &[shadows.len(), p.len()])?;
+    for (s, q) in shadows.iter().zip(p) {
+        validate_ema(s.shape(), q.shape(), decay)?;
+        check_buf(op, s)?;
+        check_buf(op, q)?;
+    }
+    let k = (1.0 - decay) as f32;
+    let mut outs = Vec::with_capacity(p.len());
+    for base in (0..p.len()).step_by(EMA_LIST_MAX) {
+        let count = EMA_LIST_MAX.min(p.len() - base);
+        let mut list = EmaList {
+            shadow: [0; EMA_LIST_MAX],
+            p: [0; EMA_LIST_MAX],
+            out: [0; EMA_LIST_MAX],
+            start: [0; EMA_LIST_MAX + 1],
+        };
+        for j in 0..count {
+            let i = base + j;
+            let out = b.out(shadows[i].shape())?;
+            list.shadow[j] = shadows[i].buf().device_ptr();
+            list.p[j] = p[i].buf().device_ptr();
+            list.out[j] = out.buf().device_ptr();
+            list.start[j + 1] = list.start[j] + shadows[i].numel() as i64;
+            outs.push(out);
+        }
+        b.launch_n(
+            "optim_ema_many",
+            list.start[count] as usize,
+            vec![raw(&list), Arg::I32(count as i32), Arg::F32(k)],
+        )?;
+    }
+    Ok(outs)
 }
 
 /// Σx² per tensor: `optim_sumsq_partial` over up to [`LIST_MAX`] tensors per launch writes
@@ -234,6 +378,80 @@ fn norms_on<B: Backend>(be: &B, host: &[Vec<f32>]) -> Result<Vec<f64>> {
     be.squared_norms(&t.iter().collect::<Vec<_>>())
 }
 
+/// Tensor sizes of the list-op rows: 130 tensors, so three Adam lists and two EMA lists; empty
+/// tensors first, last and in a row (at a list boundary), one of 300 007 elements (many blocks'
+/// worth) among small ones. Grids too small for their list are covered by the CPU emulator
+/// (scripts/kernel_emu/test_optim_many.cpp).
+fn list_sizes() -> Vec<usize> {
+    (0..130)
+        .map(|i| match i {
+            0 | 47 | 48 | 129 => 0,
+            5 => 1,
+            20 => 300_007,
+            _ => (i * 131 + 7) % 4099,
+        })
+        .collect()
+}
+
+/// `adam_update_many` and one `adam_update` per tensor on the same device tensors, every output
+/// kind (p', m', v') concatenated over the tensors: [(list, per-tensor); 3].
+fn adam_many_vs_single(
+    dev: &Cuda,
+    host: &[[Vec<f32>; 4]],
+    hp: &AdamStep,
+) -> Result<[(Vec<f32>, Vec<f32>); 3]> {
+    let t = host
+        .iter()
+        .map(|h| {
+            h.iter()
+                .map(|d| dev.from_f32(&[d.len()], d))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let list = |k: usize| t.iter().map(|x| &x[k]).collect::<Vec<_>>();
+    let many = dev.adam_update_many(&list(0), &list(1), &list(2), &list(3), hp)?;
+    if many.len() != t.len() {
+        return Err(Error::Backend(format!(
+            "{} updates for {} tensors",
+            many.len(),
+            t.len()
+        )));
+    }
+    let mut out: [(Vec<f32>, Vec<f32>); 3] = Default::default();
+    for (x, (p2, m2, v2)) in t.iter().zip(&many) {
+        let (p1, m1, v1) = dev.adam_update(&x[0], &x[1], &x[2], &x[3], hp)?;
+        for (k, (got, want)) in [(p2, &p1), (m2, &m1), (v2, &v1)].into_iter().enumerate() {
+            out[k].0.extend(dev.to_f32(got)?);
+            out[k].1.extend(dev.to_f32(want)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `ema_update_many` and one `ema_update` per tensor, each concatenated: (list, per-tensor).
+fn ema_many_vs_single(dev: &Cuda, host: &[[Vec<f32>; 2]], decay: f64) -> Result<(Vec<f32>, Vec<f32>)> {
+    let t = host
+        .iter()
+        .map(|[s, p]| Ok([dev.from_f32(&[s.len()], s)?, dev.from_f32(&[p.len()], p)?]))
+        .collect::<Result<Vec<_>>>()?;
+    let shadows: Vec<_> = t.iter().map(|x| &x[0]).collect();
+    let params: Vec<_> = t.iter().map(|x| &x[1]).collect();
+    let many = dev.ema_update_many(&shadows, &params, decay)?;
+    if many.len() != t.len() {
+        return Err(Error::Backend(format!(
+            "{} results for {} tensors",
+            many.len(),
+            t.len()
+        )));
+    }
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for (x, s2) in t.iter().zip(&many) {
+        got.extend(dev.to_f32(s2)?);
+        want.extend(dev.to_f32(&dev.ema_update(&x[0], &x[1], decay)?)?);
+    }
+    Ok((got, want))
+}
+
 /// Both results, or the first error (named by side).
 fn both<T>(got: Result<T>, want: Result<T>) -> Result<(T, T)> {
     match (got, want) {
@@ -246,7 +464,8 @@ fn both<T>(got: Result<T>, want: Result<T>) -> Result<(T, T)> {
 /// The optimiser kernels against the CPU backend on fresh random tensors, with NaN-poisoned
 /// outputs (an element a kernel forgets to write makes the error infinite): Adam (p', m', v'
 /// each a row) at a first, a middle and a late step with clip scales, EMA at the first and a late
-/// decay, and the per-tensor squared norms of 70 tensors (more than one launch's list, an empty
+/// decay, the list ops (`adam_update_many`, `ema_update_many`) against the per-tensor ones on
+/// 130 tensors (bitwise), and the per-tensor squared norms of 70 tensors (more than one launch's list, an empty
 /// one included; worst per-tensor relative error). Bound 1e-6 relative; a row also notes when
 /// the bits differ from the CPU's (the kernels are built to match them). Meant to join
 /// `selftest::selftest`'s rows (`srsde-fast selftest`).
@@ -310,6 +529,58 @@ pub fn selftest_rows(cuda: &Cuda, seed: u64) -> Result<Vec<SelftestRow>> {
         )
         .map(|(g, w)| compare(&g, &w));
         rows.push(row("ema_update", format!("{shape:?} decay {decay:.4}"), r));
+    }
+
+    // The list ops against the per-tensor ops on the device, bitwise (130 tensors, several lists).
+    let sizes = list_sizes();
+    let total: usize = sizes.iter().sum();
+    let hp = AdamStep {
+        lr: 2e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        step: 11,
+        grad_scale: 0.7,
+    };
+    let host: Vec<[Vec<f32>; 4]> = sizes
+        .iter()
+        .map(|&n| {
+            [
+                draw(n, 0.1, false, next_seed()),
+                draw(n, 1.0, false, next_seed()),
+                draw(n, 0.05, false, next_seed()),
+                draw(n, 0.01, true, next_seed()),
+            ]
+        })
+        .collect();
+    let r = adam_many_vs_single(&dev, &host, &hp);
+    for (k, what) in ["p", "m", "v"].iter().enumerate() {
+        let cmp = match &r {
+            Ok(out) => Ok(compare(&out[k].0, &out[k].1)),
+            Err(e) => Err(Error::Backend(e.to_string())),
+        };
+        rows.push(row(
+            &format!("adam_update_many {what}' vs per-tensor"),
+            format!("{} tensors, {total} elements", sizes.len()),
+            cmp,
+        ));
+    }
+    if r.as_ref().is_err_and(|e| e.to_string().contains("CUDA_ERROR")) {
+        return Ok(rows);
+    }
+    let host: Vec<[Vec<f32>; 2]> = sizes
+        .iter()
+        .map(|&n| [draw(n, 1.0, false, next_seed()), draw(n, 1.0, false, next_seed())])
+        .collect();
+    let r = ema_many_vs_single(&dev, &host, 0.9999).map(|(g, w)| compare(&g, &w));
+    let failed_launch = r.as_ref().is_err_and(|e| e.to_string().contains("CUDA_ERROR"));
+    rows.push(row(
+        "ema_update_many vs per-tensor",
+        format!("{} tensors, {total} elements, decay 0.9999", sizes.len()),
+        r,
+    ));
+    if failed_launch {
+        return Ok(rows);
     }
 
     // Sizes from empty to larger than one block's share; 70 tensors span two launches.
