@@ -468,16 +468,15 @@ const GN_BWD_WARPS: usize = 8;
 const GN_BWD_MAX_SPAN: usize = 2048;
 const GN_BWD_MIN_SPAN: usize = 128;
 /// Below this group length the single-block `gn_backward` keeps: its block re-reads a group
-/// that small from cache, so it moves the tensors once, in one launch.
+/// that small (≤ 16 KB of x, the same of dy) from cache, so it moves the tensors once, in one
+/// launch. Larger groups fall out of cache between its four passes.
 const GN_BWD_SINGLE_MAX_GROUP: usize = 4096;
 
 /// How `group_norm_backward` runs: `None` for the single-block kernel, else the split kernels
 /// with this many elements per unit. Units shrink (down to 128 elements) until there are about
 /// four blocks per multiprocessor, so a batch-1 128×128 layer still fills the device.
 fn gn_backward_span(n: usize, c: usize, hw: usize, groups: usize, sms: usize) -> Option<usize> {
-    let group_len = c / groups * hw;
-    let numel = n * c * hw;
-    if group_len < GN_BWD_SINGLE_MAX_GROUP || (numel <= 1 << 20 && n * groups >= 2 * sms) {
+    if c / groups * hw < GN_BWD_SINGLE_MAX_GROUP {
         return None;
     }
     let target_units = 4 * sms * GN_BWD_WARPS;
@@ -528,12 +527,10 @@ pub(super) fn group_norm_backward(
             silu,
         )?,
         None => {
-            let group_len = c / groups * hw;
-            let block = if group_len >= 4096 { 512 } else { 256 };
             b.launch(
                 "gn_backward",
                 (to_i32(op, n * groups)? as u32, 1, 1),
-                block,
+                256,
                 0,
                 vec![
                     ptr(x),
