@@ -144,6 +144,54 @@ pub fn time_pc_step_graph<B: Backend>(
     Ok(Some((t, nodes)))
 }
 
+/// A whole DPM-Solver++(2M) run of `steps` network evaluations at `batch` (σ̂ from the top down to
+/// the denoised result), eager ([`crate::sample::fast::fast_sample_eager`]: every kernel launched
+/// from the host) and replayed from the fast sampler's CUDA graph
+/// ([`crate::sample::fast::graph::FastGraph`], built once outside the timing: one `cuGraphLaunch`
+/// per evaluation). Returns (eager, graph, nodes per evaluation); `None` on backends other than CUDA.
+pub fn time_fast_sample_graph<B: Backend>(
+    model: &ScoreModel<B>,
+    steps: usize,
+    batch: usize,
+    iters: usize,
+) -> Result<Option<(Timing, Timing, usize)>> {
+    use crate::backend::cuda::Cuda;
+    use crate::sample::fast::{fast_sample_eager, graph::FastGraph, schedule, FastConfig, FastSolver};
+    let Some(model) = (model as &dyn std::any::Any).downcast_ref::<ScoreModel<Cuda>>() else {
+        return Ok(None);
+    };
+    let be = model.net.backend();
+    let size = model.net.config.data.image_size;
+    let sde = &model.sde;
+    let cfg = FastConfig::new(FastSolver::Dpm { order: 2 });
+    let y = be.rand_uniform(&[batch, 3, size, size], 2, 0)?;
+    let eager = time_it(
+        iters,
+        || {
+            fast_sample_eager(be, model, sde, &y, &cfg, steps, NoiseStream::new(4), &mut |_| {
+                Ok(())
+            })
+            .map(|_| ())
+        },
+        || be.synchronize(),
+    )?;
+    let mut noise = NoiseStream::new(4);
+    let x_t = be.affine(&noise.next(be, y.shape())?, sde.prior_std(), 0.0)?;
+    let xh = be.affine(&x_t, 1.0 / schedule::alpha(sde, 1.0), 0.0)?;
+    let mut graph = FastGraph::new(model, sde, &cfg, steps, &y, &xh, &noise)?;
+    let nodes = graph.nodes();
+    let replayed = time_it(
+        iters,
+        || {
+            graph.rewind()?;
+            (0..steps).try_for_each(|_| graph.stage())
+        },
+        || be.synchronize(),
+    )?;
+    graph.check()?;
+    Ok(Some((eager, replayed, nodes)))
+}
+
 /// One full training step (DSM loss, backward, grad clip, Adam, EMA update) of a `preset` network
 /// at `batch` on random data at `image_size`, timed. Needs a backend with backward kernels.
 pub fn time_train_step<B: Backend>(

@@ -307,3 +307,18 @@ fn fast_sample_uses_the_graph_on_cuda() {
         "FastGraph::finish gives fast_sample's result"
     );
 }
+
+/// The bench row "dpm2, CUDA graph vs eager" runs (ve-tiny, 4 evaluations, batch 1).
+#[test]
+fn fast_graph_bench_runs() {
+    let Some((cuda, _lock)) = device() else { return };
+    let model = ScoreModel::new(srsde_fast::bench::random_network(&cuda, "ve-tiny").unwrap());
+    let (eager, graph, nodes) = srsde_fast::bench::time_fast_sample_graph(&model, 4, 1, 2)
+        .unwrap()
+        .unwrap();
+    println!(
+        "dpm2 4 NFE b1: eager {:.2} ms, graph {:.2} ms ({nodes} nodes)",
+        eager.median_ms, graph.median_ms
+    );
+    assert!(eager.median_ms > 0.0 && graph.median_ms > 0.0 && nodes > 10);
+}
