@@ -43,7 +43,8 @@ pub fn set_cuda_graphs(on: bool) {
     MODE.store(if on { ON } else { OFF }, Ordering::Relaxed);
 }
 
-/// Whether PC sampling on CUDA uses graphs (off when disabled, or after a capture failed).
+/// Whether PC and fast sampling on CUDA use graphs (off when disabled, or after a capture failed;
+/// see also [`crate::sample::fast::graph`]).
 pub fn cuda_graphs_enabled() -> bool {
     MODE.load(Ordering::Relaxed) == ON
 }
