@@ -850,6 +850,158 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv_dw_bf16_mma_n64(const 
     conv_dw_mma_body<64>(x, dy, ws, g);
 }
 
+// conv_dw_nhwc (BN = 128 channels per block) / conv_dw_nhwc_n64 (BN = 64): the same weight
+// gradient, grid and workspace as conv_dw_bf16_mma, reading bf16 NHWC copies of both operands
+// (conv_to_nhwc_bf16): xh [N][H][W][cpx] and dyh [N][OH][OW][cpo], channels zero-padded to
+// multiples of 32. A pipeline step is 32 pixels: the dy rows (128 output channels) and the x rows
+// (BN input channels at this tap) of those pixels, each a run of 16-byte copies with one bounds
+// check per pixel; both are stored [pixel][channel], so the fragments (pairs of consecutive
+// pixels) come from ldmatrix.trans. Two blocks per multiprocessor. CPU twin: conv2d_backward's dw.
+#define DWN_BP 32  // pixels per pipeline step
+
+template <int BN>
+struct DwNhwcTile {
+    static constexpr int BM = 128, WARPS_M = 2, WARPS_N = 4;
+    static constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // 64×32 or 64×16
+    static constexpr int MI = WTM / 16, NI = WTN / 8;
+    static constexpr int A_LD = BM + 8, B_LD = BN + 8;  // bf16 per pixel row (≡ 4 words mod 32)
+    static constexpr int A_WORDS = DWN_BP * A_LD / 2, B_WORDS = DWN_BP * B_LD / 2;
+    static constexpr int STAGE_WORDS = A_WORDS + B_WORDS;
+    static constexpr int SMEM_BYTES = DW_STAGES * STAGE_WORDS * 4;
+    static constexpr int A_CHUNKS = DWN_BP * BM / 8 / 256, B_CHUNKS = DWN_BP * BN / 8 / 256;  // per thread
+    static_assert(NI % 2 == 0, "B fragments are loaded two n8 blocks at a time");
+};
+
+template <int BN>
+__device__ __forceinline__ void conv_dw_nhwc_body(const unsigned* __restrict__ xh, const unsigned* __restrict__ dyh,
+                                                  float* __restrict__ ws, const ConvGeom& g) {
+    typedef DwNhwcTile<BN> T;
+    extern __shared__ float S[];
+    unsigned* const smem = reinterpret_cast<unsigned*>(S);
+    const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
+    const int wm = warp / T::WARPS_N, wn = warp % T::WARPS_N;
+    const int M = g.O, C = g.C, KHW = g.KH * g.KW, OHW = g.OH * g.OW;
+    const int cpx = (C + 31) / 32 * 32, cpo = (M + 31) / 32 * 32;
+    const int ctiles = (C + BN - 1) / BN;
+    const int tap = blockIdx.x / ctiles, c0 = (blockIdx.x - tap * ctiles) * BN;
+    const int ky = tap / g.KW, kx = tap - ky * g.KW;
+    const int m0 = blockIdx.y * T::BM;
+    const long long P = (long long)g.N * OHW;
+    const long long pb = (long long)blockIdx.z * g.k_chunk, pe = min(P, pb + g.k_chunk);
+    const int nsteps = pe > pb ? (int)((pe - pb + DWN_BP - 1) / DWN_BP) : 0;
+
+    auto load_step = [&](int stage, int step) {
+        unsigned* As = smem + stage * T::STAGE_WORDS;
+        unsigned* Bs = As + T::A_WORDS;
+        const long long p_step = pb + (long long)step * DWN_BP;
+        // A: dy of 32 pixels × 128 output channels, 16 chunks of 8 channels per pixel.
+#pragma unroll
+        for (int i = 0; i < T::A_CHUNKS; ++i) {
+            const int chunk = t + i * 256, row = chunk >> 4, m8 = (chunk & 15) * 8;
+            const long long p = p_step + row;
+            const bool ok = p < pe && m0 + m8 < cpo;
+            const unsigned* src = ok ? dyh + (p * cpo + m0 + m8) / 2 : dyh;
+            cp_async16_zfill(As + row * (T::A_LD / 2) + m8 / 2, src, ok);
+        }
+        // B: x at this tap for the same pixels, BN / 8 chunks per pixel.
+#pragma unroll
+        for (int i = 0; i < T::B_CHUNKS; ++i) {
+            const int chunk = t + i * 256, row = chunk / (BN / 8), c8 = (chunk % (BN / 8)) * 8;
+            const long long p = p_step + row;
+            bool ok = p < pe && c0 + c8 < cpx;
+            const unsigned* src = xh;
+            if (ok) {
+                const int n = (int)(p / OHW), r = (int)(p - (long long)n * OHW);
+                const int oy = r / g.OW, ox = r - oy * g.OW;
+                const int iy = oy * g.stride - g.pad + ky, ix = ox * g.stride - g.pad + kx;
+                ok = (unsigned)iy < (unsigned)g.H && (unsigned)ix < (unsigned)g.W;
+                src = xh + ((((long long)n * g.H + iy) * g.W + ix) * cpx + c0 + c8) / 2;
+            }
+            cp_async16_zfill(Bs + row * (T::B_LD / 2) + c8 / 2, ok ? src : xh, ok);
+        }
+    };
+
+    float acc[T::MI][T::NI][4];
+#pragma unroll
+    for (int i = 0; i < T::MI; ++i)
+#pragma unroll
+        for (int j = 0; j < T::NI; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < DW_STAGES - 1; ++s) {
+        if (s < nsteps) load_step(s, s);
+        cp_async_commit();
+    }
+    for (int step = 0; step < nsteps; ++step) {
+        cp_async_wait<DW_STAGES - 2>();
+        __syncthreads();
+        const int next = step + DW_STAGES - 1;
+        if (next < nsteps) load_step(next % DW_STAGES, next);
+        cp_async_commit();
+        const unsigned* As = smem + (step % DW_STAGES) * T::STAGE_WORDS;
+        const unsigned* Bs = As + T::A_WORDS;
+#pragma unroll
+        for (int kk = 0; kk < DWN_BP; kk += 16) {
+            unsigned af[T::MI][4], bfr[T::NI][2];
+            // Rows of the stored matrices are pixels (k): lane l addresses pixel
+            // kk + l % 8 (+ 8 for the second k half) at channel offset (+ 8 for the second m8 / n8).
+#pragma unroll
+            for (int mi = 0; mi < T::MI; ++mi) {
+                const int k = kk + (lane & 7) + ((lane >> 4) & 1) * 8;
+                const int m = wm * T::WTM + mi * 16 + ((lane >> 3) & 1) * 8;
+                ldmatrix_x4_trans(af[mi], As + k * (T::A_LD / 2) + m / 2);
+            }
+#pragma unroll
+            for (int ni = 0; ni < T::NI; ni += 2) {
+                const int k = kk + (lane & 7) + ((lane >> 3) & 1) * 8;
+                const int n = wn * T::WTN + (ni + (lane >> 4)) * 8;
+                unsigned r[4];
+                ldmatrix_x4_trans(r, Bs + k * (T::B_LD / 2) + n / 2);
+                bfr[ni][0] = r[0];
+                bfr[ni][1] = r[1];
+                bfr[ni + 1][0] = r[2];
+                bfr[ni + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < T::MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < T::NI; ++ni) mma_bf16_16816(acc[mi][ni], af[mi], bfr[ni]);
+        }
+    }
+    cp_async_wait<0>();
+
+    const int g8 = lane >> 2, q4 = lane & 3;
+    const long long K = (long long)C * KHW;
+    float* dst = ws + (long long)blockIdx.z * M * K;
+#pragma unroll
+    for (int mi = 0; mi < T::MI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m0 + wm * T::WTM + mi * 16 + g8 + 8 * h;
+            if (m >= M) continue;
+#pragma unroll
+            for (int ni = 0; ni < T::NI; ++ni)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int c = c0 + wn * T::WTN + ni * 8 + 2 * q4 + j;
+                    if (c < C) dst[m * K + (long long)c * KHW + tap] = acc[mi][ni][2 * h + j];
+                }
+        }
+}
+
+// Dynamic shared memory: DwNhwcTile<128>::SMEM_BYTES (69,632) / DwNhwcTile<64> (53,248).
+extern "C" __global__ void __launch_bounds__(256, 2) conv_dw_nhwc(const unsigned* __restrict__ xh,
+    const unsigned* __restrict__ dyh, float* __restrict__ ws, ConvGeom g) {
+    conv_dw_nhwc_body<128>(xh, dyh, ws, g);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) conv_dw_nhwc_n64(const unsigned* __restrict__ xh,
+    const unsigned* __restrict__ dyh, float* __restrict__ ws, ConvGeom g) {
+    conv_dw_nhwc_body<64>(xh, dyh, ws, g);
+}
+
 // ---- dense layers --------------------------------------------------------------------------------
 // linear_warp: y[n, o] = Σ_i x[n, i]·w[o, i] + b[o] (PyTorch Linear), one warp per output: the
 // lanes stride over i (coalesced rows of x and w), then a shuffle tree. These layers are tiny

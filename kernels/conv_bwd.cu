@@ -343,17 +343,18 @@ extern "C" __global__ void __launch_bounds__(DW_THREADS) conv_dw_bf16(const floa
 // ---- bias gradient -------------------------------------------------------------------------------
 
 // partial[o·parts + b] = Σ over block b's share of the N·hw values dy[n, o, :] (in double);
-// grid (parts, O).
+// grid (parts, O). Block b strides over the positions of each sample's plane in turn (no
+// division per element; with hw ≥ parts·blockDim every thread has work in every plane).
 extern "C" __global__ void conv_db_partial(const float* __restrict__ dy, double* __restrict__ partial, int N,
                                            int O, long long hw) {
     __shared__ double scratch[32];
     const int o = blockIdx.y;
-    const long long total = (long long)N * hw;
     double acc = 0.0;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < total;
-         j += (long long)gridDim.x * blockDim.x) {
-        const long long n = j / hw, r = j - n * hw;
-        acc += (double)__ldg(dy + (n * O + o) * hw + r);
+    for (int n = 0; n < N; ++n) {
+        const float* plane = dy + ((long long)n * O + o) * hw;
+        for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < hw;
+             r += (long long)gridDim.x * blockDim.x)
+            acc += (double)__ldg(plane + r);
     }
     acc = block_sum_d(acc, scratch);
     if (threadIdx.x == 0) partial[(long long)o * gridDim.x + blockIdx.x] = acc;

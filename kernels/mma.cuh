@@ -44,6 +44,14 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
                  : "r"(smem_u32(p)));
 }
 
+// The same four matrices transposed: register j of lane l receives elements (2·(l % 4), l / 4) and
+// (2·(l % 4) + 1, l / 4) of matrix j (for operands stored with the other dimension contiguous).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
 // d += a·b for a 16×16 bf16 A (row-major fragment), a 16×8 bf16 B (column fragment), f32 d.
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
     asm volatile(

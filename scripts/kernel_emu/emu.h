@@ -116,6 +116,17 @@ inline void ldmatrix_x4(unsigned (&r)[4], const void* p) {
     for (int j = 0; j < 4; ++j) { unsigned v; memcpy(&v, (const unsigned char*)g_xchg_p[base + j * 8 + l / 4] + 4 * (l % 4), 4); r[j] = v; }
     warp_bar().arrive_and_wait();
 }
+inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+    if ((uintptr_t)p % 16) { fprintf(stderr, "ldmatrix.trans: misaligned row\n"); abort(); }
+    const unsigned base = threadIdx.x & ~31u, l = lane_id();
+    g_xchg_p[threadIdx.x] = p; warp_bar().arrive_and_wait();
+    for (int j = 0; j < 4; ++j) {
+        uint16_t lo, hi;  // elements (row 2q, col g) and (row 2q + 1, col g) of matrix j
+        memcpy(&lo, (const unsigned char*)g_xchg_p[base + j * 8 + 2 * (l % 4)] + 2 * (l / 4), 2);
+        memcpy(&hi, (const unsigned char*)g_xchg_p[base + j * 8 + 2 * (l % 4) + 1] + 2 * (l / 4), 2);
+        r[j] = (unsigned)lo | ((unsigned)hi << 16); }
+    warp_bar().arrive_and_wait();
+}
 inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
     const unsigned base = threadIdx.x & ~31u, l = lane_id();
     for (int j = 0; j < 4; ++j) g_xchg_u[threadIdx.x][j] = a[j];

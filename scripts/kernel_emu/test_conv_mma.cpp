@@ -76,7 +76,8 @@ static void test(int N, int C, int H, int W, int O, int k, int s, int p, bool bi
 }
 
 // conv_dw_bf16_mma(_n64) + conv_dw_reduce: the weight gradient of a conv (OIHW) or NIN ((in, out)).
-static void test_dw(int N, int C, int H, int W, int O, int k, int s, int p, int bn, int splits, bool nin_layout = false) {
+static void test_dw(int N, int C, int H, int W, int O, int k, int s, int p, int bn, int splits, bool nin_layout = false,
+                    bool nhwc = false) {
     const int OH = (H + 2 * p - k) / s + 1, OW = (W + 2 * p - k) / s + 1, KHW = k * k, K = C * KHW;
     auto x = randv((size_t)N * C * H * W), dy = randv((size_t)N * O * OH * OW);
     std::vector<double> ref((size_t)O * K, 0.0), ref_r((size_t)O * K, 0.0);
@@ -93,11 +94,23 @@ static void test_dw(int N, int C, int H, int W, int O, int k, int s, int p, int 
     ConvGeom g{N, C, H, W, O, OH, OW, k, k, s, p, (int)chunk, 0, 0};
     std::vector<float> ws((size_t)gz * O * K, NAN), out((size_t)O * K, NAN);
     const int ctiles = (C + bn - 1) / bn;
-    launch({(unsigned)(KHW * ctiles), (unsigned)((O + 127) / 128), (unsigned)gz}, {256}, [&] {
-        (bn == 128 ? conv_dw_bf16_mma : conv_dw_bf16_mma_n64)(x.data(), dy.data(), ws.data(), g); });
+    if (nhwc) {
+        const int cpx = (C + 31) / 32 * 32, cpo = (O + 31) / 32 * 32;
+        const long long HW = (long long)H * W, OHW = (long long)OH * OW;
+        std::vector<unsigned> xh((size_t)N * HW * cpx / 2, 0xFFFFFFFFu), dyh((size_t)N * OHW * cpo / 2, 0xFFFFFFFFu);
+        launch({(unsigned)(((HW + 31) / 32) * ((cpx + 63) / 64)), (unsigned)N, 1}, {256},
+               [&] { conv_to_nhwc_bf16(x.data(), xh.data(), C, cpx, HW); });
+        launch({(unsigned)(((OHW + 31) / 32) * ((cpo + 63) / 64)), (unsigned)N, 1}, {256},
+               [&] { conv_to_nhwc_bf16(dy.data(), dyh.data(), O, cpo, OHW); });
+        launch({(unsigned)(KHW * ctiles), (unsigned)((O + 127) / 128), (unsigned)gz}, {256}, [&] {
+            (bn == 128 ? conv_dw_nhwc : conv_dw_nhwc_n64)(xh.data(), dyh.data(), ws.data(), g); });
+    } else {
+        launch({(unsigned)(KHW * ctiles), (unsigned)((O + 127) / 128), (unsigned)gz}, {256}, [&] {
+            (bn == 128 ? conv_dw_bf16_mma : conv_dw_bf16_mma_n64)(x.data(), dy.data(), ws.data(), g); });
+    }
     launch({4, 1, 1}, {256}, [&] { conv_dw_reduce(ws.data(), out.data(), O, K, gz, nin_layout ? 1LL : (long long)K, nin_layout ? (long long)O : 1LL); });
     char name[160];
-    snprintf(name, sizeof name, "%s dw bf16 mma/%d N%d C%d %dx%d O%d k%d s%d p%d slices%d", nin_layout ? "nin" : "conv", bn, N, C, H, W, O, k, s, p, gz);
+    snprintf(name, sizeof name, "%s dw bf16 %s/%d N%d C%d %dx%d O%d k%d s%d p%d slices%d", nin_layout ? "nin" : "conv", nhwc ? "nhwc" : "mma", bn, N, C, H, W, O, k, s, p, gz);
     report(std::string(name) + " vs rounded", relerr(out, ref_r), 1e-5);
     report(std::string(name) + " vs f32", relerr(out, ref), 2e-2);
 }
@@ -124,6 +137,11 @@ int main() {
     test_dw(1, 70, 9, 9, 136, 3, 2, 0, 128, 3);   // stride 2, two M tiles, C off the tile, slices
     test_dw(3, 48, 4, 5, 40, 1, 1, 0, 64, 2, true);  // NIN layout
     test_dw(2, 40, 12, 12, 64, 3, 1, 1, 128, 5);  // five pixel slices, partial last step
+    test_dw(2, 20, 7, 9, 72, 3, 1, 1, 64, 1, false, true);  // the NHWC-input kernels, same shapes
+    test_dw(1, 70, 9, 9, 136, 3, 2, 0, 128, 3, false, true);
+    test_dw(3, 48, 4, 5, 40, 1, 1, 0, 64, 2, true, true);
+    test_dw(2, 40, 12, 12, 64, 3, 1, 1, 128, 5, false, true);
+    test_dw(2, 150, 6, 7, 200, 3, 1, 1, 128, 2, false, true);  // two channel tiles, M off the tile
 
     test(1, 32, 8, 8, 128, 3, 1, 1, true, 128, 1);
     test(2, 40, 7, 9, 72, 3, 1, 1, true, 128, 1);    // C, O, P off the tiles; partial pixel tile

@@ -174,17 +174,29 @@ fn weight_grad_mma(
     let (m, c, khw) = (g.o as usize, g.c as usize, (g.kh * g.kw) as usize);
     let k = c * khw;
     let p = g.n as usize * g.oh as usize * g.ow as usize;
-    let ((kernel, smem), bn) = if c > 64 {
-        (super::DW_MMA_KERNELS[0], 128)
+    // Large products read bf16 NHWC copies of x and dy (16-byte copies, ldmatrix fragments, two
+    // blocks per multiprocessor); the copies return to the pool when dropped (same stream).
+    let nhwc = p >= b.nhwc_min_pixels
+        && super::DW_NHWC_KERNELS
+            .iter()
+            .all(|(n, _)| b.inner.kernels.contains_key(n));
+    let kernels = if nhwc {
+        &super::DW_NHWC_KERNELS
     } else {
-        (super::DW_MMA_KERNELS[1], 64)
+        &super::DW_MMA_KERNELS
+    };
+    let ((kernel, smem), bn) = if c > 64 {
+        (kernels[0], 128)
+    } else {
+        (kernels[1], 64)
     };
     let col_blocks = khw * c.div_ceil(bn);
     let blocks = col_blocks * m.div_ceil(128);
-    // At most two full waves (one block per multiprocessor): rounding the split count up left a
-    // nearly empty third wave — on the H200 the weight gradients of a ve-paper batch-64 step took
-    // 161 ms that way and 118 ms this way.
-    let want = (2 * b.inner.sm_count) / blocks.max(1);
+    // At most two full waves of resident blocks: rounding the split count up left a nearly empty
+    // third wave — on the H200 the weight gradients of a ve-paper batch-64 step took 161 ms that
+    // way and 118 ms this way.
+    let per_sm = if nhwc { 2 } else { 1 };
+    let want = (2 * per_sm * b.inner.sm_count) / blocks.max(1);
     let splits = want.min(p.div_ceil(128)).clamp(1, 4096);
     let chunk = p.div_ceil(splits).div_ceil(32) * 32;
     let splits = p.div_ceil(chunk);
@@ -206,17 +218,36 @@ fn weight_grad_mma(
     };
     let ws_len = splits * m * k;
     let ws = b.inner.pool.alloc(ws_len * 4, ws_len)?;
-    b.launch(
-        kernel,
-        (
-            to_i32(op, col_blocks)? as u32,
-            m.div_ceil(128) as u32,
-            splits as u32,
-        ),
-        256,
-        smem as u32,
-        vec![ptr(x), ptr(dy), Arg::Ptr(ws.device_ptr()), raw(&cg)],
-    )?;
+    let grid = (
+        to_i32(op, col_blocks)? as u32,
+        m.div_ceil(128) as u32,
+        splits as u32,
+    );
+    if nhwc {
+        let (n, ohw) = (g.n as usize, g.oh as usize * g.ow as usize);
+        let xh = b.to_nhwc_bf16(x, n, c, g.h as usize * g.w as usize)?;
+        let dyh = b.to_nhwc_bf16(dy, n, m, ohw)?;
+        b.launch(
+            kernel,
+            grid,
+            256,
+            smem as u32,
+            vec![
+                Arg::Ptr(xh.device_ptr()),
+                Arg::Ptr(dyh.device_ptr()),
+                Arg::Ptr(ws.device_ptr()),
+                raw(&cg),
+            ],
+        )?;
+    } else {
+        b.launch(
+            kernel,
+            grid,
+            256,
+            smem as u32,
+            vec![ptr(x), ptr(dy), Arg::Ptr(ws.device_ptr()), raw(&cg)],
+        )?;
+    }
     dw_reduce(b, &ws, &out, m, k, splits, g.o_sm, g.o_sk)?;
     Ok(out)
 }
@@ -237,11 +268,11 @@ fn bias_grad(
     if o > 65535 {
         return Err(Error::shape(op, format!("{o} output channels are too many")));
     }
-    let per = n * hw;
-    // Enough blocks to fill the chip, each with at least a few elements per thread.
-    let parts = (2 * b.inner.sm_count)
+    // About eight blocks per multiprocessor, each striding over every sample's plane (a part
+    // wider than a plane would idle: at most ⌈hw / BLOCK⌉ parts).
+    let parts = (8 * b.inner.sm_count)
         .div_ceil(o)
-        .min(per.div_ceil(BLOCK as usize * 4))
+        .min(hw.div_ceil(BLOCK as usize))
         .clamp(1, 64);
     let partial = b.inner.pool.alloc(o * parts * 8, o * parts * 2)?;
     b.launch(

@@ -326,6 +326,8 @@ const CONV_MAX_SPLITS: usize = 64;
 const MMA_KERNELS: [(&str, usize); 2] = [("conv_bf16_mma", 108_544), ("conv_bf16_mma_n64", 75_776)];
 /// The same GEMM reading bf16 NHWC input (`MmaTile<BN, true>::SMEM_BYTES`).
 const NHWC_KERNELS: [(&str, usize); 2] = [("conv_bf16_nhwc", 81_920), ("conv_bf16_nhwc_n64", 61_440)];
+/// The weight gradient reading bf16 NHWC x and dy (`DwNhwcTile<BN>::SMEM_BYTES`).
+const DW_NHWC_KERNELS: [(&str, usize); 2] = [("conv_dw_nhwc", 69_632), ("conv_dw_nhwc_n64", 53_248)];
 /// The pipelined bf16 weight-gradient kernels and their dynamic shared memory (kernels/conv.cu
 /// `DwMmaTile<BN>::SMEM_BYTES`; BN = 128, 64 channels per block).
 const DW_MMA_KERNELS: [(&str, usize); 2] = [("conv_dw_bf16_mma", 163_840), ("conv_dw_bf16_mma_n64", 122_880)];
@@ -496,7 +498,11 @@ impl Cuda {
         }
         // The pipelined conv kernels keep 4 stages of operands in dynamic shared memory (above
         // the default 48 KB limit).
-        for (name, bytes) in MMA_KERNELS.iter().chain(&NHWC_KERNELS).chain(&DW_MMA_KERNELS) {
+        for (name, bytes) in MMA_KERNELS
+            .iter()
+            .chain(&NHWC_KERNELS)
+            .chain(&DW_MMA_KERNELS)
+            .chain(&DW_NHWC_KERNELS) {
             if let Some(f) = kernels.get(name) {
                 drv(
                     "raising the shared-memory limit of the conv kernels",
@@ -898,7 +904,7 @@ impl Cuda {
         // The NHWC kernels read a bf16 copy of x; it returns to the pool when dropped, safely
         // since every later user queues on the same stream.
         let xh = if nhwc {
-            Some(self.to_nhwc_bf16(x, &g)?)
+            Some(self.to_nhwc_bf16(x, g.n as usize, c, g.h as usize * g.w as usize)?)
         } else {
             None
         };
@@ -954,10 +960,9 @@ impl Cuda {
         Ok(out)
     }
 
-    /// `conv_to_nhwc_bf16`: x (f32 [N, C, H, W]) as bf16 [N][H][W][cp], channels zero-padded to
-    /// the 32-channel K tile.
-    fn to_nhwc_bf16(&self, x: &Tensor<Cuda>, g: &ConvGeom) -> Result<CudaBuf> {
-        let (n, c, hw) = (g.n as usize, g.c as usize, g.h as usize * g.w as usize);
+    /// `conv_to_nhwc_bf16`: x (f32 [n, c, hw]) as bf16 [n][hw][cp], channels zero-padded to the
+    /// 32-channel K tile.
+    fn to_nhwc_bf16(&self, x: &Tensor<Cuda>, n: usize, c: usize, hw: usize) -> Result<CudaBuf> {
         let cp = c.div_ceil(MMA_BK) * MMA_BK;
         let words = n * hw * cp / 2;
         let xh = self.inner.pool.alloc(words * 4, words)?;
@@ -979,7 +984,7 @@ impl Cuda {
             vec![
                 ptr(x),
                 Arg::Ptr(xh.device_ptr()),
-                Arg::I32(g.c),
+                Arg::I32(to_i32("conv2d", c)?),
                 Arg::I32(to_i32("conv2d", cp)?),
                 Arg::I64(hw as i64),
             ],
