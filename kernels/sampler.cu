@@ -205,6 +205,7 @@ struct FastRow {
     int slot[3];     // DPM: buffer of term q (slot[0] = d_slot)
     int pad_;
 };
+static_assert(sizeof(FastRow) == 88, "FastRow must match src/backend/cuda/graph.rs");
 
 #define FAST_FINAL 0
 #define FAST_DPM 1
