@@ -7,28 +7,30 @@
 #define TQ 16
 #define QCHUNK 64
 
-extern "C" __global__ void __launch_bounds__(256) attn_forward(const float* __restrict__ q,
-                                                               const float* __restrict__ k,
-                                                               const float* __restrict__ v,
-                                                               float* __restrict__ out, int C, int L,
-                                                               float scale) {
-    extern __shared__ float S[];  // [TQ][L + 1]; the +1 keeps the P reads of phase 3 conflict-free
-    __shared__ float Qs[QCHUNK][TQ];
+// The forward for TQ queries per block: attn_forward (16), attn_forward_q4 (4, for small
+// batches, where 16-query blocks would leave most multiprocessors idle: batch 1 at 16×16 is 16
+// blocks).
+template <int TQF>
+__device__ __forceinline__ void attn_forward_body(const float* __restrict__ q, const float* __restrict__ k,
+                                                  const float* __restrict__ v, float* __restrict__ out, int C,
+                                                  int L, float scale, float* S) {
+    // S: the dynamic shared memory, [TQF][L + 1]; the +1 keeps the P reads of phase 3 conflict-free
+    __shared__ float Qs[QCHUNK][TQF];
     const int tid = threadIdx.x, nthreads = blockDim.x;
-    const int i0 = blockIdx.x * TQ;
+    const int i0 = blockIdx.x * TQF;
     const i64 base = (i64)blockIdx.y * C * L;
     const int ld = L + 1;
 
-    // Phase 1: scores. Thread owns key j; the TQ query columns are staged in shared memory.
+    // Phase 1: scores. Thread owns key j; the TQF query columns are staged in shared memory.
     for (int jb = 0; jb < L; jb += nthreads) {
         const int j = jb + tid;
-        float acc[TQ];
+        float acc[TQF];
 #pragma unroll
-        for (int ii = 0; ii < TQ; ++ii) acc[ii] = 0.0f;
+        for (int ii = 0; ii < TQF; ++ii) acc[ii] = 0.0f;
         for (int c0 = 0; c0 < C; c0 += QCHUNK) {
             __syncthreads();
-            for (int idx = tid; idx < QCHUNK * TQ; idx += nthreads) {
-                int cc = idx / TQ, ii = idx % TQ;
+            for (int idx = tid; idx < QCHUNK * TQF; idx += nthreads) {
+                int cc = idx / TQF, ii = idx % TQF;
                 Qs[cc][ii] = (c0 + cc < C && i0 + ii < L) ? q[base + (i64)(c0 + cc) * L + i0 + ii] : 0.0f;
             }
             __syncthreads();
@@ -37,20 +39,20 @@ extern "C" __global__ void __launch_bounds__(256) attn_forward(const float* __re
                 for (int cc = 0; cc < cn; ++cc) {
                     const float kv = __ldg(&k[base + (i64)(c0 + cc) * L + j]);
 #pragma unroll
-                    for (int ii = 0; ii < TQ; ++ii) acc[ii] = fmaf(Qs[cc][ii], kv, acc[ii]);
+                    for (int ii = 0; ii < TQF; ++ii) acc[ii] = fmaf(Qs[cc][ii], kv, acc[ii]);
                 }
             }
         }
         if (j < L) {
 #pragma unroll
-            for (int ii = 0; ii < TQ; ++ii) S[ii * ld + j] = acc[ii] * scale;
+            for (int ii = 0; ii < TQF; ++ii) S[ii * ld + j] = acc[ii] * scale;
         }
     }
     __syncthreads();
 
     // Phase 2: row softmax (max-subtracted), one warp per row.
     const int lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
-    for (int ii = warp; ii < TQ; ii += nwarps) {
+    for (int ii = warp; ii < TQF; ii += nwarps) {
         float* row = S + ii * ld;
         float m = __int_as_float(0xff800000);  // -inf
         for (int j = lane; j < L; j += 32) m = fmaxf(m, row[j]);
@@ -67,16 +69,34 @@ extern "C" __global__ void __launch_bounds__(256) attn_forward(const float* __re
     __syncthreads();
 
     // Phase 3: out[c, i0 + ii] = Σ_j P[ii][j] · v[c, j].
-    const int ii = tid % TQ;
+    const int ii = tid % TQF;
     if (i0 + ii < L) {
         const float* pr = S + ii * ld;
-        for (int c = tid / TQ; c < C; c += nthreads / TQ) {
+        for (int c = tid / TQF; c < C; c += nthreads / TQF) {
             const float* vr = v + base + (i64)c * L;
             float acc = 0.0f;
             for (int j = 0; j < L; ++j) acc = fmaf(pr[j], __ldg(&vr[j]), acc);
             out[base + (i64)c * L + i0 + ii] = acc;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256) attn_forward(const float* __restrict__ q,
+                                                               const float* __restrict__ k,
+                                                               const float* __restrict__ v,
+                                                               float* __restrict__ out, int C, int L,
+                                                               float scale) {
+    extern __shared__ float S[];
+    attn_forward_body<16>(q, k, v, out, C, L, scale, S);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attn_forward_q4(const float* __restrict__ q,
+                                                                  const float* __restrict__ k,
+                                                                  const float* __restrict__ v,
+                                                                  float* __restrict__ out, int C, int L,
+                                                                  float scale) {
+    extern __shared__ float S[];
+    attn_forward_body<4>(q, k, v, out, C, L, scale, S);
 }
 
 // ---- backward ------------------------------------------------------------------------------------

@@ -429,6 +429,16 @@ fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_ste
             Ok(None) => {}
             Err(e) => println!("PC step, CUDA graph batch {batch}: failed ({e})"),
         }
+        // A whole fast-sampler run (dpm2, 20 network evaluations): eager vs the CUDA graph.
+        match bench::time_fast_sample_graph(&model, 20, batch, iters.min(5)) {
+            Ok(Some((eager, g, nodes))) => println!(
+                "dpm2 20 steps, CUDA graph ({nodes} nodes per evaluation) batch {batch}: median {:.1} ms \
+                 (min {:.1}); eager {:.1} ms",
+                g.median_ms, g.min_ms, eager.median_ms
+            ),
+            Ok(None) => {}
+            Err(e) => println!("dpm2 20 steps, CUDA graph batch {batch}: failed ({e})"),
+        }
     }
     if let Some(b) = bench::peak_rss_bytes() {
         println!("peak memory (RSS): {:.0} MiB", b as f64 / (1 << 20) as f64);

@@ -1617,10 +1617,13 @@ impl Backend for Cuda {
             return Ok(out);
         }
         let scale = (1.0 / (c as f64).sqrt()) as f32;
-        let smem = (ATTN_TQ * (l + 1) * 4) as u32;
+        // 4-query blocks when 16-query ones would not fill the device (small batches).
+        let tq = if n * l.div_ceil(ATTN_TQ) >= self.inner.sm_count { ATTN_TQ } else { 4 };
+        let kernel = if tq == ATTN_TQ { "attn_forward" } else { "attn_forward_q4" };
+        let smem = (tq * (l + 1) * 4) as u32;
         self.launch(
-            "attn_forward",
-            (l.div_ceil(ATTN_TQ) as u32, to_i32(op, n)? as u32, 1),
+            kernel,
+            (l.div_ceil(tq) as u32, to_i32(op, n)? as u32, 1),
             256,
             smem,
             vec![

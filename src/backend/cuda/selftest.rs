@@ -422,6 +422,7 @@ fn cases(seed: u64) -> Vec<Case> {
         vec![1, 512, 2, 2],
         vec![3, 32, 5, 7],
         vec![1, 64, 24, 24],
+        vec![9, 64, 16, 16], // enough 16-query blocks to fill a 132-SM device: attn_forward
     ] {
         let inputs = vec![(shape.clone(), n01()), (shape.clone(), n01()), (shape, n01())];
         v.push(f32c("attention", Op::Attention, inputs));
