@@ -225,8 +225,8 @@ fn weight_grad_mma(
     );
     if nhwc {
         let (n, ohw) = (g.n as usize, g.oh as usize * g.ow as usize);
-        let xh = b.to_nhwc_bf16(x, n, c, g.h as usize * g.w as usize)?;
-        let dyh = b.to_nhwc_bf16(dy, n, m, ohw)?;
+        let xh = b.nhwc_input(x, n, c, g.h as usize * g.w as usize)?;
+        let dyh = b.nhwc_input(dy, n, m, ohw)?;
         b.launch(
             kernel,
             grid,
@@ -268,11 +268,11 @@ fn bias_grad(
     if o > 65535 {
         return Err(Error::shape(op, format!("{o} output channels are too many")));
     }
-    // About eight blocks per multiprocessor, each striding over every sample's plane (a part
-    // wider than a plane would idle: at most ⌈hw / BLOCK⌉ parts).
+    // About eight blocks per multiprocessor, each striding over every sample's plane four
+    // positions per thread at a time (a part wider than a plane would idle).
     let parts = (8 * b.inner.sm_count)
         .div_ceil(o)
-        .min(hw.div_ceil(BLOCK as usize))
+        .min(hw.div_ceil(4 * BLOCK as usize))
         .clamp(1, 64);
     let partial = b.inner.pool.alloc(o * parts * 8, o * parts * 2)?;
     b.launch(
@@ -429,6 +429,7 @@ pub(super) fn nin_backward(
     dy: &Tensor<Cuda>,
 ) -> Result<Grads3<Cuda>> {
     let op = "nin_backward";
+    let b = &b.with_shared_nhwc();
     let (n, c, h, wd, o) = shapes::nin(op, x.shape(), w.shape(), None)?;
     expect_shape(op, "dy", dy.shape(), &[n, o, h, wd])?;
     // dx[n, c, p] = Σ_o w[c, o]·dy[n, o, p]: a 1×1 convolution whose OIHW weight [C, O, 1, 1] is
@@ -468,6 +469,8 @@ pub(super) fn conv2d_backward(
     pad: usize,
 ) -> Result<Grads3<Cuda>> {
     let op = "conv2d_backward";
+    // dy's NHWC copy serves both the input-gradient conv and the weight gradient.
+    let b = &b.with_shared_nhwc();
     let g = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
     expect_shape(op, "dy", dy.shape(), &[g.n, g.o, g.oh, g.ow])?;
     let dx = conv_input_grad(b, op, w, dy, &g)?;

@@ -111,6 +111,9 @@ pub struct Cuda {
     /// bf16 GEMMs with at least this many output pixels read their input as bf16 NHWC
     /// (`conv_to_nhwc_bf16` + `conv_bf16_nhwc*`); smaller ones read the f32 NCHW tensor directly.
     nhwc_min_pixels: usize,
+    /// Whether NHWC copies are shared between the GEMMs of one backward op (dy feeds both the
+    /// input-gradient conv and the weight gradient): see [`Cuda::nhwc_input`].
+    share_nhwc: bool,
 }
 
 /// Default [`Cuda::with_nhwc_min_pixels`]: the layout pass costs one launch and one read and
@@ -132,7 +135,20 @@ struct Inner {
     profile: Option<Mutex<LaunchTimes>>,
     /// Weights repacked for the pipelined bf16 conv ([`Cuda::packed_weights`]).
     packed: Mutex<HashMap<PackKey, PackedWeights>>,
+    /// The most recent NHWC copies made by handles with `share_nhwc` ([`Cuda::nhwc_input`]).
+    nhwc_recent: Mutex<Vec<NhwcCopy>>,
 }
+
+/// A bf16 NHWC copy of a live tensor's buffer (valid while the `Weak` upgrades: tensors are
+/// immutable), for the layout `[n][hw][c padded]`.
+struct NhwcCopy {
+    source: Weak<CudaBuf>,
+    dims: (usize, usize, usize),
+    copy: Arc<CudaBuf>,
+}
+
+/// How many NHWC copies a sharing handle keeps: dy and x of the current backward op.
+const NHWC_RECENT: usize = 2;
 
 /// A weight tensor's identity (its buffer, alive while the `Weak` in the entry upgrades) plus
 /// the GEMM layout it was packed for. Tensors are immutable, so a live buffer's packing stays
@@ -525,6 +541,7 @@ impl Cuda {
                 sm_count,
                 loaded_from,
                 packed: Mutex::new(HashMap::new()),
+                nhwc_recent: Mutex::new(Vec::new()),
                 profile: std::env::var_os("SRSDE_CUDA_PROFILE")
                     .is_some_and(|v| v == "1")
                     .then(|| Mutex::new(HashMap::new())),
@@ -535,6 +552,7 @@ impl Cuda {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(NHWC_MIN_PIXELS),
+            share_nhwc: false,
         })
     }
 
@@ -559,6 +577,16 @@ impl Cuda {
     pub fn with_nhwc_min_pixels(&self, min_pixels: usize) -> Cuda {
         Cuda {
             nhwc_min_pixels: min_pixels,
+            ..self.clone()
+        }
+    }
+
+    /// This handle sharing NHWC copies between consecutive GEMMs on the same input (for the
+    /// backward ops only: a copy kept across a CUDA-graph capture boundary would not be owned by
+    /// the graph).
+    pub(crate) fn with_shared_nhwc(&self) -> Cuda {
+        Cuda {
+            share_nhwc: true,
             ..self.clone()
         }
     }
@@ -904,7 +932,7 @@ impl Cuda {
         // The NHWC kernels read a bf16 copy of x; it returns to the pool when dropped, safely
         // since every later user queues on the same stream.
         let xh = if nhwc {
-            Some(self.to_nhwc_bf16(x, g.n as usize, c, g.h as usize * g.w as usize)?)
+            Some(self.nhwc_input(x, g.n as usize, c, g.h as usize * g.w as usize)?)
         } else {
             None
         };
@@ -958,6 +986,36 @@ impl Cuda {
         )?;
         self.splitk_reduce(&ws, b, &out, plan.splits, &g, epi)?;
         Ok(out)
+    }
+
+    /// x as the NHWC kernels' bf16 input ([`Cuda::to_nhwc_bf16`]); a sharing handle reuses the
+    /// copy of the same live buffer made by one of its last [`NHWC_RECENT`] calls.
+    fn nhwc_input(&self, x: &Tensor<Cuda>, n: usize, c: usize, hw: usize) -> Result<Arc<CudaBuf>> {
+        if !self.share_nhwc {
+            return Ok(Arc::new(self.to_nhwc_bf16(x, n, c, hw)?));
+        }
+        let mut recent = self
+            .inner
+            .nhwc_recent
+            .lock()
+            .map_err(|_| Error::Backend("the NHWC copy cache was poisoned by a panic".into()))?;
+        let same = |e: &NhwcCopy| {
+            e.dims == (n, c, hw) && e.source.upgrade().is_some_and(|live| Arc::ptr_eq(&live, x.buf()))
+        };
+        if let Some(e) = recent.iter().find(|e| same(e)) {
+            return Ok(e.copy.clone());
+        }
+        let copy = Arc::new(self.to_nhwc_bf16(x, n, c, hw)?);
+        recent.retain(|e| e.source.strong_count() > 0);
+        recent.push(NhwcCopy {
+            source: Arc::downgrade(x.buf()),
+            dims: (n, c, hw),
+            copy: copy.clone(),
+        });
+        if recent.len() > NHWC_RECENT {
+            recent.remove(0);
+        }
+        Ok(copy)
     }
 
     /// `conv_to_nhwc_bf16`: x (f32 [n, c, hw]) as bf16 [n][hw][cp], channels zero-padded to the
