@@ -7,9 +7,9 @@
 #define TQ 16
 #define QCHUNK 64
 
-// The forward for TQ queries per block: attn_forward (16), attn_forward_q4 (4, for small
-// batches, where 16-query blocks would leave most multiprocessors idle: batch 1 at 16×16 is 16
-// blocks).
+// The forward for TQ queries per block: attn_forward (16), attn_forward_q4 / _q2 (4 / 2, for
+// small batches, where 16-query blocks would leave most multiprocessors idle: batch 1 at 16×16
+// is 16 blocks).
 template <int TQF>
 __device__ __forceinline__ void attn_forward_body(const float* __restrict__ q, const float* __restrict__ k,
                                                   const float* __restrict__ v, float* __restrict__ out, int C,
@@ -88,6 +88,15 @@ extern "C" __global__ void __launch_bounds__(256) attn_forward(const float* __re
                                                                float scale) {
     extern __shared__ float S[];
     attn_forward_body<16>(q, k, v, out, C, L, scale, S);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attn_forward_q2(const float* __restrict__ q,
+                                                                  const float* __restrict__ k,
+                                                                  const float* __restrict__ v,
+                                                                  float* __restrict__ out, int C, int L,
+                                                                  float scale) {
+    extern __shared__ float S[];
+    attn_forward_body<2>(q, k, v, out, C, L, scale, S);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attn_forward_q4(const float* __restrict__ q,

@@ -65,6 +65,9 @@ static void test_attn(int N, int C, int L) {
     out = poison(q.size());
     launch({(unsigned)((L + 3) / 4), (unsigned)N, 1}, {256}, [&] { attn_forward_q4(q.data(), k.data(), v.data(), out.data(), C, L, scale); });
     report("attention q4 N" + std::to_string(N) + " C" + std::to_string(C) + " L" + std::to_string(L), relerr(out, ref), 1e-5);
+    out = poison(q.size());
+    launch({(unsigned)((L + 1) / 2), (unsigned)N, 1}, {256}, [&] { attn_forward_q2(q.data(), k.data(), v.data(), out.data(), C, L, scale); });
+    report("attention q2 N" + std::to_string(N) + " C" + std::to_string(C) + " L" + std::to_string(L), relerr(out, ref), 1e-5);
 }
 
 // ---- group norm ------------------------------------------------------------------------------

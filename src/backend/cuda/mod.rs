@@ -119,7 +119,7 @@ pub struct Cuda {
 /// Default [`Cuda::with_nhwc_min_pixels`]: the layout pass costs one launch and one read and
 /// write of the input, which pays off once the GEMM is large (overridable for measurements with
 /// `SRSDE_CONV_NHWC_MIN_PIXELS`).
-pub const NHWC_MIN_PIXELS: usize = 8192;
+pub const NHWC_MIN_PIXELS: usize = 4096;
 
 struct Inner {
     ctx: Arc<CudaContext>,
@@ -1675,9 +1675,13 @@ impl Backend for Cuda {
             return Ok(out);
         }
         let scale = (1.0 / (c as f64).sqrt()) as f32;
-        // 4-query blocks when 16-query ones would not fill the device (small batches).
-        let tq = if n * l.div_ceil(ATTN_TQ) >= self.inner.sm_count { ATTN_TQ } else { 4 };
-        let kernel = if tq == ATTN_TQ { "attn_forward" } else { "attn_forward_q4" };
+        // Fewer queries per block when 16-query blocks would not fill the device (small batches):
+        // the widest of 16, 4, 2 that gives a block per multiprocessor.
+        let sms = self.inner.sm_count;
+        let (tq, kernel) = [(ATTN_TQ, "attn_forward"), (4, "attn_forward_q4")]
+            .into_iter()
+            .find(|&(tq, _)| n * l.div_ceil(tq) >= sms)
+            .unwrap_or((2, "attn_forward_q2"));
         let smem = (tq * (l + 1) * 4) as u32;
         self.launch(
             kernel,
