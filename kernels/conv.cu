@@ -890,6 +890,17 @@ __device__ __forceinline__ void conv_dw_nhwc_body(const unsigned* __restrict__ x
     const long long pb = (long long)blockIdx.z * g.k_chunk, pe = min(P, pb + g.k_chunk);
     const int nsteps = pe > pb ? (int)((pe - pb + DWN_BP - 1) / DWN_BP) : 0;
 
+    // Each B chunk's pixel as (sample, oy, ox), advanced by DWN_BP pixels per step with carries
+    // instead of divided out every step (load_step sees steps 0, 1, 2, … in order).
+    int bn_[T::B_CHUNKS], boy[T::B_CHUNKS], box[T::B_CHUNKS];
+#pragma unroll
+    for (int i = 0; i < T::B_CHUNKS; ++i) {
+        const long long p = min(pb + (t + i * 256) / (BN / 8), P - 1);
+        bn_[i] = (int)(p / OHW);
+        const int r = (int)(p - (long long)bn_[i] * OHW);
+        boy[i] = r / g.OW;
+        box[i] = r - boy[i] * g.OW;
+    }
     auto load_step = [&](int stage, int step) {
         unsigned* As = smem + stage * T::STAGE_WORDS;
         unsigned* Bs = As + T::A_WORDS;
@@ -911,13 +922,20 @@ __device__ __forceinline__ void conv_dw_nhwc_body(const unsigned* __restrict__ x
             bool ok = p < pe && c0 + c8 < cpx;
             const unsigned* src = xh;
             if (ok) {
-                const int n = (int)(p / OHW), r = (int)(p - (long long)n * OHW);
-                const int oy = r / g.OW, ox = r - oy * g.OW;
-                const int iy = oy * g.stride - g.pad + ky, ix = ox * g.stride - g.pad + kx;
+                const int iy = boy[i] * g.stride - g.pad + ky, ix = box[i] * g.stride - g.pad + kx;
                 ok = (unsigned)iy < (unsigned)g.H && (unsigned)ix < (unsigned)g.W;
-                src = xh + ((((long long)n * g.H + iy) * g.W + ix) * cpx + c0 + c8) / 2;
+                src = xh + ((((long long)bn_[i] * g.H + iy) * g.W + ix) * cpx + c0 + c8) / 2;
             }
             cp_async16_zfill(Bs + row * (T::B_LD / 2) + c8 / 2, ok ? src : xh, ok);
+            // Advance to the same row of the next step.
+            box[i] += DWN_BP;
+            while (box[i] >= g.OW) {
+                box[i] -= g.OW;
+                if (++boy[i] == g.OH) {
+                    boy[i] = 0;
+                    ++bn_[i];
+                }
+            }
         }
     };
 
