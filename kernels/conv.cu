@@ -427,35 +427,44 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv_bf16_n64(const f
 
 #define MMA_BK 32
 #define MMA_STAGES 4
-#define MMA_A_LD 40  // bf16 per A row in shared memory: 32 + 8 (80-byte rows: ldmatrix conflict-free)
+// Channels every NHWC copy is padded to (conv_to_nhwc_bf16's cp): a multiple of every K tile.
+#define NHWC_CPAD 64
 
-template <int BN, bool NHWC>
+// BK: channels per K tile (32, or 64 for the NHWC _k64 kernels), STAGES pipeline stages.
+template <int BN, bool NHWC, int BK_ = MMA_BK, int STAGES_ = MMA_STAGES>
 struct MmaTile {
-    static constexpr int BM = 128, BK = MMA_BK;
+    static constexpr int BM = 128, BK = BK_, STAGES = STAGES_;
     static constexpr int WARPS_M = BN == 128 ? 2 : 4, WARPS_N = 8 / WARPS_M;
     static constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;  // warp tile 64×32 or 32×32
     static constexpr int MI = WTM / 16, NI = WTN / 8;             // m16 × n8 fragments per warp
     static constexpr int LDN = BN + 4;  // pixel stride of a B k-pair row (≡ 4 mod 16: conflict-free)
-    static constexpr int A_WORDS = BM * MMA_A_LD / 2;  // 32-bit words of one A stage
-    // One B stage: NCHW f32 [k pair][pixel][2], or NHWC bf16 [pixel][MMA_A_LD] like A.
-    static constexpr int B_WORDS = NHWC ? BN * MMA_A_LD / 2 : BK / 2 * LDN * 2;
+    // bf16 per A row (and NHWC B row) in shared memory: BK + 8, i.e. 80- or 144-byte rows, which
+    // keep ldmatrix conflict-free.
+    static constexpr int A_LD = BK + 8;
+    static constexpr int CHUNKS = BK / 8;                  // 16-byte chunks per row
+    static constexpr int A_WORDS = BM * A_LD / 2;          // 32-bit words of one A stage
+    // One B stage: NCHW f32 [k pair][pixel][2], or NHWC bf16 [pixel][A_LD] like A.
+    static constexpr int B_WORDS = NHWC ? BN * A_LD / 2 : BK / 2 * LDN * 2;
     static constexpr int STAGE_WORDS = A_WORDS + B_WORDS;
-    static constexpr int SMEM_BYTES = MMA_STAGES * STAGE_WORDS * 4;
+    static constexpr int SMEM_BYTES = STAGES * STAGE_WORDS * 4;
     static constexpr int B_ROWS = CONV_THREADS / BN, EB = BK / B_ROWS;  // NCHW B loader: k rows per pass
-    static constexpr int B_CHUNKS = BN * 4 / CONV_THREADS;  // NHWC B loader: 16-byte chunks per thread
+    static constexpr int A_CHUNKS = BM * CHUNKS / CONV_THREADS;         // per thread
+    static constexpr int B_CHUNKS = BN * CHUNKS / CONV_THREADS;         // NHWC B loader, per thread
+    static constexpr int PIX_STEP = CONV_THREADS / CHUNKS;              // NHWC: pixel rows per pass
     static_assert(NI % 2 == 0, "B fragments are loaded two n8 blocks at a time");
+    static_assert(NHWC || BK == MMA_BK, "the NCHW loader walks 32-channel tiles");
 };
 
 // The pipelined implicit GEMM shared by both input layouts. NHWC = false: B comes from the f32
 // NCHW input x; NHWC = true: from xh, the input as bf16 [N][H][W][cp] (channels padded to the
 // 32-channel tile with zeros, conv_to_nhwc_bf16), so a B tile is 16-byte copies of 8 channels of
 // one pixel, one bounds check per pixel and tap, and B fragments come from ldmatrix like A's.
-template <int BN, bool NHWC>
+template <int BN, bool NHWC, int BK = MMA_BK, int STAGES = MMA_STAGES>
 __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const unsigned* __restrict__ xh,
                                               const unsigned* __restrict__ wp, const float* __restrict__ bias,
                                               float* __restrict__ out, const ConvGeom& g, int tiles_per_split,
                                               const ConvEpi& epi) {
-    typedef MmaTile<BN, NHWC> T;
+    typedef MmaTile<BN, NHWC, BK, STAGES> T;
     extern __shared__ float S[];
     unsigned* const smem = reinterpret_cast<unsigned*>(S);
 
@@ -471,7 +480,8 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
     const int ohw = g.OH * g.OW;
 
     // NCHW B loader: this thread's pixel (column t % BN) and k rows t / BN + i·B_ROWS of every tile.
-    // NHWC B loader: pixel rows (t >> 2) + i·64 of the tile, channel chunk t & 3 (8 channels).
+    // NHWC B loader: pixel rows t / CHUNKS + i·PIX_STEP of the tile, channel chunk t % CHUNKS.
+    const int cs = (g.C + NHWC_CPAD - 1) / NHWC_CPAD * NHWC_CPAD;  // xh's channel stride
     constexpr int NPIX = NHWC ? T::B_CHUNKS : 1;
     int iy0[NPIX], ix0[NPIX];
     const float* xn = x;
@@ -479,7 +489,7 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
     const int bcol = t % BN, brow0 = t / BN;
 #pragma unroll
     for (int i = 0; i < NPIX; ++i) {
-        long long pb = p0 + (NHWC ? (t >> 2) + i * (CONV_THREADS / 4) : bcol);
+        long long pb = p0 + (NHWC ? t / T::CHUNKS + i * T::PIX_STEP : bcol);
         const bool pvalid = pb < P;
         if (!pvalid) pb = 0;
         const int nb = (int)(pb / ohw), rb = (int)(pb - (long long)nb * ohw);
@@ -488,7 +498,7 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
         iy0[i] = pvalid ? oy * g.stride - g.pad : -(1 << 28);
         ix0[i] = ox * g.stride - g.pad;
         if (NHWC)
-            xhn[i] = xh + (long long)nb * HW * (cp / 2) + (t & 3) * 4;
+            xhn[i] = xh + (long long)nb * HW * (cs / 2) + (t % T::CHUNKS) * 4;
         else
             xn = x + (long long)nb * g.C * HW;
     }
@@ -496,12 +506,12 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
     auto load_tile = [&](int stage, int tile) {
         const int tap = tile / ctiles, c0 = (tile - tap * ctiles) * T::BK;
         unsigned* As = smem + stage * T::STAGE_WORDS;
-        // A: 128 rows × 4 chunks of 8 bf16; chunks t and t + 256.
+        // A: 128 rows × CHUNKS chunks of 8 bf16; chunks t, t + 256, ….
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int chunk = t + i * CONV_THREADS, row = chunk >> 2, c8 = chunk & 3;
+        for (int i = 0; i < T::A_CHUNKS; ++i) {
+            const int chunk = t + i * CONV_THREADS, row = chunk / T::CHUNKS, c8 = chunk % T::CHUNKS;
             const long long e = ((long long)(m0 + row) * KHW + tap) * cp + c0 + c8 * 8;  // bf16 index
-            cp_async16(As + row * (MMA_A_LD / 2) + c8 * 4, wp + e / 2);
+            cp_async16(As + row * (T::A_LD / 2) + c8 * 4, wp + e / 2);
         }
         const int ky = tap / g.KW, kx = tap - ky * g.KW;
         if constexpr (NHWC) {
@@ -510,9 +520,9 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
             for (int i = 0; i < NPIX; ++i) {
                 const int iy = iy0[i] + ky, ix = ix0[i] + kx;
                 const bool inside = (unsigned)iy < (unsigned)g.H && (unsigned)ix < (unsigned)g.W;
-                const unsigned* src = inside ? xhn[i] + ((long long)iy * g.W + ix) * (cp / 2) + c0 / 2 : xh;
-                const int row = (t >> 2) + i * (CONV_THREADS / 4);
-                cp_async16_zfill(Bs + row * (MMA_A_LD / 2) + (t & 3) * 4, src, inside);
+                const unsigned* src = inside ? xhn[i] + ((long long)iy * g.W + ix) * (cs / 2) + c0 / 2 : xh;
+                const int row = t / T::CHUNKS + i * T::PIX_STEP;
+                cp_async16_zfill(Bs + row * (T::A_LD / 2) + (t % T::CHUNKS) * 4, src, inside);
             }
         } else {
             float* Bs = reinterpret_cast<float*>(As + T::A_WORDS);
@@ -537,17 +547,17 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
 
 #pragma unroll
-    for (int s = 0; s < MMA_STAGES - 1; ++s) {
+    for (int s = 0; s < STAGES - 1; ++s) {
         if (s < ntiles) load_tile(s, tb + s);
         cp_async_commit();  // empty groups keep the count uniform
     }
     for (int tile = 0; tile < ntiles; ++tile) {
-        cp_async_wait<MMA_STAGES - 2>();  // tile `tile` has landed (for this thread) ...
-        __syncthreads();                  // ... for every thread; stage (tile − 1) is free again
-        const int next = tile + MMA_STAGES - 1;
-        if (next < ntiles) load_tile(next % MMA_STAGES, tb + next);
+        cp_async_wait<STAGES - 2>();  // tile `tile` has landed (for this thread) ...
+        __syncthreads();              // ... for every thread; stage (tile − 1) is free again
+        const int next = tile + STAGES - 1;
+        if (next < ntiles) load_tile(next % STAGES, tb + next);
         cp_async_commit();
-        const unsigned* As = smem + (tile % MMA_STAGES) * T::STAGE_WORDS;
+        const unsigned* As = smem + (tile % STAGES) * T::STAGE_WORDS;
 #pragma unroll
         for (int kk = 0; kk < T::BK; kk += 16) {
             unsigned af[T::MI][4], bfr[T::NI][2];
@@ -555,7 +565,7 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
             for (int mi = 0; mi < T::MI; ++mi) {
                 const int row = wm * T::WTM + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
                 const int col = kk + (lane >> 4) * 8;
-                ldmatrix_x4(af[mi], As + row * (MMA_A_LD / 2) + col / 2);
+                ldmatrix_x4(af[mi], As + row * (T::A_LD / 2) + col / 2);
             }
             if constexpr (NHWC) {
                 // Matrices (n block ni, k 0–7), (ni, k 8–15), (ni + 1, k 0–7), (ni + 1, k 8–15):
@@ -566,7 +576,7 @@ __device__ __forceinline__ void conv_mma_body(const float* __restrict__ x, const
                     const int n = wn * T::WTN + (ni + (lane >> 4)) * 8 + (lane & 7);
                     const int k = kk + ((lane >> 3) & 1) * 8;
                     unsigned r[4];
-                    ldmatrix_x4(r, Bs + n * (MMA_A_LD / 2) + k / 2);
+                    ldmatrix_x4(r, Bs + n * (T::A_LD / 2) + k / 2);
                     bfr[ni][0] = r[0];
                     bfr[ni][1] = r[1];
                     bfr[ni + 1][0] = r[2];
@@ -655,8 +665,23 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_nhwc_n64
     conv_mma_body<64, true>(nullptr, xh, wp, bias, out, g, tiles_per_split, epi);
 }
 
+// The same with 64-channel K tiles in three stages (half the barriers per FLOP; weights packed
+// with 64-channel padding). Shared memory: MmaTile<128, true, 64, 3> (110,592 bytes) /
+// MmaTile<64, true, 64, 3> (82,944).
+extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_nhwc_k64(const unsigned* __restrict__ xh,
+    const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
+    int tiles_per_split, ConvEpi epi) {
+    conv_mma_body<128, true, 64, 3>(nullptr, xh, wp, bias, out, g, tiles_per_split, epi);
+}
+
+extern "C" __global__ void __launch_bounds__(CONV_THREADS, 2) conv_bf16_nhwc_k64_n64(const unsigned* __restrict__ xh,
+    const unsigned* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, ConvGeom g,
+    int tiles_per_split, ConvEpi epi) {
+    conv_mma_body<64, true, 64, 3>(nullptr, xh, wp, bias, out, g, tiles_per_split, epi);
+}
+
 // xh[n][p][c] (bf16 pairs along c) = x[n][c][p] for c < C, 0 for C ≤ c < cp (the padding the
-// NHWC conv's 32-channel K tiles read). Grid (⌈HW/32⌉ · ⌈cp/64⌉, N), 256 threads: each block
+// NHWC convs' K tiles read; the host pads cp to NHWC_CPAD). Grid (⌈HW/32⌉ · ⌈cp/64⌉, N), 256 threads: each block
 // moves 64 channels × 32 pixels through shared memory so reads (along p) and writes (along c)
 // are both coalesced. CPU twin: the layout change alone (the conv's twin is conv2d).
 extern "C" __global__ void __launch_bounds__(256) conv_to_nhwc_bf16(const float* __restrict__ x,
@@ -853,7 +878,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) conv_dw_bf16_mma_n64(const 
 // conv_dw_nhwc (BN = 128 channels per block) / conv_dw_nhwc_n64 (BN = 64): the same weight
 // gradient, grid and workspace as conv_dw_bf16_mma, reading bf16 NHWC copies of both operands
 // (conv_to_nhwc_bf16): xh [N][H][W][cpx] and dyh [N][OH][OW][cpo], channels zero-padded to
-// multiples of 32. A pipeline step is 32 pixels: the dy rows (128 output channels) and the x rows
+// multiples of NHWC_CPAD. A pipeline step is 32 pixels: the dy rows (128 output channels) and the x rows
 // (BN input channels at this tap) of those pixels, each a run of 16-byte copies with one bounds
 // check per pixel; both are stored [pixel][channel], so the fragments (pairs of consecutive
 // pixels) come from ldmatrix.trans. Two blocks per multiprocessor. CPU twin: conv2d_backward's dw.
@@ -881,7 +906,7 @@ __device__ __forceinline__ void conv_dw_nhwc_body(const unsigned* __restrict__ x
     const int t = threadIdx.x, warp = t >> 5, lane = t & 31;
     const int wm = warp / T::WARPS_N, wn = warp % T::WARPS_N;
     const int M = g.O, C = g.C, KHW = g.KH * g.KW, OHW = g.OH * g.OW;
-    const int cpx = (C + 31) / 32 * 32, cpo = (M + 31) / 32 * 32;
+    const int cpx = (C + NHWC_CPAD - 1) / NHWC_CPAD * NHWC_CPAD, cpo = (M + NHWC_CPAD - 1) / NHWC_CPAD * NHWC_CPAD;
     const int ctiles = (C + BN - 1) / BN;
     const int tap = blockIdx.x / ctiles, c0 = (blockIdx.x - tap * ctiles) * BN;
     const int ky = tap / g.KW, kx = tap - ky * g.KW;

@@ -19,7 +19,7 @@ static void report(const std::string& name, double e, double bound) {
 // nin_layout: weights stored (in, out) like the NIN layer (k = 1 only).
 // fused: with a per-(sample, channel) bias and a residual (alpha 0.7, beta 0.6) in the epilogue.
 static void test(int N, int C, int H, int W, int O, int k, int s, int p, bool bias, int bn, int splits,
-                 bool nin_layout = false, bool fused = false, bool nhwc = false) {
+                 bool nin_layout = false, bool fused = false, int nhwc = 0) {  // nhwc: 0 NCHW, 1 NHWC, 2 NHWC k64
     const int OH = (H + 2 * p - k) / s + 1, OW = (W + 2 * p - k) / s + 1, K = C * k * k, KHW = k * k;
     auto x = randv((size_t)N * C * H * W), w = randv((size_t)O * K, 1.f / sqrtf(K)), b = randv(O);
     auto A = [&](int m, int kk) { return nin_layout ? w[(size_t)kk * O + m] : w[(size_t)m * K + kk]; };
@@ -41,10 +41,11 @@ static void test(int N, int C, int H, int W, int O, int k, int s, int p, bool bi
             ref_r[i] = alpha * (ref_r[i] + cb[n * O + o]) + beta * res[i]; } }
     ConvEpi epi{fused ? cb.data() : nullptr, fused ? res.data() : nullptr, alpha, beta};
     ConvEpi none{nullptr, nullptr, 1.f, 0.f};
-    const int mp = (O + 127) / 128 * 128, cp = (C + 31) / 32 * 32;
+    const int bk = nhwc == 2 ? 64 : 32;
+    const int mp = (O + 127) / 128 * 128, cp = (C + bk - 1) / bk * bk, cs = (C + 63) / 64 * 64;
     std::vector<unsigned> wp((size_t)mp * KHW * cp / 2, 0xFFFFFFFFu);
     launch({3, 1, 1}, {256}, [&] { conv_pack_bf16(w.data(), wp.data(), O, mp, KHW, C, cp, nin_layout ? 1LL : (long long)K, nin_layout ? (long long)O : 1LL); });
-    const int tiles = KHW * cp / 32, per = (tiles + splits - 1) / splits, gz = (tiles + per - 1) / per;
+    const int tiles = KHW * cp / bk, per = (tiles + splits - 1) / splits, gz = (tiles + per - 1) / per;
     ConvGeom g{N, C, H, W, O, OH, OW, k, k, s, p, 0, 0, 0};
     const long long P = (long long)N * OH * OW, numel = (long long)ref.size();
     std::vector<float> out(numel, NAN), ws((size_t)numel * gz, NAN);
@@ -53,24 +54,26 @@ static void test(int N, int C, int H, int W, int O, int k, int s, int p, bool bi
     dim3 grid{(unsigned)((P + bn - 1) / bn), (unsigned)(mp / 128), (unsigned)gz};
     if (nhwc) {
         // The input as bf16 [N][H][W][cp] (poisoned first: the padding channels must be written).
-        std::vector<unsigned> xh((size_t)N * H * W * cp / 2, 0xFFFFFFFFu);
+        std::vector<unsigned> xh((size_t)N * H * W * cs / 2, 0xFFFFFFFFu);
         const long long HW = (long long)H * W;
-        launch({(unsigned)(((HW + 31) / 32) * ((cp + 63) / 64)), (unsigned)N, 1}, {256},
-               [&] { conv_to_nhwc_bf16(x.data(), xh.data(), C, cp, HW); });
+        launch({(unsigned)(((HW + 31) / 32) * ((cs + 63) / 64)), (unsigned)N, 1}, {256},
+               [&] { conv_to_nhwc_bf16(x.data(), xh.data(), C, cs, HW); });
         size_t bad = 0;
-        for (int n = 0; n < N; ++n) for (long long q = 0; q < HW; ++q) for (int c = 0; c < cp; ++c) {
-            const unsigned u = xh[((size_t)(n * HW + q) * cp + c) / 2];
+        for (int n = 0; n < N; ++n) for (long long q = 0; q < HW; ++q) for (int c = 0; c < cs; ++c) {
+            const unsigned u = xh[((size_t)(n * HW + q) * cs + c) / 2];
             const float v = bf16_val((uint16_t)(c % 2 ? u >> 16 : u & 0xFFFF));
             const float want = c < C ? rbf(x[((size_t)n * C + c) * HW + q]) : 0.f;
             if (!(v == want)) ++bad; }
         report("to_nhwc_bf16 N" + std::to_string(N) + " C" + std::to_string(C) + " HW" + std::to_string(HW) + " (mismatches)", (double)bad, 0);
-        launch(grid, {256}, [&] { (bn == 128 ? conv_bf16_nhwc : conv_bf16_nhwc_n64)(xh.data(), wp.data(), bp, dst, g, per, gz > 1 ? none : epi); });
+        auto kern = nhwc == 2 ? (bn == 128 ? conv_bf16_nhwc_k64 : conv_bf16_nhwc_k64_n64)
+                              : (bn == 128 ? conv_bf16_nhwc : conv_bf16_nhwc_n64);
+        launch(grid, {256}, [&] { kern(xh.data(), wp.data(), bp, dst, g, per, gz > 1 ? none : epi); });
     } else {
         launch(grid, {256}, [&] { (bn == 128 ? conv_bf16_mma : conv_bf16_mma_n64)(x.data(), wp.data(), bp, dst, g, per, gz > 1 ? none : epi); });
     }
     if (gz > 1) launch({4, 1, 1}, {256}, [&] { conv_splitk_reduce_epi(ws.data(), bias ? b.data() : nullptr, out.data(), numel, gz, O, (long long)OH * OW, epi); });
     char name[160];
-    snprintf(name, sizeof name, "%s bf16 %s/%d N%d C%d %dx%d O%d k%d s%d p%d split%d%s", nin_layout ? "nin" : "conv", nhwc ? "nhwc" : "mma", bn, N, C, H, W, O, k, s, p, gz, fused ? " +epi" : "");
+    snprintf(name, sizeof name, "%s bf16 %s/%d N%d C%d %dx%d O%d k%d s%d p%d split%d%s", nin_layout ? "nin" : "conv", nhwc == 2 ? "nhwc-k64" : nhwc ? "nhwc" : "mma", bn, N, C, H, W, O, k, s, p, gz, fused ? " +epi" : "");
     report(std::string(name) + " vs rounded", relerr(out, ref_r), 1e-5);
     report(std::string(name) + " vs f32", relerr(out, ref), 2e-2);
 }
@@ -95,7 +98,7 @@ static void test_dw(int N, int C, int H, int W, int O, int k, int s, int p, int 
     std::vector<float> ws((size_t)gz * O * K, NAN), out((size_t)O * K, NAN);
     const int ctiles = (C + bn - 1) / bn;
     if (nhwc) {
-        const int cpx = (C + 31) / 32 * 32, cpo = (O + 31) / 32 * 32;
+        const int cpx = (C + 63) / 64 * 64, cpo = (O + 63) / 64 * 64;
         const long long HW = (long long)H * W, OHW = (long long)OH * OW;
         std::vector<unsigned> xh((size_t)N * HW * cpx / 2, 0xFFFFFFFFu), dyh((size_t)N * OHW * cpo / 2, 0xFFFFFFFFu);
         launch({(unsigned)(((HW + 31) / 32) * ((cpx + 63) / 64)), (unsigned)N, 1}, {256},
@@ -110,7 +113,7 @@ static void test_dw(int N, int C, int H, int W, int O, int k, int s, int p, int 
     }
     launch({4, 1, 1}, {256}, [&] { conv_dw_reduce(ws.data(), out.data(), O, K, gz, nin_layout ? 1LL : (long long)K, nin_layout ? (long long)O : 1LL); });
     char name[160];
-    snprintf(name, sizeof name, "%s dw bf16 %s/%d N%d C%d %dx%d O%d k%d s%d p%d slices%d", nin_layout ? "nin" : "conv", nhwc ? "nhwc" : "mma", bn, N, C, H, W, O, k, s, p, gz);
+    snprintf(name, sizeof name, "%s dw bf16 %s/%d N%d C%d %dx%d O%d k%d s%d p%d slices%d", nin_layout ? "nin" : "conv", nhwc == 2 ? "nhwc-k64" : nhwc ? "nhwc" : "mma", bn, N, C, H, W, O, k, s, p, gz);
     report(std::string(name) + " vs rounded", relerr(out, ref_r), 1e-5);
     report(std::string(name) + " vs f32", relerr(out, ref), 2e-2);
 }
@@ -161,6 +164,15 @@ int main() {
     test(1, 16, 6, 5, 24, 1, 1, 0, false, 64, 2, false, false, true);
     test(2, 96, 5, 6, 64, 3, 1, 1, true, 64, 4, false, true, true);
     test(2, 72, 11, 10, 40, 3, 1, 1, true, 128, 1, false, true, true);
+    // The same on the 64-channel-K-tile kernels.
+    test(1, 32, 8, 8, 128, 3, 1, 1, true, 128, 1, false, false, 2);
+    test(2, 40, 7, 9, 72, 3, 1, 1, true, 128, 1, false, false, 2);
+    test(1, 64, 9, 9, 136, 3, 2, 0, false, 64, 1, false, false, 2);
+    test(1, 96, 5, 6, 64, 3, 1, 1, true, 64, 4, false, false, 2);
+    test(3, 48, 4, 4, 40, 1, 1, 0, true, 128, 1, true, false, 2);
+    test(1, 16, 6, 5, 24, 1, 1, 0, false, 64, 2, false, false, 2);
+    test(2, 96, 5, 6, 64, 3, 1, 1, true, 64, 4, false, true, 2);
+    test(2, 72, 11, 10, 40, 3, 1, 1, true, 128, 1, false, true, 2);
     printf("%d failures\n", fails);
     return fails != 0;
 }

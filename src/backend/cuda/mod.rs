@@ -114,6 +114,8 @@ pub struct Cuda {
     /// Whether NHWC copies are shared between the GEMMs of one backward op (dy feeds both the
     /// input-gradient conv and the weight gradient): see [`Cuda::nhwc_input`].
     share_nhwc: bool,
+    /// NHWC GEMMs on the 64-channel-K-tile kernels (`SRSDE_CONV_NHWC_K64`, default [`NHWC_K64`]).
+    nhwc_k64: bool,
 }
 
 /// Default [`Cuda::with_nhwc_min_pixels`]: the layout pass costs one launch and one read and
@@ -158,6 +160,8 @@ struct PackKey {
     buf: usize,
     m: i32,
     c: i32,
+    /// Channels padded to this multiple (the kernel's K tile).
+    cpad: usize,
     khw: i32,
     a_sm: i64,
     a_sk: i64,
@@ -342,6 +346,12 @@ const CONV_MAX_SPLITS: usize = 64;
 const MMA_KERNELS: [(&str, usize); 2] = [("conv_bf16_mma", 108_544), ("conv_bf16_mma_n64", 75_776)];
 /// The same GEMM reading bf16 NHWC input (`MmaTile<BN, true>::SMEM_BYTES`).
 const NHWC_KERNELS: [(&str, usize); 2] = [("conv_bf16_nhwc", 81_920), ("conv_bf16_nhwc_n64", 61_440)];
+/// The NHWC GEMM with 64-channel K tiles in three stages (`MmaTile<BN, true, 64, 3>`).
+const NHWC_K64_KERNELS: [(&str, usize); 2] = [("conv_bf16_nhwc_k64", 110_592), ("conv_bf16_nhwc_k64_n64", 82_944)];
+/// Default K tile of the NHWC GEMMs: 64 channels (three stages) when true, else 32 (four).
+pub const NHWC_K64: bool = false;
+/// Channels every NHWC copy is padded to (kernels/conv.cu `NHWC_CPAD`).
+const NHWC_CPAD: usize = 64;
 /// The weight gradient reading bf16 NHWC x and dy (`DwNhwcTile<BN>::SMEM_BYTES`).
 const DW_NHWC_KERNELS: [(&str, usize); 2] = [("conv_dw_nhwc", 69_632), ("conv_dw_nhwc_n64", 53_248)];
 /// The pipelined bf16 weight-gradient kernels and their dynamic shared memory (kernels/conv.cu
@@ -517,6 +527,7 @@ impl Cuda {
         for (name, bytes) in MMA_KERNELS
             .iter()
             .chain(&NHWC_KERNELS)
+            .chain(&NHWC_K64_KERNELS)
             .chain(&DW_MMA_KERNELS)
             .chain(&DW_NHWC_KERNELS) {
             if let Some(f) = kernels.get(name) {
@@ -553,6 +564,7 @@ impl Cuda {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(NHWC_MIN_PIXELS),
             share_nhwc: false,
+            nhwc_k64: std::env::var("SRSDE_CONV_NHWC_K64").map_or(NHWC_K64, |v| v == "1"),
         })
     }
 
@@ -577,6 +589,14 @@ impl Cuda {
     pub fn with_nhwc_min_pixels(&self, min_pixels: usize) -> Cuda {
         Cuda {
             nhwc_min_pixels: min_pixels,
+            ..self.clone()
+        }
+    }
+
+    /// This handle with its NHWC GEMMs on 64-channel (`true`) or 32-channel K tiles.
+    pub fn with_nhwc_k64(&self, k64: bool) -> Cuda {
+        Cuda {
+            nhwc_k64: k64,
             ..self.clone()
         }
     }
@@ -916,19 +936,18 @@ impl Cuda {
     ) -> Result<Tensor<Cuda>> {
         let (m, c, khw) = (g.o as usize, g.c as usize, (g.kh * g.kw) as usize);
         let p = g.n as usize * g.oh as usize * g.ow as usize;
-        let wp = self.packed_weights(w, &g)?;
-        let tiles = khw * c.div_ceil(MMA_BK);
-        let nhwc = p >= self.nhwc_min_pixels
-            && NHWC_KERNELS
-                .iter()
-                .all(|(n, _)| self.inner.kernels.contains_key(n));
-        let plan = mma_plan(
-            if nhwc { &NHWC_KERNELS } else { &MMA_KERNELS },
-            m,
-            p,
-            tiles,
-            self.inner.sm_count,
-        );
+        let has = |ks: &[(&str, usize); 2]| ks.iter().all(|(n, _)| self.inner.kernels.contains_key(n));
+        let nhwc = p >= self.nhwc_min_pixels && has(&NHWC_KERNELS);
+        let (kernels, bk) = if nhwc && self.nhwc_k64 && has(&NHWC_K64_KERNELS) {
+            (&NHWC_K64_KERNELS, 64)
+        } else if nhwc {
+            (&NHWC_KERNELS, MMA_BK)
+        } else {
+            (&MMA_KERNELS, MMA_BK)
+        };
+        let wp = self.packed_weights(w, &g, bk)?;
+        let tiles = khw * c.div_ceil(bk);
+        let plan = mma_plan(kernels, m, p, tiles, self.inner.sm_count);
         // The NHWC kernels read a bf16 copy of x; it returns to the pool when dropped, safely
         // since every later user queues on the same stream.
         let xh = if nhwc {
@@ -1018,10 +1037,10 @@ impl Cuda {
         Ok(copy)
     }
 
-    /// `conv_to_nhwc_bf16`: x (f32 [n, c, hw]) as bf16 [n][hw][cp], channels zero-padded to the
-    /// 32-channel K tile.
+    /// `conv_to_nhwc_bf16`: x (f32 [n, c, hw]) as bf16 [n][hw][cp], channels zero-padded to
+    /// [`NHWC_CPAD`] (a multiple of every K tile).
     fn to_nhwc_bf16(&self, x: &Tensor<Cuda>, n: usize, c: usize, hw: usize) -> Result<CudaBuf> {
-        let cp = c.div_ceil(MMA_BK) * MMA_BK;
+        let cp = c.div_ceil(NHWC_CPAD) * NHWC_CPAD;
         let words = n * hw * cp / 2;
         let xh = self.inner.pool.alloc(words * 4, words)?;
         let blocks = hw.div_ceil(32) * cp.div_ceil(64);
@@ -1052,11 +1071,12 @@ impl Cuda {
 
     /// `w` as the pipelined kernel's bf16 A operand wp[m][tap][c] (m padded to the 128-row tile,
     /// c to the 32-channel tile), packed once per weight tensor and cached while it lives.
-    fn packed_weights(&self, w: &Tensor<Cuda>, g: &ConvGeom) -> Result<Arc<CudaBuf>> {
+    fn packed_weights(&self, w: &Tensor<Cuda>, g: &ConvGeom, cpad: usize) -> Result<Arc<CudaBuf>> {
         let key = PackKey {
             buf: Arc::as_ptr(w.buf()) as usize,
             m: g.o,
             c: g.c,
+            cpad,
             khw: g.kh * g.kw,
             a_sm: g.a_sm,
             a_sk: g.a_sk,
@@ -1073,7 +1093,7 @@ impl Cuda {
         }
         cache.retain(|_, e| e.source.strong_count() > 0);
         let (m, c, khw) = (g.o as usize, g.c as usize, (g.kh * g.kw) as usize);
-        let (mp, cp) = (m.div_ceil(CONV_TILE_M) * CONV_TILE_M, c.div_ceil(MMA_BK) * MMA_BK);
+        let (mp, cp) = (m.div_ceil(CONV_TILE_M) * CONV_TILE_M, c.div_ceil(cpad) * cpad);
         let pairs = mp * khw * cp / 2;
         let packed = Arc::new(self.inner.pool.alloc(pairs * 4, pairs)?);
         self.launch_n(

@@ -587,8 +587,8 @@ pub fn selftest_against<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Re
                 .map(|y| reference.to_f32(y))
                 .collect::<Result<Vec<_>>>()
         })();
-        // bf16 GEMMs run twice: as the backend picks the input layout for this size, and with
-        // every GEMM forced onto the NHWC-input kernels (rows marked "[nhwc]").
+        // bf16 GEMMs run three times: as the backend picks the input layout for this size, and
+        // with every GEMM forced onto the NHWC-input kernels (rows "[nhwc]", "[nhwc-k64]").
         let gemm = matches!(
             case.op,
             Op::Conv { .. }
@@ -599,15 +599,16 @@ pub fn selftest_against<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Re
                 | Op::Linear
                 | Op::LinearBackward
         );
-        let layouts: &[Option<usize>] = if gemm && case.precision == Precision::Bf16 {
-            &[None, Some(0)]
+        // Forced layouts: NHWC from 0 pixels, with 32- (false) or 64-channel (true) K tiles.
+        let layouts: &[Option<bool>] = if gemm && case.precision == Precision::Bf16 {
+            &[None, Some(false), Some(true)]
         } else {
             &[None]
         };
         for &layout in layouts {
             let mut dev = cuda.with_precision(case.precision).with_poison(true);
-            if let Some(min_pixels) = layout {
-                dev = dev.with_nhwc_min_pixels(min_pixels);
+            if let Some(k64) = layout {
+                dev = dev.with_nhwc_min_pixels(0).with_nhwc_k64(k64);
             }
             let got = (|| {
                 let xs = case
@@ -634,8 +635,10 @@ pub fn selftest_against<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Re
                 } else {
                     format!("{}.{out_name}", case.name)
                 };
-                if layout.is_some() {
-                    op.push_str("[nhwc]");
+                match layout {
+                    Some(false) => op.push_str("[nhwc]"),
+                    Some(true) => op.push_str("[nhwc-k64]"),
+                    None => {}
                 }
                 rows.push(SelftestRow {
                     op,
