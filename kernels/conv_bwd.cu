@@ -345,7 +345,8 @@ extern "C" __global__ void __launch_bounds__(DW_THREADS) conv_dw_bf16(const floa
 // partial[o·parts + b] = Σ over block b's share of the N·hw values dy[n, o, :] (in double);
 // grid (parts, O). Block b strides over the positions of each sample's plane in turn (no
 // division per element), four at a time with float4 loads when hw % 4 == 0, into two
-// independent accumulators (the loads of a plane stay in flight together).
+// independent accumulators (the loads of a plane stay in flight together); planes of fewer than
+// 4·blockDim positions are walked as one flat range over (n, position) instead.
 extern "C" __global__ void conv_db_partial(const float* __restrict__ dy, double* __restrict__ partial, int N,
                                            int O, long long hw) {
     __shared__ double scratch[32];
@@ -353,7 +354,14 @@ extern "C" __global__ void conv_db_partial(const float* __restrict__ dy, double*
     const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
     double acc0 = 0.0, acc1 = 0.0;
-    if ((hw & 3) == 0) {
+    if (hw < 4LL * blockDim.x) {
+        // Small planes (e.g. dense layers, hw = 1): the threads span samples and positions together.
+        const long long total = (long long)N * hw;
+        for (long long j = start; j < total; j += stride) {
+            const long long n = j / hw, r = j - n * hw;
+            acc0 += (double)__ldg(dy + (n * O + o) * hw + r);
+        }
+    } else if ((hw & 3) == 0) {
         const long long hw4 = hw >> 2;
         for (int n = 0; n < N; ++n) {
             const float4* plane = reinterpret_cast<const float4*>(dy + ((long long)n * O + o) * hw);

@@ -149,7 +149,9 @@ int main() {
         test_dw(2, 19, 5, 7, 11, 1, 1, 0, prec, true, 2);     // NIN layout, split
         test_dw(5, 70, 1, 1, 9, 1, 1, 0, prec, false, 1);     // linear-like (H = W = 1)
         test_dw(3, 4, 20, 17, 6, 5, 3, 2, prec, false, 4);    // 5×5 stride 3, 4 parts, ragged last
-        test_dw(2, 6, 12, 12, 5, 3, 1, 1, prec, false, 2);    // hw = 144: the float4 bias-gradient path
+        test_dw(2, 6, 12, 12, 5, 3, 1, 1, prec, false, 2);    // hw = 144: flat bias-gradient walk
+        test_dw(2, 3, 34, 34, 4, 3, 1, 1, prec, false, 2);    // hw = 1156: per-plane float4 walk
+        test_dw(1, 2, 33, 33, 3, 3, 1, 1, prec, false, 1);    // hw = 1089: per-plane scalar walk
     }
     test_dx(2, 5, 11, 13, 7, 3, 2, 1);
     test_dx(2, 3, 10, 9, 5, 3, 2, 0);

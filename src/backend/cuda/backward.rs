@@ -270,9 +270,11 @@ fn bias_grad(
     }
     // About eight blocks per multiprocessor, each striding over every sample's plane four
     // positions per thread at a time (a part wider than a plane would idle).
+    // (The kernel walks planes under 4·BLOCK positions as one flat range over n and position.)
+    let span = if hw < 4 * BLOCK as usize { n * hw } else { hw };
     let parts = (8 * b.inner.sm_count)
         .div_ceil(o)
-        .min(hw.div_ceil(4 * BLOCK as usize))
+        .min(span.div_ceil(4 * BLOCK as usize))
         .clamp(1, 64);
     let partial = b.inner.pool.alloc(o * parts * 8, o * parts * 2)?;
     b.launch(
