@@ -347,7 +347,10 @@ const MMA_KERNELS: [(&str, usize); 2] = [("conv_bf16_mma", 108_544), ("conv_bf16
 /// The same GEMM reading bf16 NHWC input (`MmaTile<BN, true>::SMEM_BYTES`).
 const NHWC_KERNELS: [(&str, usize); 2] = [("conv_bf16_nhwc", 81_920), ("conv_bf16_nhwc_n64", 61_440)];
 /// The NHWC GEMM with 64-channel K tiles in three stages (`MmaTile<BN, true, 64, 3>`).
-const NHWC_K64_KERNELS: [(&str, usize); 2] = [("conv_bf16_nhwc_k64", 110_592), ("conv_bf16_nhwc_k64_n64", 82_944)];
+const NHWC_K64_KERNELS: [(&str, usize); 2] = [
+    ("conv_bf16_nhwc_k64", 110_592),
+    ("conv_bf16_nhwc_k64_n64", 82_944),
+];
 /// Default K tile of the NHWC GEMMs: 64 channels (three stages) when true, else 32 (four). On
 /// the H200 the 64-channel tiles give a PC step at batch 1 of 8.7 ms vs 9.2 and the same
 /// batch-64 throughput (docs/benchmarks.md).
@@ -531,7 +534,8 @@ impl Cuda {
             .chain(&NHWC_KERNELS)
             .chain(&NHWC_K64_KERNELS)
             .chain(&DW_MMA_KERNELS)
-            .chain(&DW_NHWC_KERNELS) {
+            .chain(&DW_NHWC_KERNELS)
+        {
             if let Some(f) = kernels.get(name) {
                 drv(
                     "raising the shared-memory limit of the conv kernels",
