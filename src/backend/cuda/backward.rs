@@ -8,12 +8,14 @@
 //!   padding it into an [N, O, H+KH−1, W+KW−1] buffer (pad 0), which also covers the rows/columns a
 //!   strided forward never reached. dw is an implicit GEMM reducing over the N·OH·OW output pixels,
 //!   split over pixels across blocks into a workspace that a second kernel adds up in a fixed
-//!   order (reproducible: no float atomics); db is a per-channel sum in double.
+//!   order (reproducible: no float atomics); db is a per-channel sum in double. Large bf16 products
+//!   read NHWC bf16 copies (see `weight_grad_mma`), dy's copy shared with the dx conv.
 //! - nin: dx is a 1×1 convolution whose OIHW weight is the NIN weight as stored (in, out) read as
 //!   [C, O, 1, 1]; dw the same weight-gradient GEMM writing the (in, out) layout.
 //! - linear (tiny): dx through `nin` in f32, dw through the weight-gradient GEMM in f32.
-//! - group_norm: one block per (sample, group) recomputes the statistics and writes dx and the
-//!   per-(sample, channel) sums; a second kernel adds those over the batch for dγ, dβ.
+//! - group_norm: groups of ≥ 4096 elements are split over warps (statistics of x, then Σdz and
+//!   Σdz·x̂, then dx, with fixed-order folds in between); smaller groups take one block per (sample,
+//!   group). Both leave per-(sample, channel) sums that a last kernel adds over the batch for dγ, dβ.
 //! - attention: one kernel recomputes the softmax rows and forms dS = P ⊙ (dP − rowsum(dP ⊙ P))
 //!   into [N, L, L] workspaces; three batched products give dV, dQ, dK. Always f32.
 use super::{grid_for, ptr, raw, to_i32, Arg, Cuda, CudaBuf, Precision, BLOCK};
