@@ -1,6 +1,8 @@
-//! Criterion benchmarks on the CPU backend: one forward pass (NFE) of the paper's VE network and
-//! of `ve-small` at 128×128, batch 1, and one predictor–corrector step (2 NFE + updates).
-//! `srsde-fast bench` prints the same measurements (and the CUDA ones) as a table.
+//! Criterion benchmarks: on the CPU backend one forward pass (NFE) of the paper's VE network and
+//! of `ve-small` at 128×128, batch 1, and one predictor–corrector step (2 NFE + updates); on a CUDA
+//! device (when there is one; otherwise it prints that it skipped) the `ve-paper` NFE at batch 1 and
+//! 64 and the PC step at batch 1 in f32/TF32/bf16. `srsde-fast bench` prints the same measurements,
+//! plus the CUDA-graph PC step and the training step, as a table.
 use criterion::{criterion_group, criterion_main, Criterion};
 
 use srsde_fast::autograd::Graph;
@@ -63,5 +65,61 @@ fn pc_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, forward, pc_step);
+fn cuda(c: &mut Criterion) {
+    use srsde_fast::backend::cuda::{Cuda, Precision};
+    let base = match Cuda::new(0) {
+        Ok(be) => be,
+        Err(e) => {
+            eprintln!("cuda benchmarks skipped: no GPU ({e})");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("cuda_ve_paper_128");
+    group.sample_size(10);
+    for precision in [Precision::F32, Precision::Tf32, Precision::Bf16] {
+        let be = base.with_precision(precision);
+        let net = random_network(&be, "ve-paper").expect("network");
+        for batch in [1usize, 64] {
+            let x = be.randn(&[batch, 6, 128, 128], 1, 0).unwrap();
+            let label = be.from_f32(&[batch], &vec![1.0; batch]).unwrap();
+            group.bench_function(format!("nfe_b{batch}_{}", precision.as_str()), |b| {
+                b.iter(|| {
+                    let g = Graph::inference(&be);
+                    let y = net.forward(&g, &g.constant(x.clone()), &label, Forward::default()).unwrap();
+                    be.synchronize().unwrap();
+                    y
+                })
+            });
+        }
+        let model = ScoreModel::new(net);
+        let cfg = SamplerConfig::preset("sde-ve-cs", &model.sde).unwrap();
+        let langevin = cfg.langevin();
+        let y = be.rand_uniform(&[1, 3, 128, 128], 2, 0).unwrap();
+        let x = be.randn(&[1, 3, 128, 128], 3, 0).unwrap();
+        let mut noise = NoiseStream::new(4);
+        group.bench_function(format!("pc_step_b1_{}", precision.as_str()), |b| {
+            b.iter(|| {
+                let c = corrector_step(
+                    &be,
+                    &model,
+                    &model.sde,
+                    cfg.corrector,
+                    &langevin,
+                    &x,
+                    &y,
+                    0.5,
+                    &mut noise,
+                )
+                .unwrap();
+                let out =
+                    predictor_step(&be, &model, &model.sde, cfg.predictor, &c.x, &y, 0.5, &mut noise).unwrap();
+                be.synchronize().unwrap();
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, forward, pc_step, cuda);
 criterion_main!(benches);
