@@ -85,7 +85,9 @@ fn cuda(c: &mut Criterion) {
             group.bench_function(format!("nfe_b{batch}_{}", precision.as_str()), |b| {
                 b.iter(|| {
                     let g = Graph::inference(&be);
-                    let y = net.forward(&g, &g.constant(x.clone()), &label, Forward::default()).unwrap();
+                    let y = net
+                        .forward(&g, &g.constant(x.clone()), &label, Forward::default())
+                        .unwrap();
                     be.synchronize().unwrap();
                     y
                 })
@@ -111,8 +113,8 @@ fn cuda(c: &mut Criterion) {
                     &mut noise,
                 )
                 .unwrap();
-                let out =
-                    predictor_step(&be, &model, &model.sde, cfg.predictor, &c.x, &y, 0.5, &mut noise).unwrap();
+                let out = predictor_step(&be, &model, &model.sde, cfg.predictor, &c.x, &y, 0.5, &mut noise)
+                    .unwrap();
                 be.synchronize().unwrap();
                 out
             })

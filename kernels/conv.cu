@@ -747,6 +747,30 @@ struct DwMmaTile {
     static constexpr int SMEM_BYTES = DW_STAGES * STAGE * 4;
 };
 
+// A warp's weight-gradient fragments (rows m_w…, columns c_w… of one filter tap) into the block's
+// workspace slice ws[z][m][c·KHW + tap] (OIHW order), skipping m ≥ M and c ≥ C. Both dw kernels.
+template <typename T>
+__device__ __forceinline__ void dw_store_tile(const float (&acc)[T::MI][T::NI][4], float* __restrict__ ws, int M,
+                                              int C, int KHW, int tap, int m_w, int c_w, int lane) {
+    const int g8 = lane >> 2, q4 = lane & 3;
+    const long long K = (long long)C * KHW;
+    float* dst = ws + (long long)blockIdx.z * M * K;
+#pragma unroll
+    for (int mi = 0; mi < T::MI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m_w + mi * 16 + g8 + 8 * h;
+            if (m >= M) continue;
+#pragma unroll
+            for (int ni = 0; ni < T::NI; ++ni)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int c = c_w + ni * 8 + 2 * q4 + j;
+                    if (c < C) dst[m * K + (long long)c * KHW + tap] = acc[mi][ni][2 * h + j];
+                }
+        }
+}
+
 template <int BN>
 __device__ __forceinline__ void conv_dw_mma_body(const float* __restrict__ x, const float* __restrict__ dy,
                                                  float* __restrict__ ws, const ConvGeom& g) {
@@ -844,23 +868,7 @@ __device__ __forceinline__ void conv_dw_mma_body(const float* __restrict__ x, co
         }
     }
     cp_async_wait<0>();
-
-    const long long K = (long long)C * KHW;
-    float* dst = ws + (long long)blockIdx.z * M * K;
-#pragma unroll
-    for (int mi = 0; mi < T::MI; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = m0 + wm * T::WTM + mi * 16 + g8 + 8 * h;
-            if (m >= M) continue;
-#pragma unroll
-            for (int ni = 0; ni < T::NI; ++ni)
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int c = c0 + wn * T::WTN + ni * 8 + 2 * q4 + j;
-                    if (c < C) dst[m * K + (long long)c * KHW + tap] = acc[mi][ni][2 * h + j];
-                }
-        }
+    dw_store_tile<T>(acc, ws, M, C, KHW, tap, m0 + wm * T::WTM, c0 + wn * T::WTN, lane);
 }
 
 // Dynamic shared memory: DwMmaTile<128>::SMEM_BYTES (163,840) / DwMmaTile<64>::SMEM_BYTES
@@ -1014,24 +1022,7 @@ __device__ __forceinline__ void conv_dw_nhwc_body(const unsigned* __restrict__ x
         }
     }
     cp_async_wait<0>();
-
-    const int g8 = lane >> 2, q4 = lane & 3;
-    const long long K = (long long)C * KHW;
-    float* dst = ws + (long long)blockIdx.z * M * K;
-#pragma unroll
-    for (int mi = 0; mi < T::MI; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = m0 + wm * T::WTM + mi * 16 + g8 + 8 * h;
-            if (m >= M) continue;
-#pragma unroll
-            for (int ni = 0; ni < T::NI; ++ni)
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int c = c0 + wn * T::WTN + ni * 8 + 2 * q4 + j;
-                    if (c < C) dst[m * K + (long long)c * KHW + tap] = acc[mi][ni][2 * h + j];
-                }
-        }
+    dw_store_tile<T>(acc, ws, M, C, KHW, tap, m0 + wm * T::WTM, c0 + wn * T::WTN, lane);
 }
 
 // Dynamic shared memory: DwNhwcTile<128>::SMEM_BYTES (69,632) / DwNhwcTile<64> (53,248).
