@@ -3,7 +3,8 @@
 //! device (when there is one; otherwise it prints that it skipped) the `ve-paper` NFE at batch 1 and
 //! 64 and the PC step at batch 1 in f32/TF32/bf16. `srsde-fast bench` prints the same measurements,
 //! plus the CUDA-graph PC step and the training step, as a table.
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 
 use srsde_fast::autograd::Graph;
 use srsde_fast::backend::cpu::CpuF32;
@@ -33,34 +34,48 @@ fn forward(c: &mut Criterion) {
     group.finish();
 }
 
+/// One predictor–corrector step (`sde-ve-cs`, batch 1, t = 0.5) of `model` as benchmark `name`,
+/// waiting for the device after each.
+fn bench_pc_step<B: Backend>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    be: &B,
+    model: &ScoreModel<B>,
+) {
+    let cfg = SamplerConfig::preset("sde-ve-cs", &model.sde).unwrap();
+    let langevin = cfg.langevin();
+    let y = be.rand_uniform(&[1, 3, 128, 128], 2, 0).unwrap();
+    let x = be.randn(&[1, 3, 128, 128], 3, 0).unwrap();
+    let mut noise = NoiseStream::new(4);
+    group.bench_function(name, |b| {
+        b.iter(|| {
+            let c = corrector_step(
+                be,
+                model,
+                &model.sde,
+                cfg.corrector,
+                &langevin,
+                &x,
+                &y,
+                0.5,
+                &mut noise,
+            )
+            .unwrap();
+            let out =
+                predictor_step(be, model, &model.sde, cfg.predictor, &c.x, &y, 0.5, &mut noise).unwrap();
+            be.synchronize().unwrap();
+            out
+        })
+    });
+}
+
 fn pc_step(c: &mut Criterion) {
     let be = CpuF32::new();
     let mut group = c.benchmark_group("cpu_pc_step_128");
     group.sample_size(10);
     for preset in ["ve-small", "ve-paper"] {
         let model = ScoreModel::new(random_network(&be, preset).expect("network"));
-        let cfg = SamplerConfig::preset("sde-ve-cs", &model.sde).unwrap();
-        let langevin = cfg.langevin();
-        let y = be.rand_uniform(&[1, 3, 128, 128], 2, 0).unwrap();
-        let x = be.randn(&[1, 3, 128, 128], 3, 0).unwrap();
-        let mut noise = NoiseStream::new(4);
-        group.bench_function(preset, |b| {
-            b.iter(|| {
-                let c = corrector_step(
-                    &be,
-                    &model,
-                    &model.sde,
-                    cfg.corrector,
-                    &langevin,
-                    &x,
-                    &y,
-                    0.5,
-                    &mut noise,
-                )
-                .unwrap();
-                predictor_step(&be, &model, &model.sde, cfg.predictor, &c.x, &y, 0.5, &mut noise).unwrap()
-            })
-        });
+        bench_pc_step(&mut group, preset, &be, &model);
     }
     group.finish();
 }
@@ -94,31 +109,12 @@ fn cuda(c: &mut Criterion) {
             });
         }
         let model = ScoreModel::new(net);
-        let cfg = SamplerConfig::preset("sde-ve-cs", &model.sde).unwrap();
-        let langevin = cfg.langevin();
-        let y = be.rand_uniform(&[1, 3, 128, 128], 2, 0).unwrap();
-        let x = be.randn(&[1, 3, 128, 128], 3, 0).unwrap();
-        let mut noise = NoiseStream::new(4);
-        group.bench_function(format!("pc_step_b1_{}", precision.as_str()), |b| {
-            b.iter(|| {
-                let c = corrector_step(
-                    &be,
-                    &model,
-                    &model.sde,
-                    cfg.corrector,
-                    &langevin,
-                    &x,
-                    &y,
-                    0.5,
-                    &mut noise,
-                )
-                .unwrap();
-                let out = predictor_step(&be, &model, &model.sde, cfg.predictor, &c.x, &y, 0.5, &mut noise)
-                    .unwrap();
-                be.synchronize().unwrap();
-                out
-            })
-        });
+        bench_pc_step(
+            &mut group,
+            &format!("pc_step_b1_{}", precision.as_str()),
+            &be,
+            &model,
+        );
     }
     group.finish();
 }

@@ -102,9 +102,7 @@ fn weight_grad(
     }
     if precision == Precision::Bf16
         && g.c as usize >= super::MMA_MIN_CHANNELS
-        && super::DW_MMA_KERNELS
-            .iter()
-            .all(|(n, _)| b.inner.kernels.contains_key(n))
+        && b.has_kernels(&super::DW_MMA_KERNELS)
     {
         return weight_grad_mma(b, op, x, dy, &g, out);
     }
@@ -178,10 +176,7 @@ fn weight_grad_mma(
     let p = g.n as usize * g.oh as usize * g.ow as usize;
     // Large products read bf16 NHWC copies of x and dy (16-byte copies, ldmatrix fragments, two
     // blocks per multiprocessor); the copies return to the pool when dropped (same stream).
-    let nhwc = p >= b.nhwc_min_pixels
-        && super::DW_NHWC_KERNELS
-            .iter()
-            .all(|(n, _)| b.inner.kernels.contains_key(n));
+    let nhwc = p >= b.nhwc_min_pixels && b.has_kernels(&super::DW_NHWC_KERNELS);
     let kernels = if nhwc {
         &super::DW_NHWC_KERNELS
     } else {
@@ -225,31 +220,27 @@ fn weight_grad_mma(
         m.div_ceil(128) as u32,
         splits as u32,
     );
-    if nhwc {
-        let (n, ohw) = (g.n as usize, g.oh as usize * g.ow as usize);
-        let xh = b.nhwc_input(x, n, c, g.h as usize * g.w as usize)?;
-        let dyh = b.nhwc_input(dy, n, m, ohw)?;
-        b.launch(
-            kernel,
-            grid,
-            256,
-            smem as u32,
-            vec![
-                Arg::Ptr(xh.device_ptr()),
-                Arg::Ptr(dyh.device_ptr()),
-                Arg::Ptr(ws.device_ptr()),
-                raw(&cg),
-            ],
-        )?;
+    // The operands: NHWC copies (held until after the launch) or x and dy themselves.
+    let copies = if nhwc {
+        let n = g.n as usize;
+        Some((
+            b.nhwc_input(x, n, c, g.h as usize * g.w as usize)?,
+            b.nhwc_input(dy, n, m, g.oh as usize * g.ow as usize)?,
+        ))
     } else {
-        b.launch(
-            kernel,
-            grid,
-            256,
-            smem as u32,
-            vec![ptr(x), ptr(dy), Arg::Ptr(ws.device_ptr()), raw(&cg)],
-        )?;
-    }
+        None
+    };
+    let (xa, dya) = match &copies {
+        Some((xh, dyh)) => (Arg::Ptr(xh.device_ptr()), Arg::Ptr(dyh.device_ptr())),
+        None => (ptr(x), ptr(dy)),
+    };
+    b.launch(
+        kernel,
+        grid,
+        256,
+        smem as u32,
+        vec![xa, dya, Arg::Ptr(ws.device_ptr()), raw(&cg)],
+    )?;
     dw_reduce(b, &ws, &out, m, k, splits, g.o_sm, g.o_sk)?;
     Ok(out)
 }

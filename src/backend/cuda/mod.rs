@@ -588,8 +588,6 @@ impl Cuda {
     pub fn supports(&self, p: Precision) -> bool {
         self.inner.kernels.contains_key(p.conv_kernel())
     }
-    /// A handle that fills every new output buffer with NaN before the op writes it, so that an
-    /// element a kernel forgets to write shows up (used by the selftest).
     /// This handle with bf16 GEMMs of at least `min_pixels` output pixels on the NHWC-input
     /// kernels (0: all of them; `usize::MAX`: none). The selftest forces both paths.
     pub fn with_nhwc_min_pixels(&self, min_pixels: usize) -> Cuda {
@@ -617,6 +615,8 @@ impl Cuda {
         }
     }
 
+    /// A handle that fills every new output buffer with NaN before the op writes it, so that an
+    /// element a kernel forgets to write shows up (used by the selftest).
     pub fn with_poison(&self, poison: bool) -> Cuda {
         Cuda {
             poison,
@@ -917,15 +917,16 @@ impl Cuda {
         )
     }
 
+    /// Whether both tile variants of a kernel family (e.g. [`MMA_KERNELS`]) are in this build.
+    fn has_kernels(&self, family: &[(&str, usize); 2]) -> bool {
+        family.iter().all(|(n, _)| self.inner.kernels.contains_key(n))
+    }
+
     /// Whether a GEMM of this precision and geometry runs on the pipelined bf16 kernel (and
     /// that kernel is in this build). The caller has checked the 32-bit offsets
     /// ([`check_gemm_offsets`]).
     fn mma_applies(&self, precision: Precision, g: &ConvGeom) -> bool {
-        precision == Precision::Bf16
-            && g.c as usize >= MMA_MIN_CHANNELS
-            && MMA_KERNELS
-                .iter()
-                .all(|(n, _)| self.inner.kernels.contains_key(n))
+        precision == Precision::Bf16 && g.c as usize >= MMA_MIN_CHANNELS && self.has_kernels(&MMA_KERNELS)
     }
 
     /// The pipelined bf16 implicit GEMM (kernels/conv.cu `conv_bf16_mma*`): weights repacked
@@ -942,9 +943,8 @@ impl Cuda {
     ) -> Result<Tensor<Cuda>> {
         let (m, c, khw) = (g.o as usize, g.c as usize, (g.kh * g.kw) as usize);
         let p = g.n as usize * g.oh as usize * g.ow as usize;
-        let has = |ks: &[(&str, usize); 2]| ks.iter().all(|(n, _)| self.inner.kernels.contains_key(n));
-        let nhwc = p >= self.nhwc_min_pixels && has(&NHWC_KERNELS);
-        let (kernels, bk) = if nhwc && self.nhwc_k64 && has(&NHWC_K64_KERNELS) {
+        let nhwc = p >= self.nhwc_min_pixels && self.has_kernels(&NHWC_KERNELS);
+        let (kernels, bk) = if nhwc && self.nhwc_k64 && self.has_kernels(&NHWC_K64_KERNELS) {
             (&NHWC_K64_KERNELS, 64)
         } else if nhwc {
             (&NHWC_KERNELS, MMA_BK)
@@ -1076,7 +1076,8 @@ impl Cuda {
     }
 
     /// `w` as the pipelined kernel's bf16 A operand wp[m][tap][c] (m padded to the 128-row tile,
-    /// c to the 32-channel tile), packed once per weight tensor and cached while it lives.
+    /// c to a multiple of `cpad`, the kernel's K tile), packed once per weight tensor and padding
+    /// and cached while it lives.
     fn packed_weights(&self, w: &Tensor<Cuda>, g: &ConvGeom, cpad: usize) -> Result<Arc<CudaBuf>> {
         let key = PackKey {
             buf: Arc::as_ptr(w.buf()) as usize,
