@@ -1058,3 +1058,53 @@ extern "C" __global__ void __launch_bounds__(256) linear_warp(const float* __res
         if (lane == 0) y[wi] = s + (b ? b[o] : 0.0f);
     }
 }
+
+// conv_to_nhwc_bf16_wide: the same xh as conv_to_nhwc_bf16 (bit for bit), shaped for bandwidth.
+// Each block moves 64 channels × 128 pixels: float4 loads along p (a warp reads 4 channels × 32
+// pixels: four 128-byte runs), a pixel-major shared tile padded to 65 floats per pixel (the
+// transposing scalar writes and the 8-channel reads both hit 32 distinct banks), and 16-byte
+// stores of 8 bf16 channels (a warp writes 8 pixels × 32 channels, whole 32-byte sectors).
+// Launch: grid (⌈HW/128⌉ · cp/64, N), 256 threads, no dynamic shared memory. Requires HW % 4 == 0,
+// cp % 64 == 0, C ≤ cp, x and xh 16-byte aligned; a partial last pixel tile is handled.
+extern "C" __global__ void __launch_bounds__(256) conv_to_nhwc_bf16_wide(const float* __restrict__ x,
+                                                                        unsigned* __restrict__ xh, int C,
+                                                                        int cp, long long HW) {
+    __shared__ float tile[128][65];  // [pixel][channel]
+    const long long ptiles = (HW + 127) / 128;
+    const int c0 = (int)(blockIdx.x / ptiles) * 64;
+    const long long p0 = (long long)(blockIdx.x % ptiles) * 128;
+    const int n = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // Load: 16 channel quads × 4 pixel octets of float4s, one (quad, octet) per warp and pass.
+#pragma unroll
+    for (int pass = 0; pass < 8; ++pass) {
+        const int wt = pass * 8 + warp;
+        const int ci = (wt >> 2) * 4 + (lane >> 3), pi = ((wt & 3) * 8 + (lane & 7)) * 4;
+        const int c = c0 + ci;
+        const long long p = p0 + pi;
+        float4 v = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (c < C && p < HW) v = *reinterpret_cast<const float4*>(x + ((long long)n * C + c) * HW + p);
+        tile[pi][ci] = v.x;
+        tile[pi + 1][ci] = v.y;
+        tile[pi + 2][ci] = v.z;
+        tile[pi + 3][ci] = v.w;
+    }
+    __syncthreads();
+    // Store: 16 pixel octets × 2 halves (4 chunks of 8 channels), one (octet, half) per warp and
+    // pass, one 16-byte chunk per thread.
+#pragma unroll
+    for (int pass = 0; pass < 4; ++pass) {
+        const int wt = pass * 8 + warp;
+        const int pi = (wt >> 1) * 8 + (lane & 7), k = (wt & 1) * 4 + (lane >> 3);
+        const long long p = p0 + pi;
+        if (p < HW) {
+            const float* t = &tile[pi][8 * k];
+            uint4 o;
+            o.x = pack_bf16x2(t[0], t[1]);
+            o.y = pack_bf16x2(t[2], t[3]);
+            o.z = pack_bf16x2(t[4], t[5]);
+            o.w = pack_bf16x2(t[6], t[7]);
+            reinterpret_cast<uint4*>(xh)[(((long long)n * HW + p) * cp + c0 + 8 * k) / 8] = o;
+        }
+    }
+}

@@ -31,6 +31,7 @@ alignas(128) inline unsigned char g_dyn_smem[1 << 20];
 #define __syncthreads() g_block_bar->arrive_and_wait()
 template <class T> inline T __ldg(const T* p) { return *p; }
 struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
 inline float __int_as_float(int v) { float f; memcpy(&f, &v, 4); return f; }
