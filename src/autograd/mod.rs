@@ -170,10 +170,14 @@ impl<B: Backend> Graph<B> {
     pub fn axpby(&self, alpha: f64, a: &Var<B>, beta: f64, b: &Var<B>) -> Result<Var<B>> {
         let y = self.backend.axpby(alpha, &a.value, beta, &b.value)?;
         Ok(self.record(y, &[a, b], move |be, g| {
-            Ok(vec![
-                Some(be.affine(g, alpha, 0.0)?),
-                Some(be.affine(g, beta, 0.0)?),
-            ])
+            let ga = be.affine(g, alpha, 0.0)?;
+            // (x + h)/√2 scales both the same: one pass serves both inputs.
+            let gb = if beta == alpha {
+                ga.clone()
+            } else {
+                be.affine(g, beta, 0.0)?
+            };
+            Ok(vec![Some(ga), Some(gb)])
         }))
     }
 
@@ -274,14 +278,7 @@ impl<B: Backend> Graph<B> {
     }
 
     pub fn conv2d(&self, x: &Var<B>, w: &Var<B>, b: &Var<B>, stride: usize, pad: usize) -> Result<Var<B>> {
-        let y = self
-            .backend
-            .conv2d(&x.value, &w.value, Some(&b.value), stride, pad)?;
-        let (xv, wv) = (x.value.clone(), w.value.clone());
-        Ok(self.record(y, &[x, w, b], move |be, g| {
-            let gr = be.conv2d_backward(&xv, &wv, g, stride, pad)?;
-            Ok(vec![Some(gr.dx), Some(gr.dw), Some(gr.db)])
-        }))
+        self.conv2d_fused(x, w, b, stride, pad, None, None)
     }
 
     /// conv2d, then + chan_bias[n, o], then alpha·y + beta·r for `residual` = (r, alpha, beta):
@@ -303,13 +300,18 @@ impl<B: Backend> Graph<B> {
             channel_bias: chan_bias.map(|v| &v.value),
             residual: residual.map(|(r, a, be)| (&r.value, a, be)),
         };
-        let y = self
-            .backend
-            .conv2d_fused(&x.value, &w.value, Some(&b.value), stride, pad, &epi)?;
         let mut inputs = vec![x, w, b];
         inputs.extend(chan_bias);
         inputs.extend(residual.map(|(r, _, _)| r));
-        let (xv, wv) = (x.value.clone(), w.value.clone());
+        let be = &self.backend;
+        if !self.recording || inputs.iter().all(|v| !v.tracked()) {
+            let y = be.conv2d_fused(&x.value, &w.value, Some(&b.value), stride, pad, &epi)?;
+            return Ok(Var { value: y, node: None });
+        }
+        // What the backward needs of x is the backend's choice (CUDA bf16 keeps the GEMM's
+        // bf16 copy, so x's f32 buffer is freed once the forward moves on).
+        let (y, xv) = be.conv2d_fused_saving(&x.value, &w.value, Some(&b.value), stride, pad, &epi)?;
+        let wv = w.value.clone();
         let has_cb = chan_bias.is_some();
         let skip = residual.map(|(_, alpha, beta)| (alpha, beta));
         Ok(self.record(y, &inputs, move |be, g| {
@@ -317,10 +319,15 @@ impl<B: Backend> Graph<B> {
             let (gy, gr) = match skip {
                 None => (g.clone(), None),
                 Some((a, b)) if a == 1.0 && b == 1.0 => (g.clone(), Some(g.clone())),
-                Some((a, b)) => (be.affine(g, a, 0.0)?, Some(be.affine(g, b, 0.0)?)),
+                Some((a, b)) => {
+                    let ga = be.affine(g, a, 0.0)?;
+                    // skip_rescale's (x + h)/√2 scales both the same: one pass serves both.
+                    let gb = if b == a { ga.clone() } else { be.affine(g, b, 0.0)? };
+                    (ga, Some(gb))
+                }
             };
             let gcb = if has_cb { Some(be.sum_spatial(&gy)?) } else { None };
-            let gc = be.conv2d_backward(&xv, &wv, &gy, stride, pad)?;
+            let gc = be.conv2d_backward_saved(&xv, &wv, &gy, stride, pad)?;
             let mut grads = vec![Some(gc.dx), Some(gc.dw), Some(gc.db)];
             if has_cb {
                 grads.push(gcb);

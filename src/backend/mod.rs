@@ -255,6 +255,30 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     ) -> Result<Tensor<Self>> {
         conv2d_fused_composed(self, x, w, b, stride, pad, epi)
     }
+    /// What a recorded convolution keeps of its input x for its backward: x itself on the CPU;
+    /// on CUDA in bf16, the bf16 NHWC copy the forward GEMM read whenever the weight gradient
+    /// reads that layout too, so x need not be converted again and its f32 buffer can be freed.
+    type ConvSaved: Clone + 'static;
+    /// `conv2d_fused` for training: also returns what [`Backend::conv2d_backward_saved`] needs
+    /// of x.
+    fn conv2d_fused_saving(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        stride: usize,
+        pad: usize,
+        epi: &ConvEpilogue<Self>,
+    ) -> Result<(Tensor<Self>, Self::ConvSaved)>;
+    /// `conv2d_backward` from what [`Backend::conv2d_fused_saving`] kept of x.
+    fn conv2d_backward_saved(
+        &self,
+        x: &Self::ConvSaved,
+        w: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Grads3<Self>>;
     /// Gradients of `conv2d` w.r.t. input, weight and bias.
     fn conv2d_backward(
         &self,

@@ -35,7 +35,7 @@ use self::fir::FirGeom;
 pub use self::float::CpuFloat;
 use self::norm::NormGeom;
 use super::shapes::{self, expect_shape};
-use super::{AdamStep, Backend, Fir, Grads3, UpFirDn};
+use super::{AdamStep, Backend, ConvEpilogue, Fir, Grads3, UpFirDn};
 use crate::error::{Error, Result};
 use crate::rng;
 use crate::tensor::{same_shape, Tensor};
@@ -425,6 +425,28 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             &[g.n, g.o, g.oh, g.ow],
             self.run(|| conv::conv2d(&g, xs, ws, bs)),
         ))
+    }
+    type ConvSaved = Tensor<Self>;
+    fn conv2d_fused_saving(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        stride: usize,
+        pad: usize,
+        epi: &ConvEpilogue<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        Ok((self.conv2d_fused(x, w, b, stride, pad, epi)?, x.clone()))
+    }
+    fn conv2d_backward_saved(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Grads3<Self>> {
+        self.conv2d_backward(x, w, dy, stride, pad)
     }
     fn conv2d_backward(
         &self,

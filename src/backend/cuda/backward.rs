@@ -18,7 +18,9 @@
 //!   group). Both leave per-(sample, channel) sums that a last kernel adds over the batch for dγ, dβ.
 //! - attention: one kernel recomputes the softmax rows and forms dS = P ⊙ (dP − rowsum(dP ⊙ P))
 //!   into [N, L, L] workspaces; three batched products give dV, dQ, dK. Always f32.
-use super::{grid_for, ptr, raw, to_i32, Arg, Cuda, CudaBuf, Precision, BLOCK};
+use std::sync::Arc;
+
+use super::{grid_for, ptr, raw, to_i32, Arg, ConvInput, Cuda, CudaBuf, Precision, BLOCK};
 use crate::backend::shapes::{self, expect_shape};
 use crate::backend::{Backend, Grads3};
 use crate::error::{Error, Result};
@@ -77,13 +79,31 @@ fn dw_kernel(p: Precision) -> &'static str {
     }
 }
 
+/// x as the weight gradient reads it: the f32 tensor, or the bf16 NHWC copy its forward kept.
+#[derive(Clone, Copy)]
+enum DwInput<'a> {
+    F32(&'a Tensor<Cuda>),
+    Nhwc(&'a Arc<CudaBuf>),
+}
+
+/// Whether the weight gradient over `c` input channels runs on the pipelined bf16 kernels.
+fn dw_uses_mma(b: &Cuda, precision: Precision, c: usize) -> bool {
+    precision == Precision::Bf16 && c >= super::MMA_MIN_CHANNELS && b.has_kernels(&super::DW_MMA_KERNELS)
+}
+
+/// Whether that weight gradient, over `p` output pixels, reads NHWC copies of x and dy — so a
+/// forward that made x's copy may keep it for the backward (`Backend::conv2d_fused_saving`).
+pub(super) fn dw_reads_nhwc(b: &Cuda, precision: Precision, c: usize, p: usize) -> bool {
+    dw_uses_mma(b, precision, c) && p >= b.nhwc_min_pixels && b.has_kernels(&super::DW_NHWC_KERNELS)
+}
+
 /// dw[m·o_sm + k·o_sk] = Σ_p dy[m, p] · im2col(x)[k, p] for the convolution geometry `g` with the
 /// output strides `g.o_sm`, `g.o_sk` of dw (`p_chunk` is set here), into a new tensor of `shape`.
 fn weight_grad(
     b: &Cuda,
     op: &'static str,
     precision: Precision,
-    x: &Tensor<Cuda>,
+    x: DwInput,
     dy: &Tensor<Cuda>,
     mut g: DwGeom,
     shape: &[usize],
@@ -100,12 +120,14 @@ fn weight_grad(
     if grid_y > 65535 {
         return Err(Error::shape(op, format!("{m} output channels are too many")));
     }
-    if precision == Precision::Bf16
-        && g.c as usize >= super::MMA_MIN_CHANNELS
-        && b.has_kernels(&super::DW_MMA_KERNELS)
-    {
+    if dw_uses_mma(b, precision, g.c as usize) {
         return weight_grad_mma(b, op, x, dy, &g, out);
     }
+    let DwInput::F32(x) = x else {
+        return Err(Error::Backend(format!(
+            "{op}: an NHWC copy of x reached the {precision:?} weight gradient, which reads f32"
+        )));
+    };
     let (splits, chunk) = dw_plan(m, k, p, b.inner.sm_count);
     g.p_chunk = to_i32(op, chunk)?;
     let (o_sm, o_sk) = (g.o_sm, g.o_sk);
@@ -166,7 +188,7 @@ fn dw_reduce(
 fn weight_grad_mma(
     b: &Cuda,
     op: &'static str,
-    x: &Tensor<Cuda>,
+    x: DwInput,
     dy: &Tensor<Cuda>,
     g: &DwGeom,
     out: Tensor<Cuda>,
@@ -176,7 +198,8 @@ fn weight_grad_mma(
     let p = g.n as usize * g.oh as usize * g.ow as usize;
     // Large products read bf16 NHWC copies of x and dy (16-byte copies, ldmatrix fragments, two
     // blocks per multiprocessor); the copies return to the pool when dropped (same stream).
-    let nhwc = p >= b.nhwc_min_pixels && b.has_kernels(&super::DW_NHWC_KERNELS);
+    // (A copy kept by the forward is read whatever this handle's threshold says.)
+    let nhwc = matches!(x, DwInput::Nhwc(_)) || dw_reads_nhwc(b, Precision::Bf16, c, p);
     let kernels = if nhwc {
         &super::DW_NHWC_KERNELS
     } else {
@@ -223,16 +246,18 @@ fn weight_grad_mma(
     // The operands: NHWC copies (held until after the launch) or x and dy themselves.
     let copies = if nhwc {
         let n = g.n as usize;
-        Some((
-            b.nhwc_input(x, n, c, g.h as usize * g.w as usize)?,
-            b.nhwc_input(dy, n, m, g.oh as usize * g.ow as usize)?,
-        ))
+        let xh = match x {
+            DwInput::Nhwc(kept) => kept.clone(),
+            DwInput::F32(x) => b.nhwc_input(x, n, c, g.h as usize * g.w as usize)?,
+        };
+        Some((xh, b.nhwc_input(dy, n, m, g.oh as usize * g.ow as usize)?))
     } else {
         None
     };
-    let (xa, dya) = match &copies {
-        Some((xh, dyh)) => (Arg::Ptr(xh.device_ptr()), Arg::Ptr(dyh.device_ptr())),
-        None => (ptr(x), ptr(dy)),
+    let (xa, dya) = match (&copies, x) {
+        (Some((xh, dyh)), _) => (Arg::Ptr(xh.device_ptr()), Arg::Ptr(dyh.device_ptr())),
+        (None, DwInput::F32(x)) => (ptr(x), ptr(dy)),
+        (None, DwInput::Nhwc(_)) => unreachable!("an NHWC copy always takes the NHWC kernels"),
     };
     b.launch(
         kernel,
@@ -412,7 +437,7 @@ pub(super) fn linear_backward(
         o_sm: i as i64,
         o_sk: 1,
     };
-    let dw = weight_grad(b, op, Precision::F32, x, dy, g, &[o, i])?;
+    let dw = weight_grad(b, op, Precision::F32, DwInput::F32(x), dy, g, &[o, i])?;
     let db = bias_grad(b, op, dy, n, o, 1)?;
     Ok(Grads3 { dx, dw, db })
 }
@@ -450,14 +475,15 @@ pub(super) fn nin_backward(
         o_sm: 1,
         o_sk: o as i64,
     };
-    let dw = weight_grad(b, op, b.precision(), x, dy, g, &[c, o])?;
+    let dw = weight_grad(b, op, b.precision(), DwInput::F32(x), dy, g, &[c, o])?;
     let db = bias_grad(b, op, dy, n, o, h * wd)?;
     Ok(Grads3 { dx, dw, db })
 }
 
-pub(super) fn conv2d_backward(
+/// conv2d's gradients from x itself or the NHWC copy its forward kept.
+pub(super) fn conv2d_backward_from(
     b: &Cuda,
-    x: &Tensor<Cuda>,
+    x: &ConvInput,
     w: &Tensor<Cuda>,
     dy: &Tensor<Cuda>,
     stride: usize,
@@ -485,7 +511,11 @@ pub(super) fn conv2d_backward(
         o_sm: (g.c * g.kh * g.kw) as i64,
         o_sk: 1,
     };
-    let dw = weight_grad(b, op, b.precision(), x, dy, dg, w.shape())?;
+    let xin = match x {
+        ConvInput::Tensor(x) => DwInput::F32(x),
+        ConvInput::Nhwc { copy, .. } => DwInput::Nhwc(copy),
+    };
+    let dw = weight_grad(b, op, b.precision(), xin, dy, dg, w.shape())?;
     let db = bias_grad(b, op, dy, g.n, g.o, g.oh * g.ow)?;
     Ok(Grads3 { dx, dw, db })
 }
