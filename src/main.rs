@@ -451,12 +451,16 @@ fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_ste
 fn print_kernel_profile(be: &Cuda) {
     let Some(prof) = be.kernel_profile() else { return };
     let total: f64 = prof.by_kernel.iter().map(|r| r.2).sum();
+    // SRSDE_CUDA_PROFILE_ROWS=N lists N kernels and N launch shapes (default 30 and 25).
+    let rows: Option<usize> = std::env::var("SRSDE_CUDA_PROFILE_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     println!("kernel profile (SRSDE_CUDA_PROFILE=1; launches serialised): {total:.1} ms in all");
-    for (name, n, ms) in prof.by_kernel.iter().take(30) {
+    for (name, n, ms) in prof.by_kernel.iter().take(rows.unwrap_or(30)) {
         println!("  {ms:9.2} ms {:5.1} % {n:7}x  {name}", 100.0 * ms / total);
     }
     println!("heaviest launch shapes (kernel, grid):");
-    for (name, grid, n, ms) in prof.by_launch.iter().take(25) {
+    for (name, grid, n, ms) in prof.by_launch.iter().take(rows.unwrap_or(25)) {
         println!(
             "  {ms:9.2} ms {:5.1} % {n:7}x  {name} {grid:?}  ({:.1} µs each)",
             100.0 * ms / total,

@@ -116,6 +116,9 @@ pub struct Cuda {
     share_nhwc: bool,
     /// NHWC GEMMs on the 64-channel-K-tile kernels (`SRSDE_CONV_NHWC_K64`, default [`NHWC_K64`]).
     nhwc_k64: bool,
+    /// NHWC copies of planes with a multiple of 4 pixels by `conv_to_nhwc_bf16_wide` (float4
+    /// loads, 16-byte stores; `SRSDE_NHWC_WIDE=0` for the 32-pixel-tile kernel).
+    nhwc_wide: bool,
 }
 
 /// Default [`Cuda::with_nhwc_min_pixels`]: the layout pass costs one launch and one read and
@@ -173,6 +176,26 @@ struct PackedWeights {
 }
 
 /// Whether a CUDA driver and at least one device are present (whatever the kernels).
+/// What a recorded convolution keeps of its input for the backward
+/// ([`Backend::conv2d_fused_saving`]).
+#[derive(Clone)]
+pub enum ConvInput {
+    /// The f32 input itself.
+    Tensor(Tensor<Cuda>),
+    /// The bf16 NHWC copy (channels padded to [`NHWC_CPAD`]) the forward GEMM read, which the
+    /// weight gradient reads as well; `shape` is the input's NCHW shape.
+    Nhwc { copy: Arc<CudaBuf>, shape: Vec<usize> },
+}
+
+impl ConvInput {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            ConvInput::Tensor(t) => t.shape(),
+            ConvInput::Nhwc { shape, .. } => shape,
+        }
+    }
+}
+
 pub fn cuda_available() -> bool {
     // SAFETY: only tries to dlopen libcuda.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -571,6 +594,7 @@ impl Cuda {
                 .unwrap_or(NHWC_MIN_PIXELS),
             share_nhwc: false,
             nhwc_k64: std::env::var("SRSDE_CONV_NHWC_K64").map_or(NHWC_K64, |v| v == "1"),
+            nhwc_wide: std::env::var("SRSDE_NHWC_WIDE").map_or(true, |v| v == "1"),
         })
     }
 
@@ -601,6 +625,14 @@ impl Cuda {
     pub fn with_nhwc_k64(&self, k64: bool) -> Cuda {
         Cuda {
             nhwc_k64: k64,
+            ..self.clone()
+        }
+    }
+
+    /// This handle making NHWC copies with the wide (`true`) or the 32-pixel-tile layout pass.
+    pub fn with_nhwc_wide(&self, wide: bool) -> Cuda {
+        Cuda {
+            nhwc_wide: wide,
             ..self.clone()
         }
     }
@@ -849,7 +881,7 @@ impl Cuda {
         let k = g.c as usize * g.kh as usize * g.kw as usize;
         check_gemm_offsets("conv2d", g.c as usize * g.h as usize * g.w as usize, m * k)?;
         if self.mma_applies(precision, &g) {
-            return self.gemm_conv_mma(x, w, b, g, out, ConvEpiC::NONE);
+            return Ok(self.gemm_conv_mma(x, w, b, g, out, ConvEpiC::NONE)?.0);
         }
         let plan = conv_plan(precision, m, p, k, self.inner.sm_count);
         let grid_x = u32::try_from(p.div_ceil(plan.tile_n))
@@ -940,7 +972,7 @@ impl Cuda {
         g: ConvGeom,
         out: Tensor<Cuda>,
         epi: ConvEpiC,
-    ) -> Result<Tensor<Cuda>> {
+    ) -> Result<(Tensor<Cuda>, Option<Arc<CudaBuf>>)> {
         let (m, c, khw) = (g.o as usize, g.c as usize, (g.kh * g.kw) as usize);
         let p = g.n as usize * g.oh as usize * g.ow as usize;
         let nhwc = p >= self.nhwc_min_pixels && self.has_kernels(&NHWC_KERNELS);
@@ -989,7 +1021,7 @@ impl Cuda {
                     raw(&epi),
                 ],
             )?;
-            return Ok(out);
+            return Ok((out, xh));
         }
         let numel = out.numel();
         let ws_len = numel * plan.splits;
@@ -1010,7 +1042,49 @@ impl Cuda {
             ],
         )?;
         self.splitk_reduce(&ws, b, &out, plan.splits, &g, epi)?;
-        Ok(out)
+        Ok((out, xh))
+    }
+
+    /// `conv2d_fused`, with the bf16 NHWC copy of x its GEMM read (None on the other paths).
+    fn conv_fused(
+        &self,
+        x: &Tensor<Cuda>,
+        w: &Tensor<Cuda>,
+        b: Option<&Tensor<Cuda>>,
+        stride: usize,
+        pad: usize,
+        epi: &ConvEpilogue<Cuda>,
+    ) -> Result<(Tensor<Cuda>, Option<Arc<CudaBuf>>)> {
+        let (g, out_shape) = conv_geom(x, w, b, stride, pad)?;
+        check_gemm_offsets("conv2d", g.c as usize * g.h as usize * g.w as usize, w.numel())?;
+        if !self.mma_applies(self.precision, &g) {
+            return Ok((
+                super::conv2d_fused_composed(self, x, w, b, stride, pad, epi)?,
+                None,
+            ));
+        }
+        let op = "conv2d_fused";
+        let mut e = ConvEpiC {
+            cb: 0,
+            res: 0,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        if let Some(cb) = epi.channel_bias {
+            expect_shape(op, "channel bias", cb.shape(), &out_shape[..2])?;
+            e.cb = cb.buf().device_ptr();
+        }
+        if let Some((r, alpha, beta)) = epi.residual {
+            expect_shape(op, "residual", r.shape(), &out_shape)?;
+            e.res = r.buf().device_ptr();
+            e.alpha = alpha as f32;
+            e.beta = beta as f32;
+        }
+        let out = self.out(&out_shape)?;
+        if out.numel() == 0 {
+            return Ok((out, None));
+        }
+        self.gemm_conv_mma(x, w, b, g, out, e)
     }
 
     /// x as the NHWC kernels' bf16 input ([`Cuda::to_nhwc_bf16`]); a sharing handle reuses the
@@ -1049,7 +1123,16 @@ impl Cuda {
         let cp = c.div_ceil(NHWC_CPAD) * NHWC_CPAD;
         let words = n * hw * cp / 2;
         let xh = self.inner.pool.alloc(words * 4, words)?;
-        let blocks = hw.div_ceil(32) * cp.div_ceil(64);
+        // The wide pass reads float4s along the plane (buffers start 256-byte aligned).
+        let wide = self.nhwc_wide
+            && hw.is_multiple_of(4)
+            && self.inner.kernels.contains_key("conv_to_nhwc_bf16_wide");
+        let (kernel, tile) = if wide {
+            ("conv_to_nhwc_bf16_wide", 128)
+        } else {
+            ("conv_to_nhwc_bf16", 32)
+        };
+        let blocks = hw.div_ceil(tile) * cp.div_ceil(64);
         let grid = (
             u32::try_from(blocks)
                 .map_err(|_| Error::shape("conv2d", format!("{hw} pixels per sample are too many")))?,
@@ -1060,7 +1143,7 @@ impl Cuda {
             1,
         );
         self.launch(
-            "conv_to_nhwc_bf16",
+            kernel,
             grid,
             256,
             0,
@@ -1185,10 +1268,15 @@ fn conv_geom(
 }
 
 /// The FIR kernels' grid: x over the pixels of one plane, y over the planes (both capped; the
-/// kernels loop over the rest).
-fn fir_grid(planes: usize, pixels: usize) -> (u32, u32, u32) {
+/// kernels loop over the rest). The fixed-factor kernels with 4×4 or 2×2 taps compute a run of
+/// `FIR_RUN` pixels per thread (kernels/fir.cu `fir_tiled`).
+fn fir_grid(kernel: &str, taps: &FirTaps, planes: usize, pixels: usize) -> (u32, u32, u32) {
+    const FIR_RUN: usize = 4;
+    let tiled =
+        !matches!(kernel, "fir_forward" | "fir_backward") && matches!((taps.kh, taps.kw), (4, 4) | (2, 2));
+    let threads = if tiled { pixels.div_ceil(FIR_RUN) } else { pixels };
     (
-        pixels.div_ceil(BLOCK as usize).clamp(1, 65535) as u32,
+        threads.div_ceil(BLOCK as usize).clamp(1, 65535) as u32,
         planes.clamp(1, 65535) as u32,
         1,
     )
@@ -1551,33 +1639,39 @@ impl Backend for Cuda {
         pad: usize,
         epi: &ConvEpilogue<Self>,
     ) -> Result<Tensor<Self>> {
-        let (g, out_shape) = conv_geom(x, w, b, stride, pad)?;
-        check_gemm_offsets("conv2d", g.c as usize * g.h as usize * g.w as usize, w.numel())?;
-        if !self.mma_applies(self.precision, &g) {
-            return super::conv2d_fused_composed(self, x, w, b, stride, pad, epi);
-        }
-        let op = "conv2d_fused";
-        let mut e = ConvEpiC {
-            cb: 0,
-            res: 0,
-            alpha: 1.0,
-            beta: 0.0,
+        Ok(self.conv_fused(x, w, b, stride, pad, epi)?.0)
+    }
+    type ConvSaved = ConvInput;
+    fn conv2d_fused_saving(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        stride: usize,
+        pad: usize,
+        epi: &ConvEpilogue<Self>,
+    ) -> Result<(Tensor<Self>, ConvInput)> {
+        let (y, xh) = self.conv_fused(x, w, b, stride, pad, epi)?;
+        let (n, c, _, _) = x.dims4("conv2d")?;
+        let p = n * y.shape()[2] * y.shape()[3];
+        let saved = match xh {
+            Some(copy) if backward::dw_reads_nhwc(self, self.precision, c, p) => ConvInput::Nhwc {
+                copy,
+                shape: x.shape().to_vec(),
+            },
+            _ => ConvInput::Tensor(x.clone()),
         };
-        if let Some(cb) = epi.channel_bias {
-            expect_shape(op, "channel bias", cb.shape(), &out_shape[..2])?;
-            e.cb = cb.buf().device_ptr();
-        }
-        if let Some((r, alpha, beta)) = epi.residual {
-            expect_shape(op, "residual", r.shape(), &out_shape)?;
-            e.res = r.buf().device_ptr();
-            e.alpha = alpha as f32;
-            e.beta = beta as f32;
-        }
-        let out = self.out(&out_shape)?;
-        if out.numel() == 0 {
-            return Ok(out);
-        }
-        self.gemm_conv_mma(x, w, b, g, out, e)
+        Ok((y, saved))
+    }
+    fn conv2d_backward_saved(
+        &self,
+        x: &ConvInput,
+        w: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Grads3<Self>> {
+        backward::conv2d_backward_from(self, x, w, dy, stride, pad)
     }
     fn conv2d_backward(
         &self,
@@ -1587,7 +1681,7 @@ impl Backend for Cuda {
         stride: usize,
         pad: usize,
     ) -> Result<Grads3<Self>> {
-        backward::conv2d_backward(self, x, w, dy, stride, pad)
+        backward::conv2d_backward_from(self, &ConvInput::Tensor(x.clone()), w, dy, stride, pad)
     }
 
     // ---- normalisation ------------------------------------------------------------------------
@@ -1753,7 +1847,7 @@ impl Backend for Cuda {
         };
         self.launch(
             kernel,
-            fir_grid(n * c, oh * ow),
+            fir_grid(kernel, &taps, n * c, oh * ow),
             BLOCK,
             0,
             vec![ptr(x), ptr(&out), Arg::I64((n * c) as i64), raw(&g), raw(&taps)],
@@ -1783,7 +1877,7 @@ impl Backend for Cuda {
         let planes = x_shape[0] * x_shape[1];
         self.launch(
             kernel,
-            fir_grid(planes, x_shape[2] * x_shape[3]),
+            fir_grid(kernel, &taps, planes, x_shape[2] * x_shape[3]),
             BLOCK,
             0,
             vec![ptr(dy), ptr(&dx), Arg::I64(planes as i64), raw(&g), raw(&taps)],

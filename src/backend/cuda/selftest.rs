@@ -97,6 +97,12 @@ enum Op {
         stride: usize,
         pad: usize,
     },
+    /// conv2d_backward_saved from what conv2d_fused_saving kept of x (CUDA bf16: the forward
+    /// GEMM's NHWC copy whenever the weight gradient reads NHWC).
+    ConvBackwardSaved {
+        stride: usize,
+        pad: usize,
+    },
     GroupNormBackward {
         groups: usize,
         silu: bool,
@@ -129,6 +135,14 @@ fn apply<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Vec<Tensor<B>>> 
         Op::LinearBackward => grads(b.linear_backward(&x[0], &x[1], &x[2])?),
         Op::NinBackward => grads(b.nin_backward(&x[0], &x[1], &x[2])?),
         Op::ConvBackward { stride, pad } => grads(b.conv2d_backward(&x[0], &x[1], &x[2], *stride, *pad)?),
+        Op::ConvBackwardSaved { stride, pad } => {
+            let none = crate::backend::ConvEpilogue {
+                channel_bias: None,
+                residual: None,
+            };
+            let (_, kept) = b.conv2d_fused_saving(&x[0], &x[1], None, *stride, *pad, &none)?;
+            grads(b.conv2d_backward_saved(&kept, &x[1], &x[2], *stride, *pad)?)
+        }
         Op::GroupNormBackward { groups, silu } => {
             grads(b.group_norm_backward(&x[0], &x[1], &x[2], &x[3], *groups, 1e-6, *silu)?)
         }
@@ -143,7 +157,9 @@ fn apply<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Vec<Tensor<B>>> 
 /// Names of the op's outputs, for the rows ("" for a single output).
 fn output_names(op: &Op) -> &'static [&'static str] {
     match op {
-        Op::LinearBackward | Op::NinBackward | Op::ConvBackward { .. } => &["dx", "dw", "db"],
+        Op::LinearBackward | Op::NinBackward | Op::ConvBackward { .. } | Op::ConvBackwardSaved { .. } => {
+            &["dx", "dw", "db"]
+        }
         Op::GroupNormBackward { .. } => &["dx", "dgamma", "dbeta"],
         Op::AttentionBackward => &["dq", "dk", "dv"],
         _ => &[""],
@@ -192,6 +208,7 @@ fn apply_forward<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Tensor<B
         Op::LinearBackward
         | Op::NinBackward
         | Op::ConvBackward { .. }
+        | Op::ConvBackwardSaved { .. }
         | Op::GroupNormBackward { .. }
         | Op::AttentionBackward => Err(Error::Other("selftest: a backward op has several outputs".into())),
     }
@@ -532,7 +549,9 @@ fn cases(seed: u64) -> Vec<Case> {
 fn shape_text(c: &Case) -> String {
     let ins: Vec<String> = c.inputs.iter().map(|(s, _)| format!("{s:?}")).collect();
     let extra = match &c.op {
-        Op::Conv { stride, pad } | Op::ConvBackward { stride, pad } => format!(" s{stride} p{pad}"),
+        Op::Conv { stride, pad }
+        | Op::ConvBackward { stride, pad }
+        | Op::ConvBackwardSaved { stride, pad } => format!(" s{stride} p{pad}"),
         Op::ConvFused {
             stride,
             pad,
@@ -594,6 +613,7 @@ pub fn selftest_against<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Re
             Op::Conv { .. }
                 | Op::ConvFused { .. }
                 | Op::ConvBackward { .. }
+                | Op::ConvBackwardSaved { .. }
                 | Op::Nin
                 | Op::NinBackward
                 | Op::Linear
@@ -608,7 +628,8 @@ pub fn selftest_against<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Re
         for &layout in layouts {
             let mut dev = cuda.with_precision(case.precision).with_poison(true);
             if let Some(k64) = layout {
-                dev = dev.with_nhwc_min_pixels(0).with_nhwc_k64(k64);
+                // The 32-channel rows also keep the 32-pixel-tile layout pass covered.
+                dev = dev.with_nhwc_min_pixels(0).with_nhwc_k64(k64).with_nhwc_wide(k64);
             }
             let got = (|| {
                 let xs = case
@@ -734,6 +755,22 @@ fn backward_cases(v: &mut Vec<Case>) {
                 bound: b,
             });
         }
+    }
+    // The training route: the backward from what the forward kept (bf16 only; at f32/TF32 that
+    // is x itself, the rows above).
+    for &(n, c, h, wd, o, k, stride, pad, _) in CONVS.iter().chain(EXTRA_CONVS) {
+        let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
+        v.push(Case {
+            name: "conv2d_backward_saved",
+            op: Op::ConvBackwardSaved { stride, pad },
+            inputs: vec![
+                (vec![n, c, h, wd], n01),
+                (vec![o, c, k, k], w(1.0 / ((c * k * k) as f32).sqrt())),
+                (vec![n, o, oh, ow], n01),
+            ],
+            precision: Precision::Bf16,
+            bound: bound_for(Precision::Bf16),
+        });
     }
     for (shape, groups, silu) in [
         (vec![2, 128, 16, 16], 32, true),
