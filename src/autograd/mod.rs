@@ -348,12 +348,15 @@ impl<B: Backend> Graph<B> {
         eps: f64,
         silu: bool,
     ) -> Result<Var<B>> {
-        let y = self
-            .backend
-            .group_norm(&x.value, &gamma.value, &beta.value, groups, eps, silu)?;
+        let be = &self.backend;
+        if !self.recording || [x, gamma, beta].iter().all(|v| !v.tracked()) {
+            let y = be.group_norm(&x.value, &gamma.value, &beta.value, groups, eps, silu)?;
+            return Ok(Var { value: y, node: None });
+        }
+        let (y, stats) = be.group_norm_saving(&x.value, &gamma.value, &beta.value, groups, eps, silu)?;
         let (xv, gv, bv) = (x.value.clone(), gamma.value.clone(), beta.value.clone());
         Ok(self.record(y, &[x, gamma, beta], move |be, g| {
-            let gr = be.group_norm_backward(&xv, &gv, &bv, g, groups, eps, silu)?;
+            let gr = be.group_norm_backward_saved(&xv, &stats, &gv, &bv, g, groups, eps, silu)?;
             Ok(vec![Some(gr.dx), Some(gr.dw), Some(gr.db)])
         }))
     }

@@ -301,6 +301,33 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         eps: f64,
         silu: bool,
     ) -> Result<Tensor<Self>>;
+    /// What a recorded `group_norm` keeps besides x for its backward: nothing on the CPU; on
+    /// CUDA the forward's per-slice (Σx, Σx²) partials, so the backward need not read x once more
+    /// for the statistics.
+    type NormSaved: Clone + 'static;
+    /// `group_norm` for training: also returns what [`Backend::group_norm_backward_saved`] takes.
+    fn group_norm_saving(
+        &self,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<(Tensor<Self>, Self::NormSaved)>;
+    /// `group_norm_backward` with what [`Backend::group_norm_saving`] kept.
+    #[allow(clippy::too_many_arguments)] // the forward's arguments plus dy and the saved stats
+    fn group_norm_backward_saved(
+        &self,
+        x: &Tensor<Self>,
+        saved: &Self::NormSaved,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Grads3<Self>>;
     /// Gradients of `group_norm` (input, gamma, beta); recomputes the statistics.
     #[allow(clippy::too_many_arguments)] // the forward's arguments plus dy
     fn group_norm_backward(

@@ -485,6 +485,31 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             self.run(|| norm::group_norm(&g, xs, gs, bs)),
         ))
     }
+    type NormSaved = ();
+    fn group_norm_saving(
+        &self,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<(Tensor<Self>, ())> {
+        Ok((self.group_norm(x, gamma, beta, groups, eps, silu)?, ()))
+    }
+    fn group_norm_backward_saved(
+        &self,
+        x: &Tensor<Self>,
+        _saved: &(),
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Grads3<Self>> {
+        self.group_norm_backward(x, gamma, beta, dy, groups, eps, silu)
+    }
     fn group_norm_backward(
         &self,
         x: &Tensor<Self>,

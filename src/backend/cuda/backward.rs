@@ -20,7 +20,7 @@
 //!   into [N, L, L] workspaces; three batched products give dV, dQ, dK. Always f32.
 use std::sync::Arc;
 
-use super::{grid_for, ptr, raw, to_i32, Arg, ConvInput, Cuda, CudaBuf, Precision, BLOCK};
+use super::{grid_for, ptr, raw, to_i32, Arg, ConvInput, Cuda, CudaBuf, GnStats, Precision, BLOCK};
 use crate::backend::shapes::{self, expect_shape};
 use crate::backend::{Backend, Grads3};
 use crate::error::{Error, Result};
@@ -550,6 +550,7 @@ fn gn_backward_span(n: usize, c: usize, hw: usize, groups: usize, sms: usize) ->
 pub(super) fn group_norm_backward(
     b: &Cuda,
     x: &Tensor<Cuda>,
+    stats: Option<&GnStats>,
     gamma: &Tensor<Cuda>,
     beta: &Tensor<Cuda>,
     dy: &Tensor<Cuda>,
@@ -579,6 +580,7 @@ pub(super) fn group_norm_backward(
             b,
             op,
             [x, gamma, beta, dy, &dx],
+            stats,
             parts,
             (n, c, hw, groups),
             span,
@@ -635,6 +637,7 @@ fn gn_backward_split(
     b: &Cuda,
     op: &'static str,
     [x, gamma, beta, dy, dx]: [&Tensor<Cuda>; 5],
+    stats: Option<&GnStats>,
     parts: (u64, u64),
     (n, c, hw, groups): (usize, usize, usize, usize),
     span: usize,
@@ -679,20 +682,28 @@ fn gn_backward_split(
             Arg::I32(silu as i32),
         ]
     };
-    let xsums = vec![
-        ptr(x),
-        Arg::Ptr(part),
-        Arg::I64(hw64),
-        Arg::I32(span32),
-        Arg::I32(spans32),
-        Arg::I64(units64),
-    ];
-    b.launch("gn_bwd_xsums", unit_grid, threads, 0, xsums)?;
+    // The statistics: from the partials the forward kept (same [group][slice][2] layout, so
+    // gn_bwd_fold_x folds them too), else from a pass over x.
+    let (sums, per) = match stats {
+        Some(s) if s.part.len() == ngroups * s.chunks * 4 => (s.part.device_ptr(), s.chunks),
+        _ => {
+            let xsums = vec![
+                ptr(x),
+                Arg::Ptr(part),
+                Arg::I64(hw64),
+                Arg::I32(span32),
+                Arg::I32(spans32),
+                Arg::I64(units64),
+            ];
+            b.launch("gn_bwd_xsums", unit_grid, threads, 0, xsums)?;
+            (part, cg * spans)
+        }
+    };
     let fold_x = vec![
-        Arg::Ptr(part),
+        Arg::Ptr(sums),
         Arg::Ptr(gstat),
         Arg::I64(ngroups64),
-        Arg::I64((cg * spans) as i64),
+        Arg::I64(per as i64),
         Arg::F64(len),
         Arg::F64(eps),
     ];

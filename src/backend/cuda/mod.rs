@@ -196,6 +196,14 @@ impl ConvInput {
     }
 }
 
+/// The (Σx, Σx²) partials of a split `group_norm` forward, f64 [N·groups][chunks][2], kept for
+/// its backward ([`Backend::group_norm_saving`]).
+#[derive(Clone)]
+pub struct GnStats {
+    part: Arc<CudaBuf>,
+    chunks: usize,
+}
+
 pub fn cuda_available() -> bool {
     // SAFETY: only tries to dlopen libcuda.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -1087,6 +1095,92 @@ impl Cuda {
         self.gemm_conv_mma(x, w, b, g, out, e)
     }
 
+    /// `group_norm`, with the statistics partials of the split path (None on the single-block one).
+    #[allow(clippy::too_many_arguments)]
+    fn gn_forward(
+        &self,
+        x: &Tensor<Cuda>,
+        gamma: &Tensor<Cuda>,
+        beta: &Tensor<Cuda>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<(Tensor<Cuda>, Option<GnStats>)> {
+        let op = "group_norm";
+        let (n, c, h, w) = shapes::group_norm(op, x.shape(), gamma.shape(), beta.shape(), groups)?;
+        let out = self.out(x.shape())?;
+        let blocks = n * groups;
+        if out.numel() == 0 {
+            return Ok((out, None));
+        }
+        // Statistics split so that about two blocks per multiprocessor work on them (a batch-1
+        // 128×128 layer has only 32 groups), each slice ≥ 2048 elements; partials in f64.
+        let group_len = c / groups * h * w;
+        let chunks = (2 * self.inner.sm_count)
+            .div_ceil(blocks)
+            .min(32)
+            .min(group_len / 2048)
+            .max(1);
+        if chunks == 1 && out.numel() <= 1 << 20 {
+            // A small tensor: one block per group in a single launch — at batch 1 latency, not
+            // bandwidth, decides (large tensors take the two-kernel path: fewer passes).
+            let block = if group_len >= 4096 { 512 } else { 256 };
+            self.launch(
+                "gn_forward",
+                (to_i32(op, blocks)? as u32, 1, 1),
+                block,
+                0,
+                vec![
+                    ptr(x),
+                    ptr(gamma),
+                    ptr(beta),
+                    ptr(&out),
+                    Arg::I32(to_i32(op, c)?),
+                    Arg::I32(to_i32(op, groups)?),
+                    Arg::I64((h * w) as i64),
+                    Arg::F64(eps),
+                    Arg::I32(silu as i32),
+                ],
+            )?;
+            return Ok((out, None));
+        }
+        let parts = blocks * chunks * 2; // (Σx, Σx²) per slice, f64
+        let part = Arc::new(self.inner.pool.alloc(parts * 8, parts * 2)?);
+        self.launch(
+            "gn_stats",
+            (to_i32(op, blocks)? as u32, chunks as u32, 1),
+            256,
+            0,
+            vec![
+                ptr(x),
+                Arg::Ptr(part.device_ptr()),
+                Arg::I64(group_len as i64),
+                Arg::I32(chunks as i32),
+            ],
+        )?;
+        let hw = h * w;
+        self.launch(
+            "gn_apply",
+            (to_i32(op, n * c)? as u32, hw.div_ceil(GN_APPLY_SPAN) as u32, 1),
+            256,
+            0,
+            vec![
+                ptr(x),
+                Arg::Ptr(part.device_ptr()),
+                ptr(gamma),
+                ptr(beta),
+                ptr(&out),
+                Arg::I32(to_i32(op, c)?),
+                Arg::I32(to_i32(op, groups)?),
+                Arg::I64(hw as i64),
+                Arg::I32(chunks as i32),
+                Arg::F64(eps),
+                Arg::I32(silu as i32),
+            ],
+        )?;
+        Ok((out, Some(GnStats { part, chunks })))
+    }
+
     /// x as the NHWC kernels' bf16 input ([`Cuda::to_nhwc_bf16`]); a sharing handle reuses the
     /// copy of the same live buffer made by one of its last [`NHWC_RECENT`] calls.
     fn nhwc_input(&self, x: &Tensor<Cuda>, n: usize, c: usize, hw: usize) -> Result<Arc<CudaBuf>> {
@@ -1694,79 +1788,32 @@ impl Backend for Cuda {
         eps: f64,
         silu: bool,
     ) -> Result<Tensor<Self>> {
-        let op = "group_norm";
-        let (n, c, h, w) = shapes::group_norm(op, x.shape(), gamma.shape(), beta.shape(), groups)?;
-        let out = self.out(x.shape())?;
-        let blocks = n * groups;
-        if out.numel() == 0 {
-            return Ok(out);
-        }
-        // Statistics split so that about two blocks per multiprocessor work on them (a batch-1
-        // 128×128 layer has only 32 groups), each slice ≥ 2048 elements; partials in f64.
-        let group_len = c / groups * h * w;
-        let chunks = (2 * self.inner.sm_count)
-            .div_ceil(blocks)
-            .min(32)
-            .min(group_len / 2048)
-            .max(1);
-        if chunks == 1 && out.numel() <= 1 << 20 {
-            // A small tensor: one block per group in a single launch — at batch 1 latency, not
-            // bandwidth, decides (large tensors take the two-kernel path: fewer passes).
-            let block = if group_len >= 4096 { 512 } else { 256 };
-            self.launch(
-                "gn_forward",
-                (to_i32(op, blocks)? as u32, 1, 1),
-                block,
-                0,
-                vec![
-                    ptr(x),
-                    ptr(gamma),
-                    ptr(beta),
-                    ptr(&out),
-                    Arg::I32(to_i32(op, c)?),
-                    Arg::I32(to_i32(op, groups)?),
-                    Arg::I64((h * w) as i64),
-                    Arg::F64(eps),
-                    Arg::I32(silu as i32),
-                ],
-            )?;
-            return Ok(out);
-        }
-        let parts = blocks * chunks * 2; // (Σx, Σx²) per slice, f64
-        let part = self.inner.pool.alloc(parts * 8, parts * 2)?;
-        self.launch(
-            "gn_stats",
-            (to_i32(op, blocks)? as u32, chunks as u32, 1),
-            256,
-            0,
-            vec![
-                ptr(x),
-                Arg::Ptr(part.device_ptr()),
-                Arg::I64(group_len as i64),
-                Arg::I32(chunks as i32),
-            ],
-        )?;
-        let hw = h * w;
-        self.launch(
-            "gn_apply",
-            (to_i32(op, n * c)? as u32, hw.div_ceil(GN_APPLY_SPAN) as u32, 1),
-            256,
-            0,
-            vec![
-                ptr(x),
-                Arg::Ptr(part.device_ptr()),
-                ptr(gamma),
-                ptr(beta),
-                ptr(&out),
-                Arg::I32(to_i32(op, c)?),
-                Arg::I32(to_i32(op, groups)?),
-                Arg::I64(hw as i64),
-                Arg::I32(chunks as i32),
-                Arg::F64(eps),
-                Arg::I32(silu as i32),
-            ],
-        )?;
-        Ok(out)
+        Ok(self.gn_forward(x, gamma, beta, groups, eps, silu)?.0)
+    }
+    type NormSaved = Option<GnStats>;
+    fn group_norm_saving(
+        &self,
+        x: &Tensor<Self>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<(Tensor<Self>, Option<GnStats>)> {
+        self.gn_forward(x, gamma, beta, groups, eps, silu)
+    }
+    fn group_norm_backward_saved(
+        &self,
+        x: &Tensor<Self>,
+        saved: &Option<GnStats>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Grads3<Self>> {
+        backward::group_norm_backward(self, x, saved.as_ref(), gamma, beta, dy, groups, eps, silu)
     }
     fn group_norm_backward(
         &self,
@@ -1778,7 +1825,7 @@ impl Backend for Cuda {
         eps: f64,
         silu: bool,
     ) -> Result<Grads3<Self>> {
-        backward::group_norm_backward(self, x, gamma, beta, dy, groups, eps, silu)
+        backward::group_norm_backward(self, x, None, gamma, beta, dy, groups, eps, silu)
     }
 
     // ---- attention ----------------------------------------------------------------------------

@@ -107,6 +107,12 @@ enum Op {
         groups: usize,
         silu: bool,
     },
+    /// group_norm_backward_saved with what group_norm_saving kept (CUDA: the forward's
+    /// statistics partials when it took the split path).
+    GroupNormBackwardSaved {
+        groups: usize,
+        silu: bool,
+    },
     AttentionBackward,
     UpFirDn(Fir, UpFirDn),
     UpFirDnBackward(Fir, UpFirDn, Vec<usize>),
@@ -146,6 +152,10 @@ fn apply<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Vec<Tensor<B>>> 
         Op::GroupNormBackward { groups, silu } => {
             grads(b.group_norm_backward(&x[0], &x[1], &x[2], &x[3], *groups, 1e-6, *silu)?)
         }
+        Op::GroupNormBackwardSaved { groups, silu } => {
+            let (_, kept) = b.group_norm_saving(&x[0], &x[1], &x[2], *groups, 1e-6, *silu)?;
+            grads(b.group_norm_backward_saved(&x[0], &kept, &x[1], &x[2], &x[3], *groups, 1e-6, *silu)?)
+        }
         Op::AttentionBackward => {
             let (dq, dk, dv) = b.attention_backward(&x[0], &x[1], &x[2], &x[3])?;
             vec![dq, dk, dv]
@@ -160,7 +170,7 @@ fn output_names(op: &Op) -> &'static [&'static str] {
         Op::LinearBackward | Op::NinBackward | Op::ConvBackward { .. } | Op::ConvBackwardSaved { .. } => {
             &["dx", "dw", "db"]
         }
-        Op::GroupNormBackward { .. } => &["dx", "dgamma", "dbeta"],
+        Op::GroupNormBackward { .. } | Op::GroupNormBackwardSaved { .. } => &["dx", "dgamma", "dbeta"],
         Op::AttentionBackward => &["dq", "dk", "dv"],
         _ => &[""],
     }
@@ -210,6 +220,7 @@ fn apply_forward<B: Backend>(b: &B, op: &Op, x: &[Tensor<B>]) -> Result<Tensor<B
         | Op::ConvBackward { .. }
         | Op::ConvBackwardSaved { .. }
         | Op::GroupNormBackward { .. }
+        | Op::GroupNormBackwardSaved { .. }
         | Op::AttentionBackward => Err(Error::Other("selftest: a backward op has several outputs".into())),
     }
 }
@@ -558,7 +569,9 @@ fn shape_text(c: &Case) -> String {
             alpha,
             beta,
         } => format!(" s{stride} p{pad} α{alpha:.3} β{beta:.3}"),
-        Op::GroupNorm { groups, silu } | Op::GroupNormBackward { groups, silu } => {
+        Op::GroupNorm { groups, silu }
+        | Op::GroupNormBackward { groups, silu }
+        | Op::GroupNormBackwardSaved { groups, silu } => {
             format!(" g{groups}{}", if *silu { "+silu" } else { "" })
         }
         Op::UpFirDn(f, g) | Op::UpFirDnBackward(f, g, _) => {
@@ -784,15 +797,22 @@ fn backward_cases(v: &mut Vec<Case>) {
         (vec![2, 16, 45, 47], 4, false),
     ] {
         let c = shape[1];
+        let inputs = vec![
+            (shape.clone(), Dist::Normal(0.5, 2.0)),
+            (vec![c], Dist::Normal(1.0, 0.3)),
+            (vec![c], n01),
+            (shape, n01),
+        ];
         v.push(f32c(
             "group_norm_backward",
             Op::GroupNormBackward { groups, silu },
-            vec![
-                (shape.clone(), Dist::Normal(0.5, 2.0)),
-                (vec![c], Dist::Normal(1.0, 0.3)),
-                (vec![c], n01),
-                (shape, n01),
-            ],
+            inputs.clone(),
+        ));
+        // The training route: statistics from the forward's partials where it kept them.
+        v.push(f32c(
+            "group_norm_backward_saved",
+            Op::GroupNormBackwardSaved { groups, silu },
+            inputs,
         ));
     }
     for shape in [
