@@ -1066,10 +1066,16 @@ extern "C" __global__ void __launch_bounds__(256) linear_warp(const float* __res
 // stores of 8 bf16 channels (a warp writes 8 pixels × 32 channels, whole 32-byte sectors).
 // Launch: grid (⌈HW/128⌉ · cp/64, N), 256 threads, no dynamic shared memory. Requires HW % 4 == 0,
 // cp % 64 == 0, C ≤ cp, x and xh 16-byte aligned; a partial last pixel tile is handled.
+// With csum non-null the block also writes its tile's channel sums (f32, pixels in order within
+// each quarter, then the quarters in order) to csum[(n·⌈HW/128⌉ + pixel tile)·cp + c]: the
+// backward passes dy through here and takes the bias gradient from these sums (conv_db_partial
+// over ⌈HW/128⌉·N rows of cp) instead of reading dy once more.
 extern "C" __global__ void __launch_bounds__(256) conv_to_nhwc_bf16_wide(const float* __restrict__ x,
                                                                         unsigned* __restrict__ xh, int C,
-                                                                        int cp, long long HW) {
+                                                                        int cp, long long HW,
+                                                                        float* __restrict__ csum) {
     __shared__ float tile[128][65];  // [pixel][channel]
+    __shared__ float quarter[4][64];
     const long long ptiles = (HW + 127) / 128;
     const int c0 = (int)(blockIdx.x / ptiles) * 64;
     const long long p0 = (long long)(blockIdx.x % ptiles) * 128;
@@ -1106,5 +1112,17 @@ extern "C" __global__ void __launch_bounds__(256) conv_to_nhwc_bf16_wide(const f
             o.w = pack_bf16x2(t[6], t[7]);
             reinterpret_cast<uint4*>(xh)[(((long long)n * HW + p) * cp + c0 + 8 * k) / 8] = o;
         }
+    }
+    if (csum) {
+        // Thread (q, ci) adds pixels 32q … 32q+31 of channel ci (a warp reads one pixel row:
+        // 32 distinct banks); the padded tile holds zeros past HW and C.
+        const int ci = threadIdx.x & 63, q = threadIdx.x >> 6;
+        float s = 0.0f;
+        for (int pi = 32 * q; pi < 32 * q + 32; ++pi) s += tile[pi][ci];
+        quarter[q][ci] = s;
+        __syncthreads();
+        if (threadIdx.x < 64)
+            csum[((long long)n * ptiles + blockIdx.x % ptiles) * cp + c0 + ci] =
+                ((quarter[0][ci] + quarter[1][ci]) + quarter[2][ci]) + quarter[3][ci];
     }
 }

@@ -133,13 +133,30 @@ static void test_nhwc(int N, int C, int cp, long long HW) {
     launch({(unsigned)(((HW + 31) / 32) * ((cp + 63) / 64)), (unsigned)N, 1}, {256},
            [&] { conv_to_nhwc_bf16(x.p, old.data(), C, cp, HW); });
     launch({(unsigned)(((HW + 127) / 128) * (cp / 64)), (unsigned)N, 1}, {256},
-           [&] { conv_to_nhwc_bf16_wide(x.p, wide.data(), C, cp, HW); });
-    size_t d_old = 0, d_ref = 0;
-    for (size_t i = 0; i < words; ++i) d_old += wide[i] != old[i], d_ref += wide[i] != ref[i];
+           [&] { conv_to_nhwc_bf16_wide(x.p, wide.data(), C, cp, HW, nullptr); });
+    // Again with the channel sums: the same xh, and per (sample, 128-pixel tile, channel) the
+    // sum of the f32 inputs (zero past C), NaN-poisoned first.
+    const long long ptiles = (HW + 127) / 128;
+    std::vector<unsigned> wide2(words, 0xDEADBEEFu);
+    std::vector<float> csum((size_t)N * ptiles * cp, NAN);
+    launch({(unsigned)(ptiles * (cp / 64)), (unsigned)N, 1}, {256},
+           [&] { conv_to_nhwc_bf16_wide(x.p, wide2.data(), C, cp, HW, csum.data()); });
+    size_t d_old = 0, d_ref = 0, d_again = 0, d_sum = 0;
+    for (size_t i = 0; i < words; ++i)
+        d_old += wide[i] != old[i], d_ref += wide[i] != ref[i], d_again += wide2[i] != wide[i];
+    for (int n = 0; n < N; ++n) for (long long t = 0; t < ptiles; ++t) for (int c = 0; c < cp; ++c) {
+        double want = 0.0;
+        for (long long p = 128 * t; p < std::min(HW, 128 * t + 128); ++p)
+            if (c < C) want += x.p[((size_t)n * C + c) * HW + p];
+        const float got = csum[((size_t)n * ptiles + t) * cp + c];
+        d_sum += !(std::fabs(got - want) <= 1e-5 * (1.0 + std::fabs(want)) + 1e-4);
+    }
     char name[96];
     snprintf(name, sizeof name, "conv_to_nhwc_bf16_wide N%d C%d cp%d HW%lld", N, C, cp, HW);
     report(std::string(name) + " vs conv_to_nhwc_bf16", d_old);
     report(std::string(name) + " vs reference", d_ref);
+    report(std::string(name) + " with channel sums: xh unchanged", d_again);
+    report(std::string(name) + " channel sums", d_sum);
 }
 
 int main() {

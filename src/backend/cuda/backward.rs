@@ -286,6 +286,29 @@ fn bias_grad(
     if o > 65535 {
         return Err(Error::shape(op, format!("{o} output channels are too many")));
     }
+    // dy's NHWC copy, made for this op's GEMMs, carries its channel sums per 128-pixel tile:
+    // add those rows up instead of reading dy again (when its channels need no padding).
+    if o % super::NHWC_CPAD == 0 {
+        if let Some(sums) = b.nhwc_channel_sums(dy, n, o, hw) {
+            let rows = n * hw.div_ceil(128);
+            bias_sum(b, op, Arg::Ptr(sums.device_ptr()), rows, o, 1, &db)?;
+            return Ok(db);
+        }
+    }
+    bias_sum(b, op, ptr(dy), n, o, hw, &db)?;
+    Ok(db)
+}
+
+/// db[o] = Σ over n and hw of src [n, o, hw] (`conv_db_partial` + `conv_db_finish`).
+fn bias_sum(
+    b: &Cuda,
+    op: &'static str,
+    src: Arg,
+    n: usize,
+    o: usize,
+    hw: usize,
+    db: &Tensor<Cuda>,
+) -> Result<()> {
     // About eight blocks per multiprocessor, each striding over every sample's plane four
     // positions per thread at a time (a part wider than a plane would idle).
     // (The kernel walks planes under 4·BLOCK positions as one flat range over n and position.)
@@ -301,7 +324,7 @@ fn bias_grad(
         BLOCK,
         0,
         vec![
-            ptr(dy),
+            src,
             Arg::Ptr(partial.device_ptr()),
             Arg::I32(to_i32(op, n)?),
             Arg::I32(o as i32),
@@ -313,12 +336,11 @@ fn bias_grad(
         o,
         vec![
             Arg::Ptr(partial.device_ptr()),
-            ptr(&db),
+            ptr(db),
             Arg::I32(o as i32),
             Arg::I32(parts as i32),
         ],
-    )?;
-    Ok(db)
+    )
 }
 
 /// How dx of a convolution is taken as a forward convolution of dy with the flipped weights.

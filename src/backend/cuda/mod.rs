@@ -150,6 +150,9 @@ struct NhwcCopy {
     source: Weak<CudaBuf>,
     dims: (usize, usize, usize),
     copy: Arc<CudaBuf>,
+    /// The layout pass's per-(sample, 128-pixel tile) channel sums, when it made them
+    /// ([`Cuda::nhwc_channel_sums`]).
+    sums: Option<Arc<CudaBuf>>,
 }
 
 /// How many NHWC copies a sharing handle keeps: dy and x of the current backward op.
@@ -1185,7 +1188,7 @@ impl Cuda {
     /// copy of the same live buffer made by one of its last [`NHWC_RECENT`] calls.
     fn nhwc_input(&self, x: &Tensor<Cuda>, n: usize, c: usize, hw: usize) -> Result<Arc<CudaBuf>> {
         if !self.share_nhwc {
-            return Ok(Arc::new(self.to_nhwc_bf16(x, n, c, hw)?));
+            return Ok(Arc::new(self.to_nhwc_bf16(x, n, c, hw, false)?.0));
         }
         let mut recent = self
             .inner
@@ -1198,12 +1201,15 @@ impl Cuda {
         if let Some(e) = recent.iter().find(|e| same(e)) {
             return Ok(e.copy.clone());
         }
-        let copy = Arc::new(self.to_nhwc_bf16(x, n, c, hw)?);
+        // In the backward the copy's channel sums give dy's bias gradient (a few MB more).
+        let (copy, sums) = self.to_nhwc_bf16(x, n, c, hw, true)?;
+        let copy = Arc::new(copy);
         recent.retain(|e| e.source.strong_count() > 0);
         recent.push(NhwcCopy {
             source: Arc::downgrade(x.buf()),
             dims: (n, c, hw),
             copy: copy.clone(),
+            sums: sums.map(Arc::new),
         });
         if recent.len() > NHWC_RECENT {
             recent.remove(0);
@@ -1211,9 +1217,29 @@ impl Cuda {
         Ok(copy)
     }
 
+    /// The channel sums of a live NHWC copy of x that a sharing handle made, as f32
+    /// [rows][cp] with rows = n·⌈hw/128⌉ (kernels/conv.cu `conv_to_nhwc_bf16_wide`).
+    fn nhwc_channel_sums(&self, x: &Tensor<Cuda>, n: usize, c: usize, hw: usize) -> Option<Arc<CudaBuf>> {
+        let recent = self.inner.nhwc_recent.lock().ok()?;
+        recent
+            .iter()
+            .find(|e| {
+                e.dims == (n, c, hw) && e.source.upgrade().is_some_and(|live| Arc::ptr_eq(&live, x.buf()))
+            })
+            .and_then(|e| e.sums.clone())
+    }
+
     /// `conv_to_nhwc_bf16`: x (f32 [n, c, hw]) as bf16 [n][hw][cp], channels zero-padded to
-    /// [`NHWC_CPAD`] (a multiple of every K tile).
-    fn to_nhwc_bf16(&self, x: &Tensor<Cuda>, n: usize, c: usize, hw: usize) -> Result<CudaBuf> {
+    /// [`NHWC_CPAD`] (a multiple of every K tile); with `sums`, also the channel sums per
+    /// 128-pixel tile when the wide pass runs.
+    fn to_nhwc_bf16(
+        &self,
+        x: &Tensor<Cuda>,
+        n: usize,
+        c: usize,
+        hw: usize,
+        sums: bool,
+    ) -> Result<(CudaBuf, Option<CudaBuf>)> {
         let cp = c.div_ceil(NHWC_CPAD) * NHWC_CPAD;
         let words = n * hw * cp / 2;
         let xh = self.inner.pool.alloc(words * 4, words)?;
@@ -1236,20 +1262,24 @@ impl Cuda {
                 .ok_or_else(|| Error::shape("conv2d", format!("batch {n} is too large for the NHWC pass")))?,
             1,
         );
-        self.launch(
-            kernel,
-            grid,
-            256,
-            0,
-            vec![
-                ptr(x),
-                Arg::Ptr(xh.device_ptr()),
-                Arg::I32(to_i32("conv2d", c)?),
-                Arg::I32(to_i32("conv2d", cp)?),
-                Arg::I64(hw as i64),
-            ],
-        )?;
-        Ok(xh)
+        let mut args = vec![
+            ptr(x),
+            Arg::Ptr(xh.device_ptr()),
+            Arg::I32(to_i32("conv2d", c)?),
+            Arg::I32(to_i32("conv2d", cp)?),
+            Arg::I64(hw as i64),
+        ];
+        let csum = if wide && sums {
+            let len = n * hw.div_ceil(tile) * cp;
+            Some(self.inner.pool.alloc(len * 4, len)?)
+        } else {
+            None
+        };
+        if wide {
+            args.push(Arg::Ptr(csum.as_ref().map_or(0, |b| b.device_ptr())));
+        }
+        self.launch(kernel, grid, 256, 0, args)?;
+        Ok((xh, csum))
     }
 
     /// `w` as the pipelined kernel's bf16 A operand wp[m][tap][c] (m padded to the 128-row tile,
