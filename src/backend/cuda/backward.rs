@@ -288,7 +288,7 @@ fn bias_grad(
     }
     // dy's NHWC copy, made for this op's GEMMs, carries its channel sums per 128-pixel tile:
     // add those rows up instead of reading dy again (when its channels need no padding).
-    if o % super::NHWC_CPAD == 0 {
+    if o.is_multiple_of(super::NHWC_CPAD) {
         if let Some(sums) = b.nhwc_channel_sums(dy, n, o, hw) {
             let rows = n * hw.div_ceil(128);
             bias_sum(b, op, Arg::Ptr(sums.device_ptr()), rows, o, 1, &db)?;
