@@ -104,6 +104,11 @@ impl<B: Backend> Graph<B> {
         nodes.len() - 1
     }
 
+    /// Whether an op on these inputs goes on the tape (recording, and some input tracked).
+    fn records(&self, inputs: &[&Var<B>]) -> bool {
+        self.recording && inputs.iter().any(|v| v.tracked())
+    }
+
     /// Record an op's result. `backward` maps dL/d(out) to dL/d(input_k) for each input (None where
     /// an input needs no gradient). Nothing is recorded when no input is tracked.
     fn record(
@@ -112,7 +117,7 @@ impl<B: Backend> Graph<B> {
         inputs: &[&Var<B>],
         backward: impl Fn(&B, &Tensor<B>) -> Result<Vec<Option<Tensor<B>>>> + 'static,
     ) -> Var<B> {
-        if !self.recording || inputs.iter().all(|v| v.node.is_none()) {
+        if !self.records(inputs) {
             return Var { value, node: None };
         }
         let ids = inputs.iter().map(|v| v.node).collect();
@@ -304,7 +309,7 @@ impl<B: Backend> Graph<B> {
         inputs.extend(chan_bias);
         inputs.extend(residual.map(|(r, _, _)| r));
         let be = &self.backend;
-        if !self.recording || inputs.iter().all(|v| !v.tracked()) {
+        if !self.records(&inputs) {
             let y = be.conv2d_fused(&x.value, &w.value, Some(&b.value), stride, pad, &epi)?;
             return Ok(Var { value: y, node: None });
         }
@@ -349,7 +354,7 @@ impl<B: Backend> Graph<B> {
         silu: bool,
     ) -> Result<Var<B>> {
         let be = &self.backend;
-        if !self.recording || [x, gamma, beta].iter().all(|v| !v.tracked()) {
+        if !self.records(&[x, gamma, beta]) {
             let y = be.group_norm(&x.value, &gamma.value, &beta.value, groups, eps, silu)?;
             return Ok(Var { value: y, node: None });
         }

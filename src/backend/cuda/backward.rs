@@ -290,7 +290,7 @@ fn bias_grad(
     // add those rows up instead of reading dy again (when its channels need no padding).
     if o.is_multiple_of(super::NHWC_CPAD) {
         if let Some(sums) = b.nhwc_channel_sums(dy, n, o, hw) {
-            let rows = n * hw.div_ceil(128);
+            let rows = n * hw.div_ceil(super::NHWC_WIDE_TILE);
             bias_sum(b, op, Arg::Ptr(sums.device_ptr()), rows, o, 1, &db)?;
             return Ok(db);
         }

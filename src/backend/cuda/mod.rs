@@ -155,6 +155,20 @@ struct NhwcCopy {
     sums: Option<Arc<CudaBuf>>,
 }
 
+impl NhwcCopy {
+    /// Whether this is the copy of x's live buffer with these dims.
+    fn is_copy_of(&self, x: &Tensor<Cuda>, dims: (usize, usize, usize)) -> bool {
+        self.dims == dims
+            && self
+                .source
+                .upgrade()
+                .is_some_and(|live| Arc::ptr_eq(&live, x.buf()))
+    }
+}
+
+/// Pixels per block of `conv_to_nhwc_bf16_wide`, and so per row of its channel sums.
+const NHWC_WIDE_TILE: usize = 128;
+
 /// How many NHWC copies a sharing handle keeps: dy and x of the current backward op.
 const NHWC_RECENT: usize = 2;
 
@@ -1195,10 +1209,7 @@ impl Cuda {
             .nhwc_recent
             .lock()
             .map_err(|_| Error::Backend("the NHWC copy cache was poisoned by a panic".into()))?;
-        let same = |e: &NhwcCopy| {
-            e.dims == (n, c, hw) && e.source.upgrade().is_some_and(|live| Arc::ptr_eq(&live, x.buf()))
-        };
-        if let Some(e) = recent.iter().find(|e| same(e)) {
+        if let Some(e) = recent.iter().find(|e| e.is_copy_of(x, (n, c, hw))) {
             return Ok(e.copy.clone());
         }
         // In the backward the copy's channel sums give dy's bias gradient (a few MB more).
@@ -1218,14 +1229,12 @@ impl Cuda {
     }
 
     /// The channel sums of a live NHWC copy of x that a sharing handle made, as f32
-    /// [rows][cp] with rows = n·⌈hw/128⌉ (kernels/conv.cu `conv_to_nhwc_bf16_wide`).
+    /// [rows][cp] with rows = n·⌈hw/[`NHWC_WIDE_TILE`]⌉ (kernels/conv.cu `conv_to_nhwc_bf16_wide`).
     fn nhwc_channel_sums(&self, x: &Tensor<Cuda>, n: usize, c: usize, hw: usize) -> Option<Arc<CudaBuf>> {
         let recent = self.inner.nhwc_recent.lock().ok()?;
         recent
             .iter()
-            .find(|e| {
-                e.dims == (n, c, hw) && e.source.upgrade().is_some_and(|live| Arc::ptr_eq(&live, x.buf()))
-            })
+            .find(|e| e.is_copy_of(x, (n, c, hw)))
             .and_then(|e| e.sums.clone())
     }
 
@@ -1248,7 +1257,7 @@ impl Cuda {
             && hw.is_multiple_of(4)
             && self.inner.kernels.contains_key("conv_to_nhwc_bf16_wide");
         let (kernel, tile) = if wide {
-            ("conv_to_nhwc_bf16_wide", 128)
+            ("conv_to_nhwc_bf16_wide", NHWC_WIDE_TILE)
         } else {
             ("conv_to_nhwc_bf16", 32)
         };

@@ -756,34 +756,30 @@ fn backward_cases(v: &mut Vec<Case>) {
         }
         for &(n, c, h, wd, o, k, stride, pad, _) in CONVS.iter().chain(EXTRA_CONVS) {
             let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
+            let inputs = vec![
+                (vec![n, c, h, wd], n01),
+                (vec![o, c, k, k], w(1.0 / ((c * k * k) as f32).sqrt())),
+                (vec![n, o, oh, ow], n01),
+            ];
+            // The training route too: the backward from what the forward kept (bf16 only; at
+            // f32/TF32 that is x itself, this row).
+            if p == Precision::Bf16 {
+                v.push(Case {
+                    name: "conv2d_backward_saved",
+                    op: Op::ConvBackwardSaved { stride, pad },
+                    inputs: inputs.clone(),
+                    precision: p,
+                    bound: b,
+                });
+            }
             v.push(Case {
                 name: "conv2d_backward",
                 op: Op::ConvBackward { stride, pad },
-                inputs: vec![
-                    (vec![n, c, h, wd], n01),
-                    (vec![o, c, k, k], w(1.0 / ((c * k * k) as f32).sqrt())),
-                    (vec![n, o, oh, ow], n01),
-                ],
+                inputs,
                 precision: p,
                 bound: b,
             });
         }
-    }
-    // The training route: the backward from what the forward kept (bf16 only; at f32/TF32 that
-    // is x itself, the rows above).
-    for &(n, c, h, wd, o, k, stride, pad, _) in CONVS.iter().chain(EXTRA_CONVS) {
-        let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
-        v.push(Case {
-            name: "conv2d_backward_saved",
-            op: Op::ConvBackwardSaved { stride, pad },
-            inputs: vec![
-                (vec![n, c, h, wd], n01),
-                (vec![o, c, k, k], w(1.0 / ((c * k * k) as f32).sqrt())),
-                (vec![n, o, oh, ow], n01),
-            ],
-            precision: Precision::Bf16,
-            bound: bound_for(Precision::Bf16),
-        });
     }
     for (shape, groups, silu) in [
         (vec![2, 128, 16, 16], 32, true),
