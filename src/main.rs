@@ -291,7 +291,7 @@ fn run(cli: Cli) -> Result<()> {
                     Precision::Tf32 => 2e-3,
                     Precision::Bf16 => 2e-2,
                 };
-                for preset in ["ve-tiny", "vp-tiny", "ve-small"] {
+                for preset in ["ve-tiny", "vp-tiny", "ve-small", "ve-res"] {
                     let e = bench::network_parity(&cu.with_precision(p), preset, 2, seed)?;
                     let pass = e <= bound;
                     total += 1;

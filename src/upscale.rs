@@ -279,8 +279,12 @@ pub fn run<B: Backend>(opts: &UpscaleOptions, backend: &B) -> Result<UpscaleRepo
     }
     let centered = net.config.data.centered;
     let size = net.config.data.image_size;
+    let form = match net.config.model.parameterization.sigma_data() {
+        Some(sd) => format!(", guide-residual σ_d {sd:.4}"),
+        None => String::new(),
+    };
     println!(
-        "model: {} ({} SDE, nf {}, {} parameters, data in {})",
+        "model: {} ({} SDE{form}, nf {}, {} parameters, data in {})",
         model_source.describe(),
         net.config.sde_schedule().name(),
         net.config.model.nf,

@@ -32,6 +32,60 @@ pub enum ProgressiveInput {
     Residual,
 }
 
+/// How the network's output becomes the score.
+///
+/// - `paper`: as the original (VE: the network outputs σ·score and `scale_by_sigma` divides it by
+///   σ; VP/subVP: it predicts the noise).
+/// - `guide_residual`: a preconditioned denoiser of the residual from the guide (Karras et al. 2022,
+///   "EDM", applied to x − y as SRDiff/ResShift do for SR). With σ the VE noise level and σ_d the RMS
+///   of x₀ − y over the training faces,
+///   D(x; σ, y) = y + c_skip·(x − y) + c_out·F(c_in·(x − y), 2y − 1; σ),
+///   c_skip = σ_d²/(σ²+σ_d²), c_out = σ·σ_d/√(σ²+σ_d²), c_in = 1/√(σ²+σ_d²), score = (D − x)/σ².
+///   F is the NCSN++ body without `scale_by_sigma`; the sampler's prior is centred on the guide.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Parameterization {
+    #[default]
+    Paper,
+    GuideResidual {
+        /// RMS of x₀ − y (data space [0,1]) over the training faces, measured once.
+        sigma_data: f64,
+    },
+}
+
+impl Parameterization {
+    /// σ_d of the guide-residual form; None for the paper's.
+    pub fn sigma_data(&self) -> Option<f64> {
+        match self {
+            Parameterization::Paper => None,
+            Parameterization::GuideResidual { sigma_data } => Some(*sigma_data),
+        }
+    }
+    fn is_paper(&self) -> bool {
+        *self == Parameterization::Paper
+    }
+}
+
+/// The EDM coefficients of the guide-residual form at noise level σ (see [`Parameterization`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrecondCoefs {
+    pub c_skip: f64,
+    pub c_out: f64,
+    pub c_in: f64,
+}
+
+impl PrecondCoefs {
+    pub fn new(sigma: f64, sigma_data: f64) -> PrecondCoefs {
+        let (s2, d2) = (sigma * sigma, sigma_data * sigma_data);
+        let r = (s2 + d2).sqrt();
+        PrecondCoefs {
+            c_skip: d2 / (s2 + d2),
+            c_out: sigma * sigma_data / r,
+            c_in: 1.0 / r,
+        }
+    }
+}
+
 /// The network and SDE configuration (field names as in score_sde's `config.model`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -82,6 +136,9 @@ pub struct ModelConfig {
     pub attention_type: String,
     #[serde(default = "default_conv_size")]
     pub conv_size: usize,
+    /// How the output becomes the score (absent in the original configs: the paper's).
+    #[serde(default, skip_serializing_if = "Parameterization::is_paper")]
+    pub parameterization: Parameterization,
 }
 
 /// `config.data` fields the network depends on.
@@ -146,7 +203,13 @@ pub const PRESETS: &[&str] = &[
     "ve-small",
     "ve-tiny",
     "vp-tiny",
+    "ve-res",
+    "ve-res-tiny",
 ];
+
+/// σ_d the guide-residual presets start with before a run measures it on its training faces
+/// (the RMS of x₀ − y over the shared faces128 set is ≈ 0.09 in [0,1]).
+pub const DEFAULT_SIGMA_DATA: f64 = 0.09;
 
 impl NetConfig {
     /// The SDE, explicit or inferred from the embedding type.
@@ -189,6 +252,7 @@ impl NetConfig {
                 nonlinearity: default_swish(),
                 attention_type: default_ddpm(),
                 conv_size: 3,
+                parameterization: Parameterization::Paper,
             },
             data: DataConfig {
                 image_size: 128,
@@ -210,6 +274,16 @@ impl NetConfig {
             c.data.centered = true;
             c
         };
+        let residual = |mut c: NetConfig, blocks: usize| {
+            c.model.ch_mult = vec![1, 2, 2, 2];
+            c.model.num_res_blocks = blocks;
+            c.model.scale_by_sigma = false;
+            c.model.sigma_max = 10.0;
+            c.model.parameterization = Parameterization::GuideResidual {
+                sigma_data: DEFAULT_SIGMA_DATA,
+            };
+            c
+        };
         Ok(match name {
             "ve-paper" => ve(128),
             "ve-small" => ve(64),
@@ -217,6 +291,11 @@ impl NetConfig {
             "vp-paper" => vp(SdeKind::Vp, 128, 8, 0.1),
             "subvp-paper" => vp(SdeKind::Subvp, 128, 8, 0.1),
             "vp-tiny" => vp(SdeKind::Vp, 16, 2, 0.0),
+            // The compact guide-residual family of the default model (docs/training.md says
+            // how its size was chosen): four levels down to 16×16 with attention there, and a
+            // σ range fitted to residuals of RMS σ_d ≈ 0.09 instead of whole images.
+            "ve-res" => residual(ve(32), 2),
+            "ve-res-tiny" => residual(ve(8), 1),
             _ => {
                 return Err(Error::Config(format!(
                     "unknown model preset `{name}` (choose one of: {})",
@@ -284,6 +363,20 @@ impl NetConfig {
             return Err(Error::Config(
                 "data.num_channels must be even (x and y interleaved)".into(),
             ));
+        }
+        if let Some(sd) = m.parameterization.sigma_data() {
+            if self.sde() != SdeKind::Ve || m.scale_by_sigma || self.data.centered {
+                return Err(Error::Config(
+                    "the guide_residual parameterization needs a VE model with scale_by_sigma = false \
+                     and data in [0,1] (centered = false)"
+                        .into(),
+                ));
+            }
+            if !(sd.is_finite() && sd > 0.0) {
+                return Err(Error::Config(format!(
+                    "guide_residual sigma_data must be finite and > 0, got {sd}"
+                )));
+            }
         }
         let levels = m.ch_mult.len() as u32;
         if !self.data.image_size.is_multiple_of(1 << (levels - 1)) {

@@ -377,7 +377,8 @@ impl<B: Backend> Ncsnpp<B> {
         mi += 2;
         let act_temb = g.silu(&temb)?;
 
-        let x = if cfg.data.centered {
+        // The guide-residual form feeds its own scaled inputs (c_in·(x − y), 2y − 1).
+        let x = if cfg.data.centered || cfg.model.parameterization.sigma_data().is_some() {
             input.clone()
         } else {
             g.affine(input, 2.0, -1.0)?

@@ -236,7 +236,7 @@ impl<'m> PcGraph<'m> {
         validate(cfg, y.shape())?;
         let cuda = model.net.backend().clone();
         let sde = sde.with_steps(cfg.steps)?;
-        let x0 = cuda.affine(&noise.next(&cuda, y.shape())?, sde.prior_std(), 0.0)?;
+        let x0 = crate::model::prior_start(&cuda, model, &noise.next(&cuda, y.shape())?, sde.prior_std(), y)?;
         Self::from_start(model, &sde, cfg, y, &x0, &noise)
     }
 
@@ -476,7 +476,9 @@ pub(crate) fn try_pc_sample<B: Backend, S: ScoreFn<B> + 'static>(
     ) else {
         return Ok(None);
     };
-    if !cuda.same_stream(model.net.backend()) {
+    // The captured network stage computes the paper form's score; guide-residual models
+    // (input scaled by c_in, the skip term) run the eager loop on CUDA for now.
+    if !cuda.same_stream(model.net.backend()) || model.guide_residual().is_some() {
         return Ok(None);
     }
     let mut graph = match PcGraph::new(model, sde, cfg, y, noise.clone()) {

@@ -149,7 +149,7 @@ pub fn pc_sample_eager<B: Backend, S: ScoreFn<B>>(
     let langevin = cfg.langevin();
     let shape = y.shape().to_vec();
 
-    let mut x = backend.affine(&noise.next(backend, &shape)?, sde.prior_std(), 0.0)?;
+    let mut x = crate::model::prior_start(backend, score, &noise.next(backend, &shape)?, sde.prior_std(), y)?;
     let mut x_mean = x.clone();
     let grid = sde.timesteps();
     for (i, &t) in grid.iter().enumerate() {

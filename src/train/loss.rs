@@ -5,6 +5,11 @@
 //! per sample L = reduce((s·std(t) + z)²), batch loss = mean over samples,
 //! where reduce is 0.5·sum over the pixels for VE (`reduce_mean=False`) and the mean over the
 //! pixels for VP/subVP (`reduce_mean=True`). Only x is diffused; the LR guide y is never noised.
+//!
+//! Guide-residual networks (EDM preconditioning of x − y) take EDM's loss instead: with σ = σ(t),
+//! x = x₀ + σz and D = y + c_skip·(x − y) + c_out·F, the loss λ(σ)·‖D − x₀‖² with λ = 1/c_out² is
+//! ‖F − T‖², T = (x₀ − y − c_skip·(x − y))/c_out — a unit-variance target at every σ (T has
+//! variance 1 when the residual has RMS σ_d, so F ≡ 0 scores ≈ 1) — averaged over the pixels.
 use crate::autograd::{Gradients, Graph};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -29,6 +34,49 @@ pub fn per_sample_reduce(sde: SdeKind, elems_per_sample: usize) -> f64 {
         SdeKind::Ve => 0.5,
         SdeKind::Vp | SdeKind::Subvp => 1.0 / elems_per_sample as f64,
     }
+}
+
+/// The training times of one step under `dist`: the paper's t ~ U[eps, 1] ([`draw_times`]), or
+/// σ log-normal (truncated to the SDE's [σ_min, σ_max] by redrawing) mapped to the VE time
+/// t = ln(σ/σ_min)/ln(σ_max/σ_min), so that σ(t) is the drawn σ. Deterministic in (seed, step).
+pub fn draw_train_times(
+    dist: &crate::train::NoiseDist,
+    sde: &crate::sde::Sde,
+    seed: u64,
+    step: u64,
+    batch: usize,
+    t_eps: f64,
+) -> Result<Vec<f64>> {
+    use crate::train::NoiseDist;
+    let NoiseDist::LogNormal { mean, std } = *dist else {
+        return Ok(draw_times(seed, step, batch, t_eps));
+    };
+    let crate::sde::Sde::Ve(ve) = sde else {
+        return Err(Error::Config(
+            "a log-normal σ distribution needs a VE model".into(),
+        ));
+    };
+    let (lo, hi) = (ve.sigma_min.ln(), ve.sigma_max.ln());
+    let s = stream_seed(seed, Stream::Time, step);
+    (0..batch as u64)
+        .map(|i| {
+            // Box–Muller on two uniforms of the sample's own counters, redrawn until in range.
+            for k in 0..64u64 {
+                let c = (i * 64 + k) * 2;
+                let u1 = (crate::rng::uniform(s, c) as f64).max(1e-12);
+                let u2 = crate::rng::uniform(s, c + 1) as f64;
+                let n = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                let ln_sigma = mean + std * n;
+                if (lo..=hi).contains(&ln_sigma) {
+                    return Ok((ln_sigma - lo) / (hi - lo));
+                }
+            }
+            Err(Error::Config(format!(
+                "log-normal σ (mean {mean}, std {std}) almost never falls in [{}, {}]",
+                ve.sigma_min, ve.sigma_max
+            )))
+        })
+        .collect()
 }
 
 /// The times of one training step: t = u·(1 − eps) + eps with u ~ U[0,1), computed in float32 as
@@ -99,10 +147,27 @@ pub fn dsm_loss<B: Backend>(
         dropout_seed,
         capture: None,
     };
-    let score = model.score_var(&g, &xt, y, t, opts)?;
-    let r = g.add(&g.scale_per_sample(&score, &std_t)?, &g.constant(z.clone()))?;
-    let sq = g.sum_squares_per_sample(&r)?;
-    let reduce = per_sample_reduce(model.net.config.sde(), c * h * w);
+    let (sq, reduce) = if model.guide_residual().is_some() {
+        // ‖F − T‖², T = (x₀ − y)/c_out − (c_skip/c_out)·(x − y), mean over the pixels.
+        let (f, coefs) = model.residual_net_var(&g, &xt, y, &std, opts)?;
+        let a: Vec<f64> = coefs.iter().map(|c| -1.0 / c.c_out).collect();
+        let b: Vec<f64> = coefs.iter().map(|c| c.c_skip / c.c_out).collect();
+        let r0 = be.axpby(1.0, x0, -1.0, y)?;
+        let rt = be.axpby(1.0, &xt, -1.0, y)?;
+        let minus_target = be.add(
+            &be.scale_per_sample(&r0, &be.from_f64(&[n], &a)?)?,
+            &be.scale_per_sample(&rt, &be.from_f64(&[n], &b)?)?,
+        )?;
+        let r = g.add(&f, &g.constant(minus_target))?;
+        (g.sum_squares_per_sample(&r)?, 1.0 / (c * h * w) as f64)
+    } else {
+        let score = model.score_var(&g, &xt, y, t, opts)?;
+        let r = g.add(&g.scale_per_sample(&score, &std_t)?, &g.constant(z.clone()))?;
+        (
+            g.sum_squares_per_sample(&r)?,
+            per_sample_reduce(model.net.config.sde(), c * h * w),
+        )
+    };
     let per_sample: Vec<f64> = be.to_f64(&sq.value)?.iter().map(|v| v * reduce).collect();
     let loss = per_sample.iter().sum::<f64>() / n as f64;
     let grads = if with_grad {

@@ -77,6 +77,56 @@ pub struct Hyper {
     /// with the training they had already had; None for a fresh run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<InitFrom>,
+    /// The noise levels' distribution (absent in older checkpoints: the paper's).
+    #[serde(default, skip_serializing_if = "NoiseDist::is_paper")]
+    pub noise_dist: NoiseDist,
+}
+
+/// How a run draws the noise levels of its training steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum NoiseDist {
+    /// The paper's t ~ U[t_eps, 1] (for VE: σ log-uniform on [σ_min, σ_max]).
+    #[default]
+    Paper,
+    /// ln σ ~ N(mean, std²) truncated to [σ_min, σ_max] (EDM's choice; VE only).
+    LogNormal { mean: f64, std: f64 },
+}
+
+impl NoiseDist {
+    fn is_paper(&self) -> bool {
+        *self == NoiseDist::Paper
+    }
+
+    /// Parse `paper` or `log-normal:MEAN,STD` (MEAN, STD of ln σ).
+    pub fn parse(s: &str) -> Result<NoiseDist> {
+        if s == "paper" || s == "log-uniform" {
+            return Ok(NoiseDist::Paper);
+        }
+        let bad = || {
+            Error::Config(format!(
+                "noise distribution `{s}`: expected `paper` or `log-normal:MEAN,STD` (of ln σ)"
+            ))
+        };
+        let rest = s.strip_prefix("log-normal:").ok_or_else(bad)?;
+        let (m, d) = rest.split_once(',').ok_or_else(bad)?;
+        let (mean, std): (f64, f64) = (
+            m.trim().parse().map_err(|_| bad())?,
+            d.trim().parse().map_err(|_| bad())?,
+        );
+        if !(mean.is_finite() && std.is_finite() && std > 0.0) {
+            return Err(bad());
+        }
+        Ok(NoiseDist::LogNormal { mean, std })
+    }
+
+    /// The form [`NoiseDist::parse`] reads.
+    pub fn describe(&self) -> String {
+        match self {
+            NoiseDist::Paper => "paper".into(),
+            NoiseDist::LogNormal { mean, std } => format!("log-normal:{mean},{std}"),
+        }
+    }
 }
 
 /// Where the starting weights of a `--init-from` run came from, and the training totals they
@@ -112,6 +162,7 @@ impl Hyper {
             seed: 42,
             val_fraction: crate::train::data::VAL_FRACTION,
             init: None,
+            noise_dist: NoiseDist::Paper,
         }
     }
 

@@ -20,7 +20,7 @@ use crate::tensor::{HostTensor, Tensor};
 use crate::train::checkpoint::{adam_config, Checkpoint, TrainState, CHECKPOINT_FILE};
 use crate::train::data::{Batch, FaceFolder, Loader, LoaderOptions};
 use crate::train::device::{DeviceAdam, DeviceEma};
-use crate::train::loss::{draw_noise, draw_times, dropout_seed, dsm_loss};
+use crate::train::loss::{draw_noise, draw_train_times, dropout_seed, dsm_loss};
 use crate::train::validate::{write_grid, ValSet};
 use crate::train::Hyper;
 
@@ -155,7 +155,14 @@ impl<B: Backend> Trainer<B> {
         let (x0, y) = self.batch_tensors(batch)?;
         let be = self.backend().clone();
         let h = &self.hyper;
-        let t = draw_times(h.seed, self.step, batch.len, h.t_eps);
+        let t = draw_train_times(
+            &h.noise_dist,
+            &self.model.sde,
+            h.seed,
+            self.step,
+            batch.len,
+            h.t_eps,
+        )?;
         let z = draw_noise(&be, x0.shape(), h.seed, self.step)?;
         let out = dsm_loss(
             &self.model,
@@ -259,6 +266,14 @@ pub struct TrainOptions {
     pub grid_every: Option<u64>,
     /// Sampler steps of the grid samples.
     pub grid_steps: usize,
+    /// Residual blocks per level (fresh runs; None: the preset's).
+    pub num_res_blocks: Option<usize>,
+    /// Largest VE noise level σ_max (fresh runs; None: the preset's).
+    pub sigma_max: Option<f64>,
+    /// σ_d of a guide-residual model (fresh runs; None: measured on the training faces).
+    pub sigma_data: Option<f64>,
+    /// The training noise levels' distribution (None: the paper's t ~ U[eps, 1]).
+    pub noise_dist: Option<crate::train::NoiseDist>,
 }
 
 impl TrainOptions {
@@ -290,6 +305,10 @@ impl TrainOptions {
             val_every: 500,
             grid_every: None,
             grid_steps: 50,
+            num_res_blocks: None,
+            sigma_max: None,
+            sigma_data: None,
+            noise_dist: None,
         }
     }
 
@@ -304,6 +323,22 @@ impl TrainOptions {
         }
         if let Some(m) = &self.ch_mult {
             c.model.ch_mult = m.clone();
+        }
+        if let Some(b) = self.num_res_blocks {
+            c.model.num_res_blocks = b;
+        }
+        if let Some(s) = self.sigma_max {
+            c.model.sigma_max = s;
+        }
+        if let Some(sd) = self.sigma_data {
+            if c.model.parameterization.sigma_data().is_none() {
+                return Err(Error::Config(format!(
+                    "--sigma-data applies to guide-residual presets; `{}` is in the paper's form",
+                    self.preset
+                )));
+            }
+            c.model.parameterization =
+                crate::model::config::Parameterization::GuideResidual { sigma_data: sd };
         }
         c.validate()?;
         Ok(c)
@@ -320,6 +355,7 @@ impl TrainOptions {
         h.flip = self.flip.unwrap_or(h.flip);
         h.seed = self.seed.unwrap_or(h.seed);
         h.val_fraction = self.val_fraction.unwrap_or(h.val_fraction);
+        h.noise_dist = self.noise_dist.unwrap_or(h.noise_dist);
         h
     }
 
@@ -349,6 +385,21 @@ impl TrainOptions {
         );
         cmp("flip", self.flip.map(|v| v.to_string()), h.flip.to_string());
         cmp("seed", self.seed.map(|v| v.to_string()), h.seed.to_string());
+        cmp(
+            "noise-dist",
+            self.noise_dist.map(|d| d.describe()),
+            h.noise_dist.describe(),
+        );
+        cmp(
+            "num-res-blocks",
+            self.num_res_blocks.map(|v| v.to_string()),
+            c.model.num_res_blocks.to_string(),
+        );
+        cmp(
+            "sigma-max",
+            self.sigma_max.map(|v| v.to_string()),
+            c.model.sigma_max.to_string(),
+        );
         cmp(
             "val-fraction",
             self.val_fraction.map(|v| v.to_string()),
@@ -480,6 +531,36 @@ fn trainer_from_init<B: Backend>(backend: &B, opts: &TrainOptions, src: &Path) -
     Trainer::from_weights(backend, init.config, hyper, init.weights)
 }
 
+/// Most training faces a fresh guide-residual run reads to measure σ_d.
+pub const SIGMA_DATA_FACES: usize = 1024;
+
+/// σ_d of the guide-residual form: the RMS of x₀ − y (data space [0,1], y the paper's bicubic
+/// guide) over the first `limit` readable faces of `files` (in their sorted order, so a run's
+/// value depends only on the folder). Unreadable files are skipped; none readable is an error.
+pub fn measure_sigma_data(files: &[PathBuf], size: usize, limit: usize) -> Result<f64> {
+    let (mut sum, mut count) = (0f64, 0usize);
+    let mut faces = 0;
+    for f in files {
+        if faces == limit {
+            break;
+        }
+        let Ok(s) = crate::train::data::load_sample(f, size, false) else {
+            continue;
+        };
+        sum +=
+            s.hr.iter()
+                .zip(&s.guide)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>();
+        count += s.hr.len();
+        faces += 1;
+    }
+    if count == 0 {
+        return Err(Error::Config("measuring σ_d: no readable training face".into()));
+    }
+    Ok((sum / count as f64).sqrt())
+}
+
 /// The original's `n_iters`: VE 2,400,001; VP/subVP 950,001.
 pub fn paper_steps(sde: crate::model::SdeKind) -> u64 {
     match sde {
@@ -594,8 +675,18 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
         let trainer = match &opts.init_from {
             Some(src) => trainer_from_init(backend, opts, src)?,
             None => {
-                let config = opts.net_config()?;
+                let mut config = opts.net_config()?;
                 let hyper = opts.hyper(&config);
+                if config.model.parameterization.sigma_data().is_some() && opts.sigma_data.is_none() {
+                    let (train_part, _) =
+                        FaceFolder::open(&opts.data)?.split_validation(hyper.val_fraction)?;
+                    let sd = measure_sigma_data(&train_part.files, config.data.image_size, SIGMA_DATA_FACES)?;
+                    if opts.progress {
+                        eprintln!("σ_d (RMS of x0 − guide) over the first {SIGMA_DATA_FACES} training faces: {sd:.5}");
+                    }
+                    config.model.parameterization =
+                        crate::model::config::Parameterization::GuideResidual { sigma_data: sd };
+                }
                 Trainer::new(backend, config, hyper)?
             }
         };
@@ -766,7 +857,8 @@ pub struct TrainArgs {
     /// centre-cropped; unreadable files are skipped).
     #[arg(long)]
     pub data: PathBuf,
-    /// Model preset of a fresh run (ve-paper, vp-paper, subvp-paper, ve-small, ve-tiny, vp-tiny).
+    /// Model preset of a fresh run (ve-paper, vp-paper, subvp-paper, ve-small, ve-tiny, vp-tiny; the
+    /// guide-residual ve-res, ve-res-tiny).
     #[arg(long, default_value = "ve-paper", conflicts_with = "init_from")]
     pub preset: String,
     /// Start a new run from trained weights instead of a fresh initialisation: a sharded export
@@ -843,6 +935,23 @@ pub struct TrainArgs {
     /// Sampler steps of the grid samples (the model's default sampler, shortened).
     #[arg(long, default_value_t = 50)]
     pub grid_steps: usize,
+    /// Override the preset's residual blocks per level.
+    #[arg(long)]
+    pub num_res_blocks: Option<usize>,
+    /// Override the preset's largest noise level σ_max (VE).
+    #[arg(long)]
+    pub sigma_max: Option<f64>,
+    /// σ_d of a guide-residual preset (ve-res, ve-res-tiny) [default: measured on the training faces].
+    #[arg(long)]
+    pub sigma_data: Option<f64>,
+    /// Distribution of the training noise levels: `paper` (t ~ U[eps, 1]: σ log-uniform for VE) or
+    /// `log-normal:MEAN,STD` of ln σ, truncated to [σ_min, σ_max] (EDM's; VE only) [default: paper].
+    #[arg(long, value_parser = parse_noise_dist)]
+    pub noise_dist: Option<crate::train::NoiseDist>,
+}
+
+fn parse_noise_dist(s: &str) -> std::result::Result<crate::train::NoiseDist, String> {
+    crate::train::NoiseDist::parse(s).map_err(|e| e.to_string())
 }
 
 impl TrainArgs {
@@ -873,6 +982,10 @@ impl TrainArgs {
             val_every: self.val_every,
             grid_every: self.grid_every,
             grid_steps: self.grid_steps,
+            num_res_blocks: self.num_res_blocks,
+            sigma_max: self.sigma_max,
+            sigma_data: self.sigma_data,
+            noise_dist: self.noise_dist,
         }
     }
 }

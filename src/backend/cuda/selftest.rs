@@ -823,8 +823,9 @@ fn backward_cases(v: &mut Vec<Case>) {
     }
 }
 
-/// End to end: the DSM-loss gradient of every trainable parameter of the `ve-tiny` network
-/// (random weights, a batch of 2 at 128×128) on CUDA at each precision against the reference
+/// End to end: the training-loss gradient of every trainable parameter of the `ve-tiny` network
+/// (the paper's DSM loss) and of `ve-res-tiny` (the guide-residual wrapper and its EDM loss) —
+/// random weights, a batch of 2 at 128×128 — on CUDA at each precision against the reference
 /// backend; see [`compare_training`].
 pub fn training_gradients<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> Vec<SelftestRow> {
     let mut rows = Vec::new();
@@ -832,26 +833,32 @@ pub fn training_gradients<R: Backend>(cuda: &Cuda, reference: &R, seed: u64) -> 
         if !cuda.supports(p) {
             continue;
         }
-        rows.extend(compare_training(
-            &cuda.with_precision(p).with_poison(true),
-            reference,
-            p,
-            seed,
-        ));
-        if fatal(rows.last()) {
-            break;
+        for preset in TRAIN_PRESETS {
+            rows.extend(compare_training(
+                &cuda.with_precision(p).with_poison(true),
+                reference,
+                preset,
+                p,
+                seed,
+            ));
+            if fatal(rows.last()) {
+                return rows;
+            }
         }
     }
     rows
 }
 
-const TRAIN_PRESET: &str = "ve-tiny";
+/// The networks of the end-to-end training rows: the paper's form and the guide-residual one.
+const TRAIN_PRESETS: [&str; 2] = ["ve-tiny", "ve-res-tiny"];
 
-/// (per-sample losses, gradients by name) of the DSM loss of `TRAIN_PRESET` on one backend.
+/// (per-sample losses, gradients by name) of the training loss of `preset` on one backend.
 type TrainRun = (Vec<f64>, std::collections::BTreeMap<String, Vec<f32>>);
 
+#[allow(clippy::too_many_arguments)]
 fn train_run<B: Backend>(
     b: &B,
+    preset: &str,
     seed: u64,
     x0: &[f32],
     y: &[f32],
@@ -860,7 +867,7 @@ fn train_run<B: Backend>(
     shape: &[usize],
 ) -> Result<TrainRun> {
     use crate::model::{Ncsnpp, NetConfig, ScoreModel};
-    let cfg = NetConfig::preset(TRAIN_PRESET)?;
+    let cfg = NetConfig::preset(preset)?;
     let model = ScoreModel::new(Ncsnpp::random(b, cfg, seed)?);
     let (x0, y, z) = (
         b.from_f32(shape, x0)?,
@@ -886,6 +893,7 @@ fn train_run<B: Backend>(
 pub fn compare_training<D: Backend, R: Backend>(
     dev: &D,
     reference: &R,
+    preset: &str,
     precision: Precision,
     seed: u64,
 ) -> Vec<SelftestRow> {
@@ -898,14 +906,14 @@ pub fn compare_training<D: Backend, R: Backend>(
         host(3, n01()),
     );
     let t = [0.1, 0.6];
-    let shape_text = format!("{TRAIN_PRESET} {shape:?} dsm t={t:?}");
+    let shape_text = format!("{preset} {shape:?} dsm t={t:?}");
     let bounds = match precision {
         Precision::F32 => [1e-5, 1e-4, 1e-3],
         Precision::Tf32 => [1e-2, 3e-2, 1e-1],
         Precision::Bf16 => [5e-2, 1e-1, 3e-1],
     };
-    let want = train_run(reference, seed, &x0, &y, &z, &t, &shape);
-    let got = train_run(dev, seed, &x0, &y, &z, &t, &shape);
+    let want = train_run(reference, preset, seed, &x0, &y, &z, &t, &shape);
+    let got = train_run(dev, preset, seed, &x0, &y, &z, &t, &shape);
     let mut rows = Vec::new();
     let mut row = |op: &str, shape: String, rel: f64, bound: f64, error: Option<String>| {
         rows.push(SelftestRow {
@@ -1015,11 +1023,13 @@ mod tests {
     /// leave room for f32 rounding through the whole network.
     #[test]
     fn training_rows_pass_for_cpu_f32_against_f64() {
-        let rows = compare_training(&Cpu::<f32>::new(), &Cpu::<f64>::new(), Precision::F32, 3);
-        for r in &rows {
-            println!("{r}");
+        for preset in TRAIN_PRESETS {
+            let rows = compare_training(&Cpu::<f32>::new(), &Cpu::<f64>::new(), preset, Precision::F32, 3);
+            for r in &rows {
+                println!("{r}");
+            }
+            assert_eq!(rows.len(), 3);
+            assert!(rows.iter().all(|r| r.pass), "{rows:#?}");
         }
-        assert_eq!(rows.len(), 3);
-        assert!(rows.iter().all(|r| r.pass), "{rows:#?}");
     }
 }

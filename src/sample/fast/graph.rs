@@ -388,7 +388,9 @@ pub(crate) fn try_fast_sample<B: Backend, S: ScoreFn<B> + 'static>(
     ) else {
         return Ok(None);
     };
-    if !cuda.same_stream(model.net.backend()) {
+    // The captured network stage computes the paper form's score; guide-residual models
+    // (input scaled by c_in, the skip term) run the eager loop on CUDA for now.
+    if !cuda.same_stream(model.net.backend()) || model.guide_residual().is_some() {
         return Ok(None);
     }
     let graph = match FastGraph::new(model, sde, cfg, steps, y, xh, noise) {
@@ -473,7 +475,7 @@ pub fn fast_graph_parity(cuda: &Cuda, case: &FastParityCase<'_>, seed: u64) -> R
         },
     )?;
     // The graph path from the same start: the prior as fast_sample draws it, then x̂_T.
-    let x_t = cuda.affine(&noise.next(cuda, y.shape())?, sde.prior_std(), 0.0)?;
+    let x_t = crate::model::prior_start(cuda, &model, &noise.next(cuda, y.shape())?, sde.prior_std(), &y)?;
     let xh = cuda.affine(&x_t, 1.0 / super::schedule::alpha(&sde, 1.0), 0.0)?;
     let graph = FastGraph::new(&model, &sde, &cfg, case.steps, &y, &xh, &noise)?;
     let nodes = graph.nodes();

@@ -149,7 +149,13 @@ pub fn fast_sample<B: Backend, S: ScoreFn<B> + 'static>(
 ) -> Result<Tensor<B>> {
     cfg.validate(steps)?;
     check_guide(y)?;
-    let x_t = backend.affine(&noise.next(backend, y.shape())?, sde.prior_std(), 0.0)?;
+    let x_t = crate::model::prior_start(
+        backend,
+        score,
+        &noise.next(backend, y.shape())?,
+        sde.prior_std(),
+        y,
+    )?;
     fast_sample_from(backend, score, sde, y, cfg, steps, &x_t, &mut noise, observer)
 }
 
@@ -194,7 +200,13 @@ pub fn fast_sample_eager<B: Backend, S: ScoreFn<B>>(
 ) -> Result<Tensor<B>> {
     cfg.validate(steps)?;
     check_guide(y)?;
-    let x_t = backend.affine(&noise.next(backend, y.shape())?, sde.prior_std(), 0.0)?;
+    let x_t = crate::model::prior_start(
+        backend,
+        score,
+        &noise.next(backend, y.shape())?,
+        sde.prior_std(),
+        y,
+    )?;
     let xh = start(backend, sde, y, cfg, steps, &x_t)?;
     solve(backend, score, sde, y, cfg, steps, xh, &mut noise, observer)
 }
