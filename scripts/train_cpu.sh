@@ -26,7 +26,7 @@ BATCH="${BATCH:-4}"
 LR="${LR:-5e-4}"
 WARMUP="${WARMUP:-20}"
 EMA="${EMA:-0.995}"
-NOISE_DIST="${NOISE_DIST:-log-normal:-2.9,1.2}"
+NOISE_DIST="${NOISE_DIST:-paper}"
 INIT="${INIT:-assets/model}"
 
 if [ ! -x "$BIN" ]; then

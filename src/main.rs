@@ -136,6 +136,18 @@ enum Cmd {
         #[command(flatten)]
         args: srsde_fast::train::pack::PackArgs,
     },
+    /// Make the paper's 16×16 LR face of HR faces (antialiased ×8 downsampling): `{stem}_lr16.png`
+    /// per face in OUTDIR, ready for `upscale` (e.g. to compare its result with the HR).
+    Degrade {
+        /// HR face images or folders of them (square, ≥ 128×128; larger ones are resized to 128 first).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(short = 'o', long = "out-dir", value_name = "OUTDIR")]
+        out_dir: PathBuf,
+        /// Overwrite existing outputs.
+        #[arg(long)]
+        force: bool,
+    },
     /// Write a training checkpoint's EMA weights as an inference weights file.
     Export {
         #[command(flatten)]
@@ -354,6 +366,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("{summary}");
         }
         Cmd::Export { args } => println!("{}", srsde_fast::train::run::export_cli(&args)?),
+        Cmd::Degrade {
+            inputs,
+            out_dir,
+            force,
+        } => {
+            let (written, failed) = srsde_fast::io::degrade::write_lr_faces(&inputs, &out_dir, force)?;
+            // Each message names its file.
+            for (_, why) in &failed {
+                eprintln!("error: {why}");
+            }
+            println!("wrote {} LR face(s) into {}", written.len(), out_dir.display());
+            if !failed.is_empty() {
+                bail!("{} file(s) could not be degraded (named above)", failed.len());
+            }
+        }
         Cmd::PackFaces { args } => println!("{}", srsde_fast::train::pack::pack_cli(&args)?),
         Cmd::Upscale { opts, device } => {
             let report = match pick_device(device)? {

@@ -32,8 +32,25 @@ use crate::sample::{
 };
 use crate::sde::Sde;
 
-/// The sampler a VE model uses on the CPU when `--sampler` is not given (see [`run`]).
+/// The sampler a paper-parameterized VE model uses on the CPU when `--sampler` is not given.
 pub const CPU_DEFAULT_SAMPLER: &str = "dpm2";
+/// The sampler and network evaluations a guide-residual model uses on the CPU when `--sampler` is
+/// not given: chosen by measurement on held-out faces for the shipped model (docs/training.md,
+/// "Default sampler"). Few deterministic steps stay close to the posterior mean — the most faithful
+/// output, under a second a face on 2 cores; more `--steps` add sharper but invented detail.
+pub const CPU_DEFAULT_RESIDUAL: (&str, usize) = ("dpm1", 2);
+
+/// The sampler (and, if it fixes one, the step count) that a model gets on the CPU without
+/// `--sampler`: the paper's samplers take about half an hour a face there. None: keep the paper's.
+pub fn cpu_default_sampler(config: &crate::model::NetConfig) -> Option<(&'static str, Option<usize>)> {
+    if config.sde_schedule().name() != "ve" {
+        return None;
+    }
+    Some(match config.model.parameterization.sigma_data() {
+        Some(_) => (CPU_DEFAULT_RESIDUAL.0, Some(CPU_DEFAULT_RESIDUAL.1)),
+        None => (CPU_DEFAULT_SAMPLER, None),
+    })
+}
 
 /// Frames of x̄ in the `--trajectory` animation (after the LR guide), spread evenly over the steps.
 pub const TRAJECTORY_FRAMES: usize = 50;
@@ -95,7 +112,8 @@ pub struct UpscaleOptions {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Sampler preset [default: the paper's for the model's SDE: sde-ve-cs for VE, sde-vp / sde-subvp;
-    /// on the CPU dpm2 for VE models].
+    /// on the CPU a fast one for VE models: dpm1 with 2 evaluations for guide-residual models such as
+    /// the bundled one, dpm2 for the paper's].
     ///
     /// The paper's samplers (sde-*) run the predictor–corrector loop for N steps. The fast ones
     /// (ode-heun, dpm*) solve the probability-flow ODE on a Karras noise schedule (--rho) and end with a
@@ -293,20 +311,21 @@ pub fn run<B: Backend>(opts: &UpscaleOptions, backend: &B) -> Result<UpscaleRepo
     );
     let model = ScoreModel::new(net);
     // On a CPU the paper's sampler (2000 predictor–corrector steps, 4000 network evaluations) takes
-    // about half an hour per face even for ve-small, so without --sampler a VE model samples with
-    // the fast dpm2 (25 evaluations) there.
+    // about half an hour per face, so without --sampler a VE model samples with a fast one there.
     let cpu_default;
-    let opts = if opts.sampler.is_none() && backend.is_cpu() && model.sde.name() == "ve" {
-        cpu_default = UpscaleOptions {
-            sampler: Some(CPU_DEFAULT_SAMPLER.to_string()),
-            ..opts.clone()
-        };
-        eprintln!(
-            "note: on the CPU the default sampler is {CPU_DEFAULT_SAMPLER} (fast); --sampler sde-ve-cs runs the paper's"
-        );
-        &cpu_default
-    } else {
-        opts
+    let opts = match cpu_default_sampler(&model.net.config) {
+        Some((sampler, steps)) if opts.sampler.is_none() && backend.is_cpu() => {
+            cpu_default = UpscaleOptions {
+                sampler: Some(sampler.to_string()),
+                steps: opts.steps.or(steps),
+                ..opts.clone()
+            };
+            eprintln!(
+                "note: on the CPU the default sampler is {sampler} (fast); --sampler sde-ve-cs runs the paper's"
+            );
+            &cpu_default
+        }
+        _ => opts,
     };
     let (name, cfg) = sampler_config(opts, &model.sde)?;
     println!("sampler: {}", describe_sampler(&name, &cfg));

@@ -274,8 +274,8 @@ impl NetConfig {
             c.data.centered = true;
             c
         };
-        let residual = |mut c: NetConfig, blocks: usize| {
-            c.model.ch_mult = vec![1, 2, 2, 2];
+        let residual = |mut c: NetConfig, ch_mult: &[usize], blocks: usize| {
+            c.model.ch_mult = ch_mult.to_vec();
             c.model.num_res_blocks = blocks;
             c.model.scale_by_sigma = false;
             c.model.sigma_max = 10.0;
@@ -292,10 +292,11 @@ impl NetConfig {
             "subvp-paper" => vp(SdeKind::Subvp, 128, 8, 0.1),
             "vp-tiny" => vp(SdeKind::Vp, 16, 2, 0.0),
             // The compact guide-residual family of the default model (docs/training.md says
-            // how its size was chosen): four levels down to 16×16 with attention there, and a
-            // σ range fitted to residuals of RMS σ_d ≈ 0.09 instead of whole images.
-            "ve-res" => residual(ve(32), 2),
-            "ve-res-tiny" => residual(ve(8), 1),
+            // how its size was chosen by CPU pilots): four levels down to 16×16 with attention
+            // there, widths 16-32-64-64, and a σ range fitted to residuals of RMS σ_d ≈ 0.09
+            // instead of whole images.
+            "ve-res" => residual(ve(16), &[1, 2, 4, 4], 2),
+            "ve-res-tiny" => residual(ve(8), &[1, 2, 2, 2], 1),
             _ => {
                 return Err(Error::Config(format!(
                     "unknown model preset `{name}` (choose one of: {})",
