@@ -342,3 +342,75 @@ fn vp_model_and_original_checkpoint() {
     );
     assert_eq!(png_info(&out.join("face_sr.png")), (128, 128, ColorType::Rgb8));
 }
+
+#[test]
+fn degrade_writes_the_papers_lr_and_keeps_going_past_a_bad_file() {
+    let tmp = TempDir::new("degrade");
+    let dir = tmp.path("hr");
+    std::fs::create_dir_all(&dir).unwrap();
+    let hr_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/val128/celebahq_000004.jpg");
+    std::fs::copy(&hr_path, dir.join("face.jpg")).unwrap();
+    std::fs::write(dir.join("broken.png"), b"\x89PNG\r\n\x1a\nnot a png").unwrap();
+    let out = tmp.path("lr");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_srsde-fast"))
+            .args(["degrade", s(&dir), "-o", s(&out)])
+            .output()
+            .expect("run srsde-fast")
+    };
+    let r = run();
+    let (stdout, stderr) = text(&r);
+    assert!(!r.status.success(), "a bad file makes the exit status fail");
+    assert!(stderr.contains("broken.png"), "the bad file is named: {stderr}");
+    assert!(stdout.contains("wrote 1 LR face"), "{stdout}");
+    // The written LR is the paper's, quantized to 8 bits.
+    let hr = load_hr_face(&dir.join("face.jpg"), 128, CropMode::Reject).unwrap();
+    let (lr, _) = make_lr_chw(&hr.pixels, 128, 128);
+    let written = image::open(out.join("face_lr16.png")).unwrap().to_rgb8();
+    assert_eq!(written.dimensions(), (16, 16));
+    for (i, p) in written.pixels().enumerate() {
+        for c in 0..3 {
+            let want = srsde_fast::io::image::quantize_u8(lr[c * 256 + i]);
+            assert_eq!(p.0[c], want, "pixel {i} channel {c}");
+        }
+    }
+    // Nothing is overwritten on a second run.
+    let before = std::fs::read(out.join("face_lr16.png")).unwrap();
+    let (_, stderr) = text(&run());
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert_eq!(std::fs::read(out.join("face_lr16.png")).unwrap(), before);
+}
+
+/// The README's main job: the bundled example through the bundled model with no `--model`, on the
+/// CPU's default sampler — and the result is closer to the HR than the bicubic guide is.
+#[test]
+fn bundled_model_improves_on_bicubic_for_the_bundled_example() {
+    if !srsde_fast::model::default::has_embedded() {
+        println!("skipped: this build bundles no default model (assets/model/ holds no export)");
+        return;
+    }
+    let tmp = TempDir::new("bundled");
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/examples");
+    let out = tmp.path("out");
+    let r = Command::new(env!("CARGO_BIN_EXE_srsde-fast"))
+        .args(["upscale", "--device", "cpu", "--save-lr"])
+        .arg(examples.join("astronaut_lr16.png"))
+        .args(["-o", s(&out)])
+        .env_remove(srsde_fast::model::default::ENV_VAR)
+        .output()
+        .expect("run srsde-fast");
+    let (stdout, stderr) = text(&r);
+    assert!(r.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("bundled"), "the bundled model is used: {stdout}");
+    let load = |p: &Path| {
+        let f = load_hr_face(p, 128, CropMode::Reject).unwrap();
+        srsde_fast::eval::metrics::ImageU8::from_chw_f32(3, 128, 128, &f.pixels).unwrap()
+    };
+    let hr = load(&examples.join("astronaut_hr128.png"));
+    let sr = load(&out.join("astronaut_lr16_sr.png"));
+    let bicubic = load(&out.join("astronaut_lr16_lr.png"));
+    let psnr = |a| srsde_fast::eval::metrics::psnr(a, &hr).unwrap();
+    let (p_sr, p_bic) = (psnr(&sr), psnr(&bicubic));
+    println!("bundled example: PSNR SR {p_sr:.2} dB, bicubic {p_bic:.2} dB");
+    assert!(p_sr > p_bic, "SR {p_sr:.2} dB is not above bicubic {p_bic:.2} dB");
+}

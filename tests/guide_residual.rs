@@ -335,3 +335,21 @@ fn config_round_trips_and_paper_configs_are_unchanged() {
     bad.model.parameterization = Parameterization::GuideResidual { sigma_data: 0.1 };
     assert!(bad.validate().is_err());
 }
+
+#[test]
+fn cpu_default_sampler_follows_the_parameterization() {
+    use srsde_fast::upscale::{cpu_default_sampler, CPU_DEFAULT_RESIDUAL, CPU_DEFAULT_SAMPLER};
+    let res = NetConfig::preset("ve-res").unwrap();
+    assert_eq!(
+        cpu_default_sampler(&res),
+        Some((CPU_DEFAULT_RESIDUAL.0, Some(CPU_DEFAULT_RESIDUAL.1)))
+    );
+    assert_eq!(
+        cpu_default_sampler(&NetConfig::preset("ve-small").unwrap()),
+        Some((CPU_DEFAULT_SAMPLER, None))
+    );
+    assert_eq!(cpu_default_sampler(&NetConfig::preset("vp-tiny").unwrap()), None);
+    // The default is a valid configuration of its sampler for this model.
+    let cfg = srsde_fast::sample::SamplerConfig::preset(CPU_DEFAULT_RESIDUAL.0, &res.sde_schedule()).unwrap();
+    assert!(cfg.fast.is_some(), "the CPU default is one of the fast samplers");
+}
