@@ -2,7 +2,9 @@
 # Issue 7's table: the paper's sampler at its full step count against every fast sampler at 10, 20,
 # 50 and 100 network evaluations, on the same held-out faces, with wall-clock per face on this machine.
 # Usage: MODEL=model/ HR=heldout_faces/ [OUT=/tmp/fast-eval] [LIMIT=64] [BATCH=32] [DEVICE=cuda]
-#        [PAPER=sde-ve-cs] [PAPER_STEPS=] [FAST="ode-heun dpm1 dpm2 dpm3"] [NFES="10 20 50 100"]
+#        [PAPER=sde-ve-cs|none] [PAPER_STEPS=] [FAST="ode-heun dpm1 dpm2 dpm3"] [NFES="10 20 50 100"]
+#        (PAPER=none skips the paper's sampler: on a CPU it runs for hours; run it on its own,
+#        resumably, with `srsde-fast eval --sampler sde-ve-cs --steps N` and add its row)
 #        bash scripts/eval_fast_samplers.sh
 # Writes $OUT/table.md (Markdown, ready for docs/benchmarks.md) and every eval's report in $OUT/<run>/.
 set -u
@@ -31,7 +33,9 @@ run() { # name, args...
 }
 
 : >"$OUT/times.txt"
-if [ -n "${PAPER_STEPS:-}" ]; then
+if [ "$PAPER" = none ]; then
+    :
+elif [ -n "${PAPER_STEPS:-}" ]; then
     run paper --sampler "$PAPER" --steps "$PAPER_STEPS" # a dry run; the table wants the full count
 else
     run paper --sampler "$PAPER"
@@ -55,6 +59,8 @@ for name, (rc, secs) in times.items():
     rep = json.load(open(path))
     faces = None
     for m in rep["methods"]:
+        if m["method"] == "bicubic" and not any(r.startswith("| bicubic") for r in rows):
+            rows.insert(0, f"| bicubic (the guide) | {m['psnr']['mean']:.2f} | {m['ssim']['mean']:.4f} | {m['consistency']['mean']:.2f} | {m['cs']['mean']:.4f} | | |")
         if m["method"] in ("HR vs HR", "bicubic"):
             continue
         faces = m["faces"]
