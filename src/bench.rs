@@ -224,6 +224,48 @@ pub fn time_train_step<B: Backend>(
     )
 }
 
+/// [`time_train_step`] with the CPU per-op profile on (`backend::cpu::profile`): the timing, and
+/// the table over every step run (the warm-up included) with GFLOP/s per GEMM kind, the non-GEMM
+/// share, and the step's GEMM rate as a share of the forward conv's rate measured in the same run.
+/// On other backends the table is empty (their ops do not report to it).
+pub fn profile_train_step<B: Backend>(
+    backend: &B,
+    preset: &str,
+    image_size: usize,
+    batch: usize,
+    iters: usize,
+) -> Result<(Timing, String)> {
+    use crate::backend::cpu::profile;
+    profile::enable(true);
+    let _ = profile::take();
+    let t0 = Instant::now();
+    let timing = time_train_step(backend, preset, image_size, batch, iters);
+    let wall = t0.elapsed().as_secs_f64();
+    let stats = profile::take();
+    profile::enable(false);
+    let timing = timing?;
+    let steps = iters.max(1) + 1;
+    let mut table = profile::format_table(&stats, steps);
+    let profiled: f64 = stats.values().map(|s| s.self_s).sum();
+    let rate = |kinds: &[&str]| {
+        let (f, t) = kinds
+            .iter()
+            .filter_map(|k| stats.get(k))
+            .fold((0.0, 0.0), |(f, t), s| (f + s.flops, t + s.self_s));
+        f / t.max(1e-12) / 1e9
+    };
+    let fwd = rate(&["gemm conv forward"]);
+    let all = rate(&profile::GEMM_KINDS);
+    table.push_str(&format!(
+        "step wall {:.1} ms ({:.1} % of it outside the backend ops: autograd, loss, host work); \
+         GEMM rate over the step {all:.1} GFLOP/s = {:.0} % of the forward conv's {fwd:.1} GFLOP/s\n",
+        1e3 * wall / steps as f64,
+        100.0 * (1.0 - profiled / wall.max(1e-12)),
+        100.0 * all / fwd.max(1e-12)
+    ));
+    Ok((timing, table))
+}
+
 /// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

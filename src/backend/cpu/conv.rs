@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::float::CpuFloat;
 use super::matmul::{gemm, gemm_unchecked, Mat, Par};
+use super::profile;
 use crate::backend::shapes;
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one output buffer.
@@ -26,6 +27,7 @@ impl<T> SharedMut<T> {
 
 /// x[N,I] · w[O,I]ᵀ + b → [N,O].
 pub(crate) fn linear<T: CpuFloat>(x: &[T], w: &[T], b: Option<&[T]>, n: usize, i: usize, o: usize) -> Vec<T> {
+    let _prof = profile::scope("gemm nin/linear", 2.0 * (n * i * o) as f64);
     let mut out = vec![T::ZERO; n * o];
     if let Some(b) = b {
         out.chunks_mut(o.max(1)).for_each(|row| row.copy_from_slice(b));
@@ -52,6 +54,7 @@ pub(crate) fn linear_backward<T: CpuFloat>(
     i: usize,
     o: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let _prof = profile::scope("gemm nin/linear", 4.0 * (n * i * o) as f64);
     let mut dx = vec![T::ZERO; n * i];
     gemm(
         &mut dx,
@@ -87,6 +90,7 @@ pub(crate) fn linear_backward<T: CpuFloat>(
 
 /// y[n,o,p] = Σ_c x[n,c,p]·w[c,o] + b[o]; x [N,C,P], w [C,O].
 pub(crate) fn nin<T: CpuFloat>(x: &[T], w: &[T], b: &[T], n: usize, c: usize, o: usize, p: usize) -> Vec<T> {
+    let _prof = profile::scope("gemm nin/linear", 2.0 * (n * c * o * p) as f64);
     let mut out = vec![T::ZERO; n * o * p];
     for img in 0..n {
         let y = &mut out[img * o * p..][..o * p];
@@ -109,6 +113,7 @@ pub(crate) fn nin_backward<T: CpuFloat>(
     o: usize,
     p: usize,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let _prof = profile::scope("gemm nin/linear", 4.0 * (n * c * o * p) as f64);
     let mut dx = vec![T::ZERO; n * c * p];
     let mut dw = vec![T::ZERO; c * o];
     for img in 0..n {
@@ -274,6 +279,8 @@ const MIN_CHANNEL_BLOCK: usize = 16;
 pub(crate) fn conv2d<T: CpuFloat>(g: &ConvGeom, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
+    // The column tiles are built inside the GEMM tasks (in cache), so this kind includes im2col.
+    let _prof = profile::scope("gemm conv forward", 2.0 * (g.n * o * k * p) as f64);
     let mut out = vec![T::ZERO; g.n * o * p];
     if out.is_empty() {
         return out;
@@ -362,7 +369,10 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
     let (img_in, hw) = (g.c * g.h * g.w, g.h * g.w);
     let mut dx = vec![T::ZERO; g.n * img_in];
     let mut dw = vec![T::ZERO; o * k];
-    let db = channel_sums(dy, g.n, o, p);
+    let db = {
+        let _prof = profile::scope("conv bias-grad", 0.0);
+        channel_sums(dy, g.n, o, p)
+    };
     if p == 0 {
         return (dx, dw, db);
     }
@@ -378,18 +388,28 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
             let col_t = if g.pointwise() {
                 Mat::rm_t(x_img, q0, nt, k, p)
             } else {
+                let _prof = profile::scope("conv backward im2col", 0.0);
                 col.resize(k * nt, T::ZERO);
                 im2col(g, x_img, q0, q1, &mut col, Par::Pool);
                 Mat::rm_t(&col, 0, nt, k, nt)
             };
-            gemm(&mut dw, 0, k, dy_t, col_t, T::ONE, !first, Par::Pool);
+            let tile_flops = 2.0 * (o * k * nt) as f64;
+            {
+                let _prof = profile::scope("gemm conv weight-grad", tile_flops);
+                gemm(&mut dw, 0, k, dy_t, col_t, T::ONE, !first, Par::Pool);
+            }
             first = false;
             let wt = Mat::rm_t(w, 0, k, o, k);
             if g.pointwise() {
+                let _prof = profile::scope("gemm conv input-grad", tile_flops);
                 gemm(&mut dx, img * img_in + q0, p, wt, dy_t, T::ONE, false, Par::Pool);
             } else if hw > 0 {
                 dcol.resize(k * nt, T::ZERO);
-                gemm(&mut dcol, 0, nt, wt, dy_t, T::ONE, false, Par::Pool);
+                {
+                    let _prof = profile::scope("gemm conv input-grad", tile_flops);
+                    gemm(&mut dcol, 0, nt, wt, dy_t, T::ONE, false, Par::Pool);
+                }
+                let _prof = profile::scope("conv backward col2im", 0.0);
                 let taps = g.kh * g.kw;
                 dx[img * img_in..][..img_in]
                     .par_chunks_mut(hw)

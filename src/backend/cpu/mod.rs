@@ -25,6 +25,7 @@ mod float;
 mod matmul;
 mod norm;
 pub mod optim;
+pub mod profile;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -225,11 +226,13 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     // ---- elementwise --------------------------------------------------------------------------
     fn add(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("add", 0.0);
         same_shape("add", a.shape(), b.shape())?;
         let (x, y) = (data("add", a)?, data("add", b)?);
         Ok(Self::wrap(a.shape(), self.run(|| map2(x, y, |p, q| p + q))))
     }
     fn axpby(&self, alpha: f64, a: &Tensor<Self>, beta: f64, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("axpby", 0.0);
         same_shape("axpby", a.shape(), b.shape())?;
         let (x, y) = (data("axpby", a)?, data("axpby", b)?);
         let (al, be) = (T::from_f64(alpha), T::from_f64(beta));
@@ -239,16 +242,19 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         ))
     }
     fn mul(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("mul", 0.0);
         same_shape("mul", a.shape(), b.shape())?;
         let (x, y) = (data("mul", a)?, data("mul", b)?);
         Ok(Self::wrap(a.shape(), self.run(|| map2(x, y, |p, q| p * q))))
     }
     fn affine(&self, x: &Tensor<Self>, scale: f64, shift: f64) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("affine", 0.0);
         let xs = data("affine", x)?;
         let (s, t) = (T::from_f64(scale), T::from_f64(shift));
         Ok(Self::wrap(x.shape(), self.run(|| map1(xs, |v| s * v + t))))
     }
     fn scale_per_sample(&self, x: &Tensor<Self>, s: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("scale_per_sample", 0.0);
         let op = "scale_per_sample";
         let n = shapes::scale_per_sample(op, x.shape(), s.shape())?;
         let (xs, ss) = (data(op, x)?, data(op, s)?);
@@ -265,10 +271,12 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(Self::wrap(x.shape(), out))
     }
     fn silu(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("silu", 0.0);
         let xs = data("silu", x)?;
         Ok(Self::wrap(x.shape(), self.run(|| map1(xs, |v| v * v.sigmoid()))))
     }
     fn silu_backward(&self, x: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("silu_backward", 0.0);
         same_shape("silu_backward", x.shape(), dy.shape())?;
         let (xs, ds) = (data("silu_backward", x)?, data("silu_backward", dy)?);
         let f = |v: T, d: T| {
@@ -278,6 +286,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(Self::wrap(x.shape(), self.run(|| map2(xs, ds, f))))
     }
     fn add_channel_bias(&self, x: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("add_channel_bias", 0.0);
         let op = "add_channel_bias";
         let (_, _, h, w) = shapes::channel_bias(op, x.shape(), b.shape())?;
         let (xs, bs) = (data(op, x)?, data(op, b)?);
@@ -294,6 +303,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(Self::wrap(x.shape(), out))
     }
     fn sum_spatial(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("sum_spatial", 0.0);
         let (n, c, h, w) = x.dims4("sum_spatial")?;
         let xs = data("sum_spatial", x)?;
         let hw = h * w;
@@ -306,6 +316,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(Self::wrap(&[n, c], out))
     }
     fn sum_squares_per_sample(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("sum_squares_per_sample", 0.0);
         let op = "sum_squares_per_sample";
         let n = shapes::batch(op, x.shape())?;
         let xs = data(op, x)?;
@@ -327,6 +338,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     // ---- layout -------------------------------------------------------------------------------
     fn concat_channels(&self, xs: &[&Tensor<Self>]) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("concat_channels", 0.0);
         let op = "concat_channels";
         let (n, ctot, h, w) = shapes::concat_channels(op, xs.iter().map(|x| x.shape()))?;
         let chans = xs
@@ -343,6 +355,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(Self::wrap(&[n, ctot, h, w], out))
     }
     fn slice_channels(&self, x: &Tensor<Self>, start: usize, len: usize) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("slice_channels", 0.0);
         let op = "slice_channels";
         let (n, c, h, w) = shapes::slice_channels(op, x.shape(), start, len)?;
         let xs = data(op, x)?;
@@ -354,6 +367,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(Self::wrap(&[n, len, h, w], out))
     }
     fn interleave_channels(&self, x: &Tensor<Self>, y: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("interleave_channels", 0.0);
         let op = "interleave_channels";
         let (n, c, h, w) = x.dims4(op)?;
         same_shape(op, x.shape(), y.shape())?;
@@ -372,6 +386,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     // ---- dense layers -------------------------------------------------------------------------
     fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: Option<&Tensor<Self>>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("linear", 0.0);
         let op = "linear";
         let (n, i, o) = shapes::linear(op, x.shape(), w.shape(), b.map(|b| b.shape()))?;
         let bs = b.map(|b| data(op, b)).transpose()?;
@@ -382,6 +397,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         ))
     }
     fn linear_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>> {
+        let _prof = profile::scope("linear_backward", 0.0);
         let op = "linear_backward";
         let (n, i, o) = shapes::linear(op, x.shape(), w.shape(), None)?;
         expect_shape(op, "dy", dy.shape(), &[n, o])?;
@@ -390,6 +406,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(grads(g, &[n, i], &[o, i], &[o]))
     }
     fn nin(&self, x: &Tensor<Self>, w: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("nin", 0.0);
         let op = "nin";
         let (n, c, h, wd, o) = shapes::nin(op, x.shape(), w.shape(), Some(b.shape()))?;
         let (xs, ws, bs) = (data(op, x)?, data(op, w)?, data(op, b)?);
@@ -399,6 +416,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         ))
     }
     fn nin_backward(&self, x: &Tensor<Self>, w: &Tensor<Self>, dy: &Tensor<Self>) -> Result<Grads3<Self>> {
+        let _prof = profile::scope("nin_backward", 0.0);
         let op = "nin_backward";
         let (n, c, h, wd, o) = shapes::nin(op, x.shape(), w.shape(), None)?;
         expect_shape(op, "dy", dy.shape(), &[n, o, h, wd])?;
@@ -414,6 +432,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("conv2d", 0.0);
         let op = "conv2d";
         let g = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
         if let Some(b) = b {
@@ -436,6 +455,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         pad: usize,
         epi: &ConvEpilogue<Self>,
     ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        let _prof = profile::scope("conv2d_fused_saving", 0.0);
         Ok((self.conv2d_fused(x, w, b, stride, pad, epi)?, x.clone()))
     }
     fn conv2d_backward_saved(
@@ -446,6 +466,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         stride: usize,
         pad: usize,
     ) -> Result<Grads3<Self>> {
+        let _prof = profile::scope("conv2d_backward_saved", 0.0);
         self.conv2d_backward(x, w, dy, stride, pad)
     }
     fn conv2d_backward(
@@ -456,6 +477,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         stride: usize,
         pad: usize,
     ) -> Result<Grads3<Self>> {
+        let _prof = profile::scope("conv2d_backward", 0.0);
         let op = "conv2d_backward";
         let g = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
         expect_shape(op, "dy", dy.shape(), &[g.n, g.o, g.oh, g.ow])?;
@@ -474,6 +496,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         eps: f64,
         silu: bool,
     ) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("group_norm", 0.0);
         let g = norm_geom("group_norm", x, gamma, beta, groups, eps, silu)?;
         let (xs, gs, bs) = (
             data("group_norm", x)?,
@@ -495,6 +518,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         eps: f64,
         silu: bool,
     ) -> Result<(Tensor<Self>, ())> {
+        let _prof = profile::scope("group_norm_saving", 0.0);
         Ok((self.group_norm(x, gamma, beta, groups, eps, silu)?, ()))
     }
     fn group_norm_backward_saved(
@@ -508,6 +532,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         eps: f64,
         silu: bool,
     ) -> Result<Grads3<Self>> {
+        let _prof = profile::scope("group_norm_backward_saved", 0.0);
         self.group_norm_backward(x, gamma, beta, dy, groups, eps, silu)
     }
     fn group_norm_backward(
@@ -520,6 +545,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         eps: f64,
         silu: bool,
     ) -> Result<Grads3<Self>> {
+        let _prof = profile::scope("group_norm_backward", 0.0);
         let op = "group_norm_backward";
         let g = norm_geom(op, x, gamma, beta, groups, eps, silu)?;
         same_shape(op, x.shape(), dy.shape())?;
@@ -530,6 +556,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     // ---- attention ----------------------------------------------------------------------------
     fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("attention", 0.0);
         let op = "attention";
         let (n, c, h, w) = shapes::attention(op, q.shape(), &[k.shape(), v.shape()])?;
         let (qs, ks, vs) = (data(op, q)?, data(op, k)?, data(op, v)?);
@@ -545,6 +572,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         v: &Tensor<Self>,
         dy: &Tensor<Self>,
     ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
+        let _prof = profile::scope("attention_backward", 0.0);
         let op = "attention_backward";
         let (n, c, h, w) = shapes::attention(op, q.shape(), &[k.shape(), v.shape(), dy.shape()])?;
         let (qs, ks, vs, ds) = (data(op, q)?, data(op, k)?, data(op, v)?, data(op, dy)?);
@@ -558,6 +586,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     // ---- FIR resampling -----------------------------------------------------------------------
     fn upfirdn2d(&self, x: &Tensor<Self>, fir: &Fir, geom: UpFirDn) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("upfirdn2d", 0.0);
         let g = fir_geom("upfirdn2d", x.shape(), fir, geom)?;
         let xs = data("upfirdn2d", x)?;
         let f: Vec<T> = fir.taps.iter().map(|&v| T::from_f32(v)).collect();
@@ -571,6 +600,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         fir: &Fir,
         geom: UpFirDn,
     ) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("upfirdn2d_backward", 0.0);
         let op = "upfirdn2d_backward";
         let g = fir_geom(op, x_shape, fir, geom)?;
         expect_shape(op, "dy", dy.shape(), &[x_shape[0], x_shape[1], g.oh, g.ow])?;
@@ -584,6 +614,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     /// Computed in f64 and rounded once: the phase 2π·ln σ·W reaches ~10³ rad, where an f32
     /// product would already be off by ~10⁻⁴.
     fn fourier_embedding(&self, sigma: &Tensor<Self>, w: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("fourier_embedding", 0.0);
         let op = "fourier_embedding";
         let (n, m) = shapes::fourier_embedding(op, sigma.shape(), w.shape())?;
         let (ss, ws) = (data(op, sigma)?, data(op, w)?);
@@ -599,6 +630,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     /// Computed in `T` step by step like score_sde's `get_timestep_embedding` (which is float32
     /// in the original), so the f32 backend reproduces the reference rounding.
     fn sinusoidal_embedding(&self, t: &Tensor<Self>, dim: usize, max_positions: f64) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("sinusoidal_embedding", 0.0);
         let op = "sinusoidal_embedding";
         let n = shapes::sinusoidal_embedding(op, t.shape(), dim)?;
         let h = dim / 2;
@@ -614,16 +646,19 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     // ---- randomness ---------------------------------------------------------------------------
     fn randn(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("randn", 0.0);
         let n = shape.iter().product();
         let out = self.run(|| generate(n, |i| T::from_f32(rng::normal(seed, offset.wrapping_add(i)))));
         Ok(Self::wrap(shape, out))
     }
     fn rand_uniform(&self, shape: &[usize], seed: u64, offset: u64) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("rand_uniform", 0.0);
         let n = shape.iter().product();
         let out = self.run(|| generate(n, |i| T::from_f32(rng::uniform(seed, offset.wrapping_add(i)))));
         Ok(Self::wrap(shape, out))
     }
     fn dropout_mask(&self, shape: &[usize], p: f64, seed: u64, offset: u64) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("dropout_mask", 0.0);
         shapes::dropout_probability(p)?;
         let n = shape.iter().product();
         let keep = T::from_f64(1.0 / (1.0 - p));
@@ -648,6 +683,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         v: &Tensor<Self>,
         hp: &AdamStep,
     ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
+        let _prof = profile::scope("adam_update", 0.0);
         let op = "adam_update";
         hp.validate(p.shape(), g.shape(), m.shape(), v.shape())?;
         let (ps, gs, ms, vs) = (data(op, p)?, data(op, g)?, data(op, m)?, data(op, v)?);
@@ -669,6 +705,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         ))
     }
     fn ema_update(&self, shadow: &Tensor<Self>, p: &Tensor<Self>, decay: f64) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("ema_update", 0.0);
         let op = "ema_update";
         super::validate_ema(shadow.shape(), p.shape(), decay)?;
         let (ss, ps) = (data(op, shadow)?, data(op, p)?);
@@ -681,6 +718,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(Self::wrap(shadow.shape(), out))
     }
     fn squared_norms(&self, xs: &[&Tensor<Self>]) -> Result<Vec<f64>> {
+        let _prof = profile::scope("squared_norms", 0.0);
         let slices = xs
             .iter()
             .map(|x| data("squared_norms", x))
