@@ -470,6 +470,9 @@ fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_ste
     if let Some(b) = bench::peak_rss_bytes() {
         println!("peak memory (RSS): {:.0} MiB", b as f64 / (1 << 20) as f64);
     }
+    if !profile.is_empty() {
+        println!("\nper-op profile (self time on the calling thread):\n{profile}");
+    }
     Ok(())
 }
 
@@ -499,7 +502,12 @@ fn print_kernel_profile(be: &Cuda) {
 fn bench_train<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize) -> Result<()> {
     let size = NetConfig::preset(preset)?.data.image_size;
     println!("device: {}", be.name());
-    let t = bench::time_train_step(be, preset, size, batch, iters)?;
+    // On the CPU the step runs with the per-op profile on (a clock read per op) and prints it.
+    let (t, profile) = if be.is_cpu() {
+        bench::profile_train_step(be, preset, size, batch, iters)?
+    } else {
+        (bench::time_train_step(be, preset, size, batch, iters)?, String::new())
+    };
     println!(
         "train step ({preset}, {size}×{size}) batch {batch}: median {:.1} ms (min {:.1}, {} runs), {:.2} images/s",
         t.median_ms,
