@@ -470,9 +470,6 @@ fn bench_on<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize, pc_ste
     if let Some(b) = bench::peak_rss_bytes() {
         println!("peak memory (RSS): {:.0} MiB", b as f64 / (1 << 20) as f64);
     }
-    if !profile.is_empty() {
-        println!("\nper-op profile (self time on the calling thread):\n{profile}");
-    }
     Ok(())
 }
 
@@ -517,6 +514,9 @@ fn bench_train<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize) -> 
     );
     if let Some(b) = bench::peak_rss_bytes() {
         println!("peak memory (RSS): {:.0} MiB", b as f64 / (1 << 20) as f64);
+    }
+    if !profile.is_empty() {
+        println!("\nper-op profile (self time on the calling thread):\n{profile}");
     }
     Ok(())
 }
