@@ -232,8 +232,16 @@ fn col2im_row<T: CpuFloat>(g: &ConvGeom, plane: &mut [T], r: usize, q0: usize, q
             let row = &mut plane[iy as usize * g.w..][..g.w];
             let (lo, hi) = g.valid_ox(kx, ox0, ox1);
             let seg = &src[q - q0 + lo - ox0..][..hi - lo];
-            for (j, &v) in seg.iter().enumerate() {
-                row[(lo + j) * g.stride + kx - g.pad] += v;
+            if g.stride == 1 {
+                // Contiguous in both: a plain slice add the compiler vectorises.
+                let ix0 = lo + kx - g.pad;
+                for (d, &v) in row[ix0..ix0 + seg.len()].iter_mut().zip(seg) {
+                    *d += v;
+                }
+            } else {
+                for (j, &v) in seg.iter().enumerate() {
+                    row[(lo + j) * g.stride + kx - g.pad] += v;
+                }
             }
         }
         q += ox1 - ox0;
@@ -357,8 +365,9 @@ fn column_matrix<'a, T>(
 }
 
 /// (dx, dw, db) of conv2d. Per tile: dw += dy_tile · col_tileᵀ, dcol = wᵀ · dy_tile, then dcol is
-/// scattered back into dx (col2im), parallel over input channels so no two threads add into the
-/// same pixel.
+/// scattered back into dx (col2im). With a batch that feeds every thread, one image per task
+/// ([`conv2d_backward_images`]); else image by image, each tile's products split over the pool and
+/// col2im parallel over input channels so no two threads add into the same pixel.
 pub(crate) fn conv2d_backward<T: CpuFloat>(
     g: &ConvGeom,
     x: &[T],
@@ -366,7 +375,7 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
     dy: &[T],
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, p, o) = (g.k(), g.p(), g.o);
-    let (img_in, hw) = (g.c * g.h * g.w, g.h * g.w);
+    let img_in = g.c * g.h * g.w;
     let mut dx = vec![T::ZERO; g.n * img_in];
     let mut dw = vec![T::ZERO; o * k];
     let db = {
@@ -376,6 +385,18 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
     if p == 0 {
         return (dx, dw, db);
     }
+    if backward_per_image(g.n) {
+        conv2d_backward_images(g, x, w, dy, &mut dx, &mut dw);
+    } else {
+        conv2d_backward_tiles(g, x, w, dy, &mut dx, &mut dw);
+    }
+    (dx, dw, db)
+}
+
+/// The conv backward one image at a time, each tile's GEMMs split over the pool (small batches).
+fn conv2d_backward_tiles<T: CpuFloat>(g: &ConvGeom, x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T]) {
+    let (k, p, o) = (g.k(), g.p(), g.o);
+    let (img_in, hw) = (g.c * g.h * g.w, g.h * g.w);
     let tile = tile_positions::<T>(k, p, BACKWARD_TILE_BYTES);
     let (mut col, mut dcol) = (Vec::new(), Vec::new());
     let mut first = true;
@@ -396,13 +417,13 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
             let tile_flops = 2.0 * (o * k * nt) as f64;
             {
                 let _prof = profile::scope("gemm conv weight-grad", tile_flops);
-                gemm(&mut dw, 0, k, dy_t, col_t, T::ONE, !first, Par::Pool);
+                gemm(dw, 0, k, dy_t, col_t, T::ONE, !first, Par::Pool);
             }
             first = false;
             let wt = Mat::rm_t(w, 0, k, o, k);
             if g.pointwise() {
                 let _prof = profile::scope("gemm conv input-grad", tile_flops);
-                gemm(&mut dx, img * img_in + q0, p, wt, dy_t, T::ONE, false, Par::Pool);
+                gemm(dx, img * img_in + q0, p, wt, dy_t, T::ONE, false, Par::Pool);
             } else if hw > 0 {
                 dcol.resize(k * nt, T::ZERO);
                 {
@@ -422,5 +443,183 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
             }
         }
     }
-    (dx, dw, db)
+}
+
+/// `SRSDE_CPU_CONV_BACKWARD`: `images` (the default) runs the conv backward one image per task when
+/// the batch can feed every thread; `tiles` keeps every image on the whole pool in turn (the
+/// earlier route, for A/B benchmarks). Read once.
+fn backward_per_image(n: usize) -> bool {
+    static IMAGES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let images =
+        *IMAGES.get_or_init(|| std::env::var("SRSDE_CPU_CONV_BACKWARD").map_or(true, |v| v != "tiles"));
+    images && rayon::current_num_threads() > 1 && n >= rayon::current_num_threads()
+}
+
+/// The conv backward with one image per task: each task builds its column tiles (sized for one
+/// core's L2), runs dW_img += dY·colᵀ and dcol = Wᵀ·dY with single-threaded GEMMs, and scatters dcol
+/// into its own image of dx. The small per-image products are about twice as fast on one core each
+/// as split over the pool, and nothing waits on a barrier between tiles. dW is the sum of the
+/// per-image dW in image order, so the result does not depend on the thread count.
+fn conv2d_backward_images<T: CpuFloat>(g: &ConvGeom, x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T]) {
+    let (k, p, o) = (g.k(), g.p(), g.o);
+    let (img_in, hw) = (g.c * g.h * g.w, g.h * g.w);
+    let tile = tile_positions::<T>(k, p, FORWARD_TILE_BYTES);
+    // With the profile on, each task clocks its parts (thread-seconds) and the caller's wall time is
+    // shared out in proportion: [im2col, weight-grad GEMM, input-grad GEMM, col2im].
+    let prof = profile::is_enabled();
+    let started = std::time::Instant::now();
+    let clock = |on: bool| on.then(std::time::Instant::now);
+    let lap = |t: Option<std::time::Instant>, acc: &mut f64| {
+        if let Some(t) = t {
+            *acc += t.elapsed().as_secs_f64();
+        }
+    };
+    let per_image: Vec<(Vec<T>, [f64; 4])> = dx
+        .par_chunks_mut(img_in.max(1))
+        .enumerate()
+        .map(|(img, dx_img)| {
+            let x_img = &x[img * img_in..][..img_in];
+            let mut dw_img = vec![T::ZERO; o * k];
+            let mut parts = [0.0f64; 4];
+            let (mut col, mut dcol) = (Vec::new(), Vec::new());
+            for q0 in (0..p).step_by(tile) {
+                let q1 = (q0 + tile).min(p);
+                let nt = q1 - q0;
+                let dy_t = Mat::rm(dy, img * o * p + q0, o, nt, p);
+                let t = clock(prof);
+                let col_t = if g.pointwise() {
+                    Mat::rm_t(x_img, q0, nt, k, p)
+                } else {
+                    col.resize(k * nt, T::ZERO);
+                    im2col(g, x_img, q0, q1, &mut col, Par::Serial);
+                    Mat::rm_t(&col, 0, nt, k, nt)
+                };
+                lap(t, &mut parts[0]);
+                let t = clock(prof);
+                gemm(&mut dw_img, 0, k, dy_t, col_t, T::ONE, q0 > 0, Par::Serial);
+                lap(t, &mut parts[1]);
+                let wt = Mat::rm_t(w, 0, k, o, k);
+                let t = clock(prof);
+                if g.pointwise() {
+                    gemm(dx_img, q0, p, wt, dy_t, T::ONE, false, Par::Serial);
+                    lap(t, &mut parts[2]);
+                } else if hw > 0 {
+                    dcol.resize(k * nt, T::ZERO);
+                    gemm(&mut dcol, 0, nt, wt, dy_t, T::ONE, false, Par::Serial);
+                    lap(t, &mut parts[2]);
+                    let t = clock(prof);
+                    let taps = g.kh * g.kw;
+                    for (c, plane) in dx_img.chunks_mut(hw).enumerate() {
+                        for r in c * taps..(c + 1) * taps {
+                            col2im_row(g, plane, r, q0, q1, &dcol[r * nt..][..nt]);
+                        }
+                    }
+                    lap(t, &mut parts[3]);
+                }
+            }
+            (dw_img, parts)
+        })
+        .collect();
+    for (dw_img, _) in &per_image {
+        for (d, &v) in dw.iter_mut().zip(dw_img) {
+            *d += v;
+        }
+    }
+    if prof {
+        let wall = started.elapsed().as_secs_f64();
+        let mut parts = [0.0f64; 4];
+        for (_, p) in &per_image {
+            for (a, b) in parts.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        let busy: f64 = parts.iter().sum::<f64>().max(1e-12);
+        let gemm_flops = 2.0 * (g.n * o * k * p) as f64;
+        let names = [
+            ("conv backward im2col", 0.0),
+            ("gemm conv weight-grad", gemm_flops),
+            ("gemm conv input-grad", gemm_flops),
+            ("conv backward col2im", 0.0),
+        ];
+        for ((name, flops), part) in names.into_iter().zip(parts) {
+            profile::record(name, wall * part / busy, flops);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct f64 conv backward: dx[n,c,iy,ix] += w[o,c,ky,kx]·dy[n,o,oy,ox], dw += x·dy.
+    fn reference(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+        for n in 0..g.n {
+            for o in 0..g.o {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let d = dy[((n * g.o + o) * g.oh + oy) * g.ow + ox] as f64;
+                        for c in 0..g.c {
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                                    let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                                        continue;
+                                    }
+                                    let xi = ((n * g.c + c) * g.h + iy as usize) * g.w + ix as usize;
+                                    let wi = ((o * g.c + c) * g.kh + ky) * g.kw + kx;
+                                    dx[xi] += w[wi] as f64 * d;
+                                    dw[wi] += x[xi] as f64 * d;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (dx, dw)
+    }
+
+    fn rel(a: &[f32], b: &[f64]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
+        let den: f64 = b.iter().map(|b| b * b).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    #[test]
+    fn both_backward_routes_match_a_direct_reference() {
+        let mut seed = 1u64;
+        let mut rnd = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        // 3×3 pad 1, 3×3 stride 2, 1×1 pointwise, 1×1 stride 2; batch 3 (odd, more than the threads).
+        for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0)] {
+            let g = shapes::conv2d("test", &[3, 5, 11, 9], &[7, 5, k, k], stride, pad).unwrap();
+            let (x, w, dy) = (rnd(3 * 5 * 11 * 9), rnd(7 * 5 * k * k), rnd(3 * 7 * g.oh * g.ow));
+            let (want_dx, want_dw) = reference(&g, &x, &w, &dy);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            // Both routes accumulate into zeroed buffers.
+            let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+            pool.install(|| conv2d_backward_tiles(&g, &x, &w, &dy, &mut dx, &mut dw));
+            let (mut dx2, mut dw2) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+            pool.install(|| conv2d_backward_images(&g, &x, &w, &dy, &mut dx2, &mut dw2));
+            for (name, got, want) in [
+                ("dx", &dx, &want_dx),
+                ("dw", &dw, &want_dw),
+                ("dx images", &dx2, &want_dx),
+                ("dw images", &dw2, &want_dw),
+            ] {
+                let e = rel(got, want);
+                assert!(e < 1e-5, "k {k} stride {stride}: {name} rel err {e}");
+            }
+        }
+    }
 }

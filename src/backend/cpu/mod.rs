@@ -10,8 +10,10 @@
 //!   column buffer never grows with the image; 1×1 stride-1 convs use the input directly. When
 //!   there are enough (image, tile) tasks every core runs whole tasks with a serial gemm (the
 //!   tile stays in its L2); otherwise tasks run in turn and gemm itself splits over the pool.
-//!   The backward computes dW = dY·colᵀ and dcol = Wᵀ·dY per tile and scatters dcol back (col2im)
-//!   in parallel over input channels.
+//!   The backward computes dW = dY·colᵀ and dcol = Wᵀ·dY per tile and scatters dcol back (col2im):
+//!   one image per task with single-threaded GEMMs when the batch feeds every thread (per-image dW
+//!   summed in image order), else image by image on the pool.
+//!   `SRSDE_CPU_PROFILE=1` (or `bench --train --device cpu`) times every op (`cpu::profile`).
 //! - GroupNorm statistics are two-pass in f64 (biased variance, eps inside the sqrt), with SiLU
 //!   optionally fused into the same pass.
 //! - Attention computes softmax(QᵀK/√C) over blocks of queries (bounded score matrix).

@@ -1,5 +1,6 @@
 //! GroupNorm (+ optional fused SiLU), forward and backward. Statistics are accumulated in f64 with
-//! two passes (mean, then centred squares), variance is biased (as PyTorch), eps inside the sqrt.
+//! two passes (mean, then centred squares), variance is biased (as PyTorch), eps inside the sqrt;
+//! the backward's elementwise work runs in the element type, its sums in f64.
 use rayon::prelude::*;
 
 use super::float::CpuFloat;
@@ -93,35 +94,42 @@ pub(crate) fn group_norm_backward<T: CpuFloat>(
             let c0 = (idx % g.groups) * cg;
             let (mut dgam, mut dbet) = (vec![0.0; cg], vec![0.0; cg]);
             let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+            // Elementwise work in T (f32 in use: its exp is several times cheaper than f64's);
+            // the sums accumulate in f64 per channel, as the statistics do.
+            let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
             for j in 0..cg {
-                let gam = gamma[c0 + j].to_f64();
-                let bet = beta[c0 + j].to_f64();
+                let (gam, bet) = (gamma[c0 + j], beta[c0 + j]);
                 let range = j * g.hw..(j + 1) * g.hw;
+                let (mut dgam_j, mut dbet_j, mut sum_g_j, mut sum_gx_j) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
                 for ((d, &xv), &dyv) in dxs[range.clone()]
                     .iter_mut()
                     .zip(&xs[range.clone()])
                     .zip(&dys[range])
                 {
-                    let xhat = (xv.to_f64() - mean) * rstd;
-                    let mut dz = dyv.to_f64();
+                    let xhat = (xv - mean_t) * rstd_t;
+                    let mut dz = dyv;
                     if g.silu {
                         let z = xhat * gam + bet;
-                        let s = 1.0 / (1.0 + (-z).exp());
-                        dz *= s * (1.0 + z * (1.0 - s));
+                        let s = z.sigmoid();
+                        dz = dz * s * (T::ONE + z * (T::ONE - s));
                     }
-                    dgam[j] += dz * xhat;
-                    dbet[j] += dz;
                     let gv = dz * gam;
-                    sum_g += gv;
-                    sum_gx += gv * xhat;
-                    *d = T::from_f64(gv);
+                    dgam_j += (dz * xhat).to_f64();
+                    dbet_j += dz.to_f64();
+                    sum_g_j += gv.to_f64();
+                    sum_gx_j += (gv * xhat).to_f64();
+                    *d = gv;
                 }
+                dgam[j] = dgam_j;
+                dbet[j] = dbet_j;
+                sum_g += sum_g_j;
+                sum_gx += sum_gx_j;
             }
             let m = len as f64;
-            let (mg, mgx) = (sum_g / m, sum_gx / m);
+            let (mg, mgx) = (T::from_f64(sum_g / m), T::from_f64(sum_gx / m));
             for (d, &xv) in dxs.iter_mut().zip(xs) {
-                let xhat = (xv.to_f64() - mean) * rstd;
-                *d = T::from_f64(rstd * (d.to_f64() - mg - xhat * mgx));
+                let xhat = (xv - mean_t) * rstd_t;
+                *d = rstd_t * (*d - mg - xhat * mgx);
             }
             (dgam, dbet)
         })

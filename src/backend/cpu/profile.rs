@@ -91,6 +91,24 @@ impl Drop for Scope {
     }
 }
 
+/// Adds `secs` of wall time (and `flops`) to `name` directly, as a nested part of the open scope:
+/// for work measured inside parallel tasks and apportioned to the caller's wall time.
+pub fn record(name: &'static str, secs: f64, flops: f64) {
+    if !is_enabled() {
+        return;
+    }
+    OPEN.with(|o| {
+        if let Some(parent) = o.borrow_mut().last_mut() {
+            *parent += secs;
+        }
+    });
+    let mut t = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    let s = t.entry(name).or_default();
+    s.calls += 1;
+    s.self_s += secs;
+    s.flops += flops;
+}
+
 /// The GEMM kinds of the table (the rest is "non-GEMM" time; attention, a small share at 16×16,
 /// counts there with its softmax).
 pub const GEMM_KINDS: [&str; 4] = [
