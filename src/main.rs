@@ -503,7 +503,10 @@ fn bench_train<B: Backend>(be: &B, preset: &str, batch: usize, iters: usize) -> 
     let (t, profile) = if be.is_cpu() {
         bench::profile_train_step(be, preset, size, batch, iters)?
     } else {
-        (bench::time_train_step(be, preset, size, batch, iters)?, String::new())
+        (
+            bench::time_train_step(be, preset, size, batch, iters)?,
+            String::new(),
+        )
     };
     println!(
         "train step ({preset}, {size}×{size}) batch {batch}: median {:.1} ms (min {:.1}, {} runs), {:.2} images/s",
