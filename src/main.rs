@@ -173,18 +173,25 @@ enum Cmd {
 /// Shown by `srsde-fast upscale --help`.
 const UPSCALE_EXAMPLES: &str = "\
 Examples:
-  srsde-fast upscale faces/ -o out/ --model model/
-      Every 16×16 face (LR) in faces/ → out/NAME_sr.png (128×128, SR); the model is a sharded
-      export folder (`srsde-fast export --shard-mib 16`), a .safetensors file or the original .pth.
+  srsde-fast upscale assets/examples/astronaut_lr16.png -o out/
+      The bundled example face through the bundled model → out/astronaut_lr16_sr.png (on a CPU:
+      dpm1, 2 network evaluations, about a second).
   srsde-fast upscale faces/ -o out/ --model model/ --samples 4 --seed 7
-      Four hypotheses per face (out/NAME_sr_0.png … _3.png); --save-lr also writes the bicubic guide.
-  srsde-fast upscale face.png -o out/ --model model/ --sampler sde-ve-cs
-      The paper's own predictor–corrector sampler (2000 steps: slow on a CPU, where the default is
-      the fast dpm2 sampler).
+      Every 16×16 face in faces/, four hypotheses each (out/NAME_sr_0.png … _3.png), with another
+      model: a sharded export folder (`srsde-fast export --shard-mib 16`), a .safetensors file or the
+      original .pth; --save-lr also writes the bicubic guide.
+  srsde-fast upscale face.png -o out/ --sampler sde-ve-cs --steps 1000
+      The paper's own predictor–corrector sampler (slow on a CPU: 2 evaluations per step).
+  srsde-fast degrade hr_faces/ -o lr/
+      The paper's 16×16 LR of HR faces, to try the model where the answer is known.
 
 Without --model the model is $SRSDE_MODEL if set, else the one bundled in the binary (built from
-assets/model/ when it holds an export — the repository ships none yet, see docs/training.md), else a
-sharded export in ~/.local/share/srsde-fast/model/.";
+assets/model/: guide-residual ve-res, non-commercial research use only, see its MODEL_CARD.md),
+else a sharded export in ~/.local/share/srsde-fast/model/.
+
+What it gives (rows LR | SR | HR; first column the bundled example, then held-out faces):
+docs/images/example_strip.png — measured on 298 held-out faces: PSNR 23.20 dB, CS 0.9116 vs
+bicubic 21.10 dB, 0.9049 (docs/eval/).";
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
