@@ -241,6 +241,47 @@ fn channels_of(len: usize, h: usize, w: usize) -> usize {
     len / (h * w)
 }
 
+/// What [`write_lr_faces`] did: the written paths, and each failed input with its error.
+pub type LrFaces = (Vec<std::path::PathBuf>, Vec<(std::path::PathBuf, String)>);
+
+/// `srsde-fast degrade`: writes the paper's 16×16 LR face of every HR face in `inputs` (files or
+/// folders) as `{stem}_lr16.png` in `out_dir`. HR faces larger than 128×128 are first resized to
+/// 128×128 (antialiased bilinear), exactly as `eval` prepares them. A file that cannot be read is
+/// reported and skipped; the others are still written. Returns the written paths and the failures.
+pub fn write_lr_faces(
+    inputs: &[std::path::PathBuf],
+    out_dir: &std::path::Path,
+    force: bool,
+) -> crate::error::Result<LrFaces> {
+    use crate::io::image::{collect_images, encode_png, load_hr_face, write_file};
+    let files = collect_images(inputs)?;
+    if files.is_empty() {
+        return Err(crate::error::Error::Config(
+            "no images (png, jpg, jpeg, webp, bmp) found in the inputs".to_string(),
+        ));
+    }
+    std::fs::create_dir_all(out_dir).map_err(|e| crate::error::Error::io(out_dir, e))?;
+    let (mut written, mut failed) = (Vec::new(), Vec::new());
+    for path in files {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let target = out_dir.join(format!("{stem}_lr16.png"));
+        let result = load_hr_face(&path, crate::io::LR_SIZE * SR_FACTOR, crate::io::CropMode::Reject)
+            .and_then(|face| {
+                let (lr, _) = make_lr_chw(&face.pixels, face.size, face.size);
+                let (lh, lw) = (face.size / SR_FACTOR, face.size / SR_FACTOR);
+                write_file(&target, &encode_png(&lr, 3, lh, lw, face.gray)?, force)
+            });
+        match result {
+            Ok(()) => written.push(target),
+            Err(e) => failed.push((path, e.to_string())),
+        }
+    }
+    Ok((written, failed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,42 +333,4 @@ mod tests {
             }
         }
     }
-}
-
-/// `srsde-fast degrade`: writes the paper's 16×16 LR face of every HR face in `inputs` (files or
-/// folders) as `{stem}_lr16.png` in `out_dir`. HR faces larger than 128×128 are first resized to
-/// 128×128 (antialiased bilinear), exactly as `eval` prepares them. A file that cannot be read is
-/// reported and skipped; the others are still written. Returns the written paths and the failures.
-pub fn write_lr_faces(
-    inputs: &[std::path::PathBuf],
-    out_dir: &std::path::Path,
-    force: bool,
-) -> crate::error::Result<(Vec<std::path::PathBuf>, Vec<(std::path::PathBuf, String)>)> {
-    use crate::io::image::{collect_images, encode_png, load_hr_face, write_file};
-    let files = collect_images(inputs)?;
-    if files.is_empty() {
-        return Err(crate::error::Error::Config(
-            "no images (png, jpg, jpeg, webp, bmp) found in the inputs".to_string(),
-        ));
-    }
-    std::fs::create_dir_all(out_dir).map_err(|e| crate::error::Error::io(out_dir, e))?;
-    let (mut written, mut failed) = (Vec::new(), Vec::new());
-    for path in files {
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let target = out_dir.join(format!("{stem}_lr16.png"));
-        let result = load_hr_face(&path, crate::io::LR_SIZE * SR_FACTOR, crate::io::CropMode::Reject)
-            .and_then(|face| {
-                let (lr, _) = make_lr_chw(&face.pixels, face.size, face.size);
-                let (lh, lw) = (face.size / SR_FACTOR, face.size / SR_FACTOR);
-                write_file(&target, &encode_png(&lr, 3, lh, lw, face.gray)?, force)
-            });
-        match result {
-            Ok(()) => written.push(target),
-            Err(e) => failed.push((path, e.to_string())),
-        }
-    }
-    Ok((written, failed))
 }
