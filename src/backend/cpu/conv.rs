@@ -277,18 +277,50 @@ const BACKWARD_TILE_BYTES: usize = 16 << 20;
 /// Smallest block of output channels worth a task of its own.
 const MIN_CHANNEL_BLOCK: usize = 16;
 
-/// conv2d forward: out[n,o,q] = Σ_r w[o,r]·col_n[r,q] + b[o].
+/// What the forward conv adds to its product before writing it: a residual block's epilogue
+/// ([`crate::backend::ConvEpilogue`] as slices).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Epilogue<'a, T> {
+    /// [N, O]: added per sample and output channel.
+    pub chan_bias: Option<&'a [T]>,
+    /// (r, alpha, beta), r shaped like the output: out = alpha·(conv + biases) + beta·r.
+    pub residual: Option<(&'a [T], T, T)>,
+}
+
+/// conv2d forward: out[n,o,q] = alpha·(Σ_r w[o,r]·col_n[r,q] + b[o] + cb[n,o]) + beta·res[n,o,q]
+/// (see [`Epilogue`]; alpha = 1, beta = 0 without a residual).
+///
+/// The epilogue costs no pass of its own: each output row is first filled with alpha·(b + cb) +
+/// beta·res, then the GEMM adds alpha·(W·col) onto it.
 ///
 /// The work is (image, tile of output positions) tasks. With enough tasks to feed every thread,
 /// tasks run in parallel, each doing its own im2col and a single-threaded gemm (the column tile
 /// never leaves that core's cache). With few tasks (small images), tasks run in turn: im2col is
 /// split over the pool, then the gemm is split into blocks of output channels, one per task —
 /// gemm's own threading is about half as fast on these shapes.
-pub(crate) fn conv2d<T: CpuFloat>(g: &ConvGeom, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
+pub(crate) fn conv2d<T: CpuFloat>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    epi: Epilogue<'_, T>,
+) -> Vec<T> {
+    // The column tiles are built inside the GEMM tasks (in cache), so this kind includes im2col.
+    conv2d_profiled("gemm conv forward", g, x, w, b, epi)
+}
+
+/// [`conv2d`], its time and FLOPs counted under the profile kind `kind`.
+fn conv2d_profiled<T: CpuFloat>(
+    kind: &'static str,
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    epi: Epilogue<'_, T>,
+) -> Vec<T> {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
-    // The column tiles are built inside the GEMM tasks (in cache), so this kind includes im2col.
-    let _prof = profile::scope("gemm conv forward", 2.0 * (g.n * o * k * p) as f64);
+    let _prof = profile::scope(kind, 2.0 * (g.n * o * k * p) as f64);
     let mut out = vec![T::ZERO; g.n * o * p];
     if out.is_empty() {
         return out;
@@ -297,20 +329,36 @@ pub(crate) fn conv2d<T: CpuFloat>(g: &ConvGeom, x: &[T], w: &[T], b: Option<&[T]
     let tile = tile_positions::<T>(k, p, FORWARD_TILE_BYTES);
     let tiles = p.div_ceil(tile);
     let out_ptr = SharedMut::new(&mut out);
+    let (alpha, beta) = epi.residual.map_or((T::ONE, T::ZERO), |(_, a, b)| (a, b));
+    let prefilled = b.is_some() || epi.chan_bias.is_some() || epi.residual.is_some();
     // One task: output channels [o0, o1) of (image, tile), from a ready column tile `rhs`.
     let block = |img: usize, q0: usize, nt: usize, o0: usize, o1: usize, rhs: Mat<'_, T>| {
         // SAFETY: the caller hands each (img, tile, channel block) to exactly one task, so the
         // rows out[img, o0..o1, q0..q0+nt] are written by this call only.
         let dst = unsafe { out_ptr.get().add((img * o + o0) * p + q0) };
-        if let Some(b) = b {
-            for (r, &bv) in b[o0..o1].iter().enumerate() {
-                // SAFETY: as above; r·p + nt ≤ (o1 − o0)·p.
-                unsafe { std::slice::from_raw_parts_mut(dst.add(r * p), nt).fill(bv) };
+        if prefilled {
+            for oc in o0..o1 {
+                let mut bias = b.map_or(T::ZERO, |b| b[oc]);
+                if let Some(cb) = epi.chan_bias {
+                    bias += cb[img * o + oc];
+                }
+                // SAFETY: as above; (oc − o0)·p + nt ≤ (o1 − o0)·p.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add((oc - o0) * p), nt) };
+                match epi.residual {
+                    None => row.fill(bias),
+                    Some((res, _, _)) => {
+                        let bias = alpha * bias;
+                        let res = &res[(img * o + oc) * p + q0..][..nt];
+                        for (d, &r) in row.iter_mut().zip(res) {
+                            *d = bias + beta * r;
+                        }
+                    }
+                }
             }
         }
         let wmat = Mat::rm(w, o0 * k, o1 - o0, k, k);
         // SAFETY: as above.
-        unsafe { gemm_unchecked(dst, p, wmat, rhs, T::ONE, b.is_some(), Par::Serial) };
+        unsafe { gemm_unchecked(dst, p, wmat, rhs, alpha, prefilled, Par::Serial) };
     };
     let column_tile = |img: usize, q0: usize, q1: usize, col: &mut Vec<T>, par: Par| {
         let x_img = &x[img * img_in..][..img_in];
@@ -364,10 +412,15 @@ fn column_matrix<'a, T>(
     }
 }
 
-/// (dx, dw, db) of conv2d. Per tile: dw += dy_tile · col_tileᵀ, dcol = wᵀ · dy_tile, then dcol is
-/// scattered back into dx (col2im). With a batch that feeds every thread, one image per task
-/// ([`conv2d_backward_images`]); else image by image, each tile's products split over the pool and
-/// col2im parallel over input channels so no two threads add into the same pixel.
+/// (dx, dw, db) of conv2d.
+///
+/// dW = Σ_tiles dy_tile · col_tileᵀ, over column tiles built as in the forward. dx, for stride-1
+/// convs, is itself a forward convolution: dy convolved with the flipped, transposed kernel
+/// (padding k − 1 − pad) — see [`input_grad_as_conv`]; it runs on the forward's tiled path and
+/// writes dx directly. Other convs (stride 2) compute dcol = wᵀ · dy_tile per tile and scatter it
+/// back (col2im). With a batch that feeds every thread, one image per task
+/// ([`conv2d_backward_images`]); else image by image, each tile's products split over the pool
+/// and col2im parallel over input channels so no two threads add into the same pixel.
 pub(crate) fn conv2d_backward<T: CpuFloat>(
     g: &ConvGeom,
     x: &[T],
@@ -376,73 +429,105 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
-    let mut dx = vec![T::ZERO; g.n * img_in];
     let mut dw = vec![T::ZERO; o * k];
     let db = {
         let _prof = profile::scope("conv bias-grad", 0.0);
         channel_sums(dy, g.n, o, p)
     };
     if p == 0 {
-        return (dx, dw, db);
+        return (vec![T::ZERO; g.n * img_in], dw, db);
     }
-    if backward_per_image(g.n) {
-        conv2d_backward_images(g, x, w, dy, &mut dx, &mut dw);
+    let as_conv = input_grad_by_conv(g);
+    let mut dx = if as_conv {
+        input_grad_as_conv(g, w, dy)
     } else {
-        conv2d_backward_tiles(g, x, w, dy, &mut dx, &mut dw);
+        vec![T::ZERO; g.n * img_in]
+    };
+    let dx_scatter = (!as_conv).then_some(&mut dx[..]);
+    if backward_per_image(g.n) {
+        conv2d_backward_images(g, x, w, dy, dx_scatter, &mut dw);
+    } else {
+        conv2d_backward_tiles(g, x, w, dy, dx_scatter, &mut dw);
     }
     (dx, dw, db)
 }
 
-/// The conv backward one image at a time, each tile's GEMMs split over the pool (small batches).
-fn conv2d_backward_tiles<T: CpuFloat>(g: &ConvGeom, x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T]) {
-    let (k, p, o) = (g.k(), g.p(), g.o);
-    let (img_in, hw) = (g.c * g.h * g.w, g.h * g.w);
-    let tile = tile_positions::<T>(k, p, BACKWARD_TILE_BYTES);
-    let (mut col, mut dcol) = (Vec::new(), Vec::new());
-    let mut first = true;
-    for img in 0..g.n {
-        let x_img = &x[img * img_in..][..img_in];
-        for q0 in (0..p).step_by(tile) {
-            let q1 = (q0 + tile).min(p);
-            let nt = q1 - q0;
-            let dy_t = Mat::rm(dy, img * o * p + q0, o, nt, p);
-            let col_t = if g.pointwise() {
-                Mat::rm_t(x_img, q0, nt, k, p)
-            } else {
-                let _prof = profile::scope("conv backward im2col", 0.0);
-                col.resize(k * nt, T::ZERO);
-                im2col(g, x_img, q0, q1, &mut col, Par::Pool);
-                Mat::rm_t(&col, 0, nt, k, nt)
-            };
-            let tile_flops = 2.0 * (o * k * nt) as f64;
-            {
-                let _prof = profile::scope("gemm conv weight-grad", tile_flops);
-                gemm(dw, 0, k, dy_t, col_t, T::ONE, !first, Par::Pool);
-            }
-            first = false;
-            let wt = Mat::rm_t(w, 0, k, o, k);
-            if g.pointwise() {
-                let _prof = profile::scope("gemm conv input-grad", tile_flops);
-                gemm(dx, img * img_in + q0, p, wt, dy_t, T::ONE, false, Par::Pool);
-            } else if hw > 0 {
-                dcol.resize(k * nt, T::ZERO);
-                {
-                    let _prof = profile::scope("gemm conv input-grad", tile_flops);
-                    gemm(&mut dcol, 0, nt, wt, dy_t, T::ONE, false, Par::Pool);
+/// Whether dx is computed as a forward conv ([`input_grad_as_conv`]): stride 1 with a kernel
+/// wider than 1 (pointwise convs are one GEMM already), square, and pad < kernel, unless
+/// `SRSDE_CPU_CONV_INPUT_GRAD=col2im` asks for the GEMM + col2im route (A/B benchmarks). Read once.
+fn input_grad_by_conv(g: &ConvGeom) -> bool {
+    static BY_CONV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on =
+        *BY_CONV.get_or_init(|| std::env::var("SRSDE_CPU_CONV_INPUT_GRAD").map_or(true, |v| v != "col2im"));
+    on && g.stride == 1 && !g.pointwise() && g.kh == g.kw && g.pad < g.kh
+}
+
+/// dx of a stride-1 conv as the forward conv dx = conv(dy, w′, pad k − 1 − pad) with
+/// w′[c, o, ky, kx] = w[o, c, kh − 1 − ky, kw − 1 − kx]: every output pixel of the forward that
+/// an input pixel fed, weighted by the tap that fed it. Same products as Wᵀ·dY + col2im, but the
+/// columns are gathered (im2col, a copy) instead of scattered (col2im, a read-add-write of 9×
+/// the image), and the forward's tiled, parallel GEMM path runs it.
+fn input_grad_as_conv<T: CpuFloat>(g: &ConvGeom, w: &[T], dy: &[T]) -> Vec<T> {
+    let (kh, kw, taps) = (g.kh, g.kw, g.kh * g.kw);
+    let mut flipped = vec![T::ZERO; w.len()];
+    for o in 0..g.o {
+        for c in 0..g.c {
+            let src = &w[(o * g.c + c) * taps..][..taps];
+            let dst = &mut flipped[(c * g.o + o) * taps..][..taps];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    dst[ky * kw + kx] = src[(kh - 1 - ky) * kw + (kw - 1 - kx)];
                 }
-                let _prof = profile::scope("conv backward col2im", 0.0);
-                let taps = g.kh * g.kw;
-                dx[img * img_in..][..img_in]
-                    .par_chunks_mut(hw)
-                    .enumerate()
-                    .for_each(|(c, plane)| {
-                        for r in c * taps..(c + 1) * taps {
-                            col2im_row(g, plane, r, q0, q1, &dcol[r * nt..][..nt]);
-                        }
-                    });
             }
         }
     }
+    let gt = ConvGeom {
+        n: g.n,
+        c: g.o,
+        h: g.oh,
+        w: g.ow,
+        o: g.c,
+        kh,
+        kw,
+        stride: 1,
+        pad: kh - 1 - g.pad,
+        oh: g.h,
+        ow: g.w,
+    };
+    debug_assert_eq!(
+        (gt.oh, gt.ow),
+        (g.oh + 2 * gt.pad + 1 - kh, g.ow + 2 * gt.pad + 1 - kw)
+    );
+    conv2d_profiled(
+        "gemm conv input-grad",
+        &gt,
+        dy,
+        &flipped,
+        None,
+        Epilogue::default(),
+    )
+}
+
+/// The conv backward one image at a time, each tile's GEMMs and col2im split over the pool (small
+/// batches). `dx`: where dcol is scattered, None when dx is computed elsewhere.
+fn conv2d_backward_tiles<T: CpuFloat>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    mut dx: Option<&mut [T]>,
+    dw: &mut [T],
+) {
+    let img_in = g.c * g.h * g.w;
+    let tile = tile_positions::<T>(g.k(), g.p(), BACKWARD_TILE_BYTES);
+    let started = std::time::Instant::now();
+    let mut parts = [0.0f64; 4];
+    for img in 0..g.n {
+        // dW accumulates over the whole batch in image order.
+        let dx_img = dx.as_deref_mut().map(|dx| &mut dx[img * img_in..][..img_in]);
+        backward_one_image(g, x, w, dy, img, dx_img, dw, img > 0, tile, Par::Pool, &mut parts);
+    }
+    record_backward_parts(g, started, parts);
 }
 
 /// `SRSDE_CPU_CONV_BACKWARD`: `images` (the default) runs the conv backward one image per task when
@@ -456,94 +541,152 @@ fn backward_per_image(n: usize) -> bool {
 }
 
 /// The conv backward with one image per task: each task builds its column tiles (sized for one
-/// core's L2), runs dW_img += dY·colᵀ and dcol = Wᵀ·dY with single-threaded GEMMs, and scatters dcol
-/// into its own image of dx. The small per-image products are about twice as fast on one core each
-/// as split over the pool, and nothing waits on a barrier between tiles. dW is the sum of the
-/// per-image dW in image order, so the result does not depend on the thread count.
-fn conv2d_backward_images<T: CpuFloat>(g: &ConvGeom, x: &[T], w: &[T], dy: &[T], dx: &mut [T], dw: &mut [T]) {
-    let (k, p, o) = (g.k(), g.p(), g.o);
-    let (img_in, hw) = (g.c * g.h * g.w, g.h * g.w);
-    let tile = tile_positions::<T>(k, p, FORWARD_TILE_BYTES);
-    // With the profile on, each task clocks its parts (thread-seconds) and the caller's wall time is
-    // shared out in proportion: [im2col, weight-grad GEMM, input-grad GEMM, col2im].
-    let prof = profile::is_enabled();
+/// core's L2), runs dW_img += dY·colᵀ (and, with `dx`, dcol = Wᵀ·dY) with single-threaded GEMMs,
+/// and scatters dcol into its own image of dx. The small per-image products are about twice as
+/// fast on one core each as split over the pool, and nothing waits on a barrier between tiles. dW
+/// is the sum of the per-image dW in image order.
+fn conv2d_backward_images<T: CpuFloat>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    dx: Option<&mut [T]>,
+    dw: &mut [T],
+) {
+    let img_in = g.c * g.h * g.w;
+    let tile = tile_positions::<T>(g.k(), g.p(), FORWARD_TILE_BYTES);
     let started = std::time::Instant::now();
-    let clock = |on: bool| on.then(std::time::Instant::now);
-    let lap = |t: Option<std::time::Instant>, acc: &mut f64| {
-        if let Some(t) = t {
-            *acc += t.elapsed().as_secs_f64();
-        }
+    let one = |img: usize, dx_img: Option<&mut [T]>| {
+        let mut dw_img = vec![T::ZERO; dw.len()];
+        let mut parts = [0.0f64; 4];
+        backward_one_image(
+            g,
+            x,
+            w,
+            dy,
+            img,
+            dx_img,
+            &mut dw_img,
+            false,
+            tile,
+            Par::Serial,
+            &mut parts,
+        );
+        (dw_img, parts)
     };
-    let per_image: Vec<(Vec<T>, [f64; 4])> = dx
-        .par_chunks_mut(img_in.max(1))
-        .enumerate()
-        .map(|(img, dx_img)| {
-            let x_img = &x[img * img_in..][..img_in];
-            let mut dw_img = vec![T::ZERO; o * k];
-            let mut parts = [0.0f64; 4];
-            let (mut col, mut dcol) = (Vec::new(), Vec::new());
-            for q0 in (0..p).step_by(tile) {
-                let q1 = (q0 + tile).min(p);
-                let nt = q1 - q0;
-                let dy_t = Mat::rm(dy, img * o * p + q0, o, nt, p);
-                let t = clock(prof);
-                let col_t = if g.pointwise() {
-                    Mat::rm_t(x_img, q0, nt, k, p)
-                } else {
-                    col.resize(k * nt, T::ZERO);
-                    im2col(g, x_img, q0, q1, &mut col, Par::Serial);
-                    Mat::rm_t(&col, 0, nt, k, nt)
-                };
-                lap(t, &mut parts[0]);
-                let t = clock(prof);
-                gemm(&mut dw_img, 0, k, dy_t, col_t, T::ONE, q0 > 0, Par::Serial);
-                lap(t, &mut parts[1]);
-                let wt = Mat::rm_t(w, 0, k, o, k);
-                let t = clock(prof);
-                if g.pointwise() {
-                    gemm(dx_img, q0, p, wt, dy_t, T::ONE, false, Par::Serial);
-                    lap(t, &mut parts[2]);
-                } else if hw > 0 {
-                    dcol.resize(k * nt, T::ZERO);
-                    gemm(&mut dcol, 0, nt, wt, dy_t, T::ONE, false, Par::Serial);
-                    lap(t, &mut parts[2]);
-                    let t = clock(prof);
-                    let taps = g.kh * g.kw;
-                    for (c, plane) in dx_img.chunks_mut(hw).enumerate() {
-                        for r in c * taps..(c + 1) * taps {
-                            col2im_row(g, plane, r, q0, q1, &dcol[r * nt..][..nt]);
-                        }
-                    }
-                    lap(t, &mut parts[3]);
-                }
-            }
-            (dw_img, parts)
-        })
-        .collect();
-    for (dw_img, _) in &per_image {
+    let per_image: Vec<(Vec<T>, [f64; 4])> = match dx {
+        Some(dx) => dx
+            .par_chunks_mut(img_in.max(1))
+            .enumerate()
+            .map(|(img, dx_img)| one(img, Some(dx_img)))
+            .collect(),
+        None => (0..g.n).into_par_iter().map(|img| one(img, None)).collect(),
+    };
+    let mut parts = [0.0f64; 4];
+    for (dw_img, p) in &per_image {
         for (d, &v) in dw.iter_mut().zip(dw_img) {
             *d += v;
         }
+        for (a, b) in parts.iter_mut().zip(p) {
+            *a += b;
+        }
     }
-    if prof {
-        let wall = started.elapsed().as_secs_f64();
-        let mut parts = [0.0f64; 4];
-        for (_, p) in &per_image {
-            for (a, b) in parts.iter_mut().zip(p) {
-                *a += b;
-            }
+    record_backward_parts(g, started, parts);
+}
+
+/// Image `img`'s share of the conv backward, tile by tile: dw += dY·colᵀ (`accumulate`: onto what
+/// dw holds already; else the first tile overwrites it) and, with `dx_img`, dcol = Wᵀ·dY scattered
+/// into it. `par`: Pool splits each product and col2im over the pool, Serial keeps everything on
+/// this thread. With the profile on, `parts` gathers this call's seconds of [im2col, weight-grad
+/// GEMM, input-grad GEMM, col2im].
+#[allow(clippy::too_many_arguments)]
+fn backward_one_image<T: CpuFloat>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    img: usize,
+    mut dx_img: Option<&mut [T]>,
+    dw: &mut [T],
+    accumulate: bool,
+    tile: usize,
+    par: Par,
+    parts: &mut [f64; 4],
+) {
+    let (k, p, o) = (g.k(), g.p(), g.o);
+    let (img_in, hw) = (g.c * g.h * g.w, g.h * g.w);
+    let x_img = &x[img * img_in..][..img_in];
+    let prof = profile::is_enabled();
+    let mut timed = |part: usize, f: &mut dyn FnMut()| {
+        let t = prof.then(std::time::Instant::now);
+        f();
+        if let Some(t) = t {
+            parts[part] += t.elapsed().as_secs_f64();
         }
-        let busy: f64 = parts.iter().sum::<f64>().max(1e-12);
-        let gemm_flops = 2.0 * (g.n * o * k * p) as f64;
-        let names = [
-            ("conv backward im2col", 0.0),
-            ("gemm conv weight-grad", gemm_flops),
-            ("gemm conv input-grad", gemm_flops),
-            ("conv backward col2im", 0.0),
-        ];
-        for ((name, flops), part) in names.into_iter().zip(parts) {
-            profile::record(name, wall * part / busy, flops);
+    };
+    let (mut col, mut dcol) = (Vec::new(), Vec::new());
+    for q0 in (0..p).step_by(tile) {
+        let q1 = (q0 + tile).min(p);
+        let nt = q1 - q0;
+        let dy_t = Mat::rm(dy, img * o * p + q0, o, nt, p);
+        if !g.pointwise() {
+            timed(0, &mut || {
+                col.resize(k * nt, T::ZERO);
+                im2col(g, x_img, q0, q1, &mut col, par);
+            });
         }
+        let col_t = if g.pointwise() {
+            Mat::rm_t(x_img, q0, nt, k, p)
+        } else {
+            Mat::rm_t(&col, 0, nt, k, nt)
+        };
+        timed(1, &mut || {
+            gemm(dw, 0, k, dy_t, col_t, T::ONE, accumulate || q0 > 0, par)
+        });
+        let Some(dx_img) = dx_img.as_deref_mut() else {
+            continue;
+        };
+        let wt = Mat::rm_t(w, 0, k, o, k);
+        if g.pointwise() {
+            timed(2, &mut || gemm(dx_img, q0, p, wt, dy_t, T::ONE, false, par));
+        } else if hw > 0 {
+            timed(2, &mut || {
+                dcol.resize(k * nt, T::ZERO);
+                gemm(&mut dcol, 0, nt, wt, dy_t, T::ONE, false, par);
+            });
+            let taps = g.kh * g.kw;
+            let scatter = |(c, plane): (usize, &mut [T])| {
+                for r in c * taps..(c + 1) * taps {
+                    col2im_row(g, plane, r, q0, q1, &dcol[r * nt..][..nt]);
+                }
+            };
+            timed(3, &mut || match par {
+                // Parallel over input channels: no two threads add into the same pixel.
+                Par::Pool => dx_img.par_chunks_mut(hw).enumerate().for_each(scatter),
+                Par::Serial => dx_img.chunks_mut(hw).enumerate().for_each(scatter),
+            });
+        }
+    }
+}
+
+/// Shares the wall time since `started` out among the backward's parts in proportion to their
+/// measured (thread-)seconds, so the profile's rows add up to the caller's wall time.
+fn record_backward_parts(g: &ConvGeom, started: std::time::Instant, parts: [f64; 4]) {
+    if !profile::is_enabled() {
+        return;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let busy: f64 = parts.iter().sum::<f64>().max(1e-12);
+    let gemm_flops = 2.0 * (g.n * g.o * g.k() * g.p()) as f64;
+    let input_grad_flops = if parts[2] > 0.0 { gemm_flops } else { 0.0 };
+    let names = [
+        ("conv backward im2col", 0.0),
+        ("gemm conv weight-grad", gemm_flops),
+        ("gemm conv input-grad", input_grad_flops),
+        ("conv backward col2im", 0.0),
+    ];
+    for ((name, flops), part) in names.into_iter().zip(parts) {
+        profile::record(name, wall * part / busy, flops);
     }
 }
 
@@ -600,26 +743,89 @@ mod tests {
                 })
                 .collect()
         };
-        // 3×3 pad 1, 3×3 stride 2, 1×1 pointwise, 1×1 stride 2; batch 3 (odd, more than the threads).
-        for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0)] {
+        // 3×3 pad 1, 3×3 stride 2, 1×1 pointwise, 1×1 stride 2, 3×3 unpadded (a smaller output);
+        // batch 3 (odd, more than the threads).
+        for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 0)] {
             let g = shapes::conv2d("test", &[3, 5, 11, 9], &[7, 5, k, k], stride, pad).unwrap();
             let (x, w, dy) = (rnd(3 * 5 * 11 * 9), rnd(7 * 5 * k * k), rnd(3 * 7 * g.oh * g.ow));
             let (want_dx, want_dw) = reference(&g, &x, &w, &dy);
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             // Both routes accumulate into zeroed buffers.
             let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
-            pool.install(|| conv2d_backward_tiles(&g, &x, &w, &dy, &mut dx, &mut dw));
+            pool.install(|| conv2d_backward_tiles(&g, &x, &w, &dy, Some(&mut dx), &mut dw));
             let (mut dx2, mut dw2) = (vec![0.0; x.len()], vec![0.0; w.len()]);
-            pool.install(|| conv2d_backward_images(&g, &x, &w, &dy, &mut dx2, &mut dw2));
+            pool.install(|| conv2d_backward_images(&g, &x, &w, &dy, Some(&mut dx2), &mut dw2));
+            // The public entry: dx as a forward conv of dy for stride 1, else by col2im.
+            let (dx3, dw3, _) = pool.install(|| conv2d_backward(&g, &x, &w, &dy));
+            assert_eq!(input_grad_by_conv(&g), k == 3 && stride == 1);
+            // Batch 1 takes the pool-split route.
+            let g1 = ConvGeom { n: 1, ..g };
+            let (dx1, dw1, _) =
+                pool.install(|| conv2d_backward(&g1, &x[..5 * 11 * 9], &w, &dy[..7 * g.oh * g.ow]));
+            let (want_dx1, want_dw1) = reference(&g1, &x[..5 * 11 * 9], &w, &dy[..7 * g.oh * g.ow]);
+            assert!(
+                rel(&dx1, &want_dx1) < 1e-5 && rel(&dw1, &want_dw1) < 1e-5,
+                "batch 1, k {k} stride {stride}"
+            );
             for (name, got, want) in [
                 ("dx", &dx, &want_dx),
                 ("dw", &dw, &want_dw),
                 ("dx images", &dx2, &want_dx),
                 ("dw images", &dw2, &want_dw),
+                ("dx entry", &dx3, &want_dx),
+                ("dw entry", &dw3, &want_dw),
             ] {
                 let e = rel(got, want);
                 assert!(e < 1e-5, "k {k} stride {stride}: {name} rel err {e}");
             }
+        }
+    }
+
+    #[test]
+    fn the_epilogue_matches_the_separate_ops() {
+        let mut seed = 7u64;
+        let mut rnd = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        // Batch 1 (channel-block route) and batch 3 (tile route); 3×3 and 1×1.
+        for (n, k, pad) in [(1, 3, 1), (3, 3, 1), (3, 1, 0)] {
+            let g = shapes::conv2d("test", &[n, 5, 11, 9], &[7, 5, k, k], 1, pad).unwrap();
+            let (x, w, b) = (rnd(n * 5 * 11 * 9), rnd(7 * 5 * k * k), rnd(7));
+            let (cb, res) = (rnd(n * 7), rnd(n * 7 * g.oh * g.ow));
+            let (alpha, beta) = (0.7f32, -1.3f32);
+            let plain = pool.install(|| conv2d(&g, &x, &w, Some(&b), Epilogue::default()));
+            let p = g.oh * g.ow;
+            let want: Vec<f64> = (0..plain.len())
+                .map(|i| {
+                    let (img, oc) = (i / (7 * p), (i / p) % 7);
+                    alpha as f64 * (plain[i] as f64 + cb[img * 7 + oc] as f64) + beta as f64 * res[i] as f64
+                })
+                .collect();
+            let epi = Epilogue {
+                chan_bias: Some(&cb),
+                residual: Some((&res, alpha, beta)),
+            };
+            let fused = pool.install(|| conv2d(&g, &x, &w, Some(&b), epi));
+            assert!(rel(&fused, &want) < 1e-6, "n {n} k {k}: {}", rel(&fused, &want));
+            // Channel bias alone, no conv bias.
+            let plain = pool.install(|| conv2d(&g, &x, &w, None, Epilogue::default()));
+            let epi = Epilogue {
+                chan_bias: Some(&cb),
+                residual: None,
+            };
+            let fused = pool.install(|| conv2d(&g, &x, &w, None, epi));
+            let want: Vec<f64> = (0..plain.len())
+                .map(|i| plain[i] as f64 + cb[(i / (7 * p)) * 7 + (i / p) % 7] as f64)
+                .collect();
+            assert!(rel(&fused, &want) < 1e-6, "n {n} k {k}, channel bias only");
         }
     }
 }

@@ -28,6 +28,7 @@ mod matmul;
 mod norm;
 pub mod optim;
 pub mod profile;
+pub mod simd;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -444,7 +445,47 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let (xs, ws) = (data(op, x)?, data(op, w)?);
         Ok(Self::wrap(
             &[g.n, g.o, g.oh, g.ow],
-            self.run(|| conv::conv2d(&g, xs, ws, bs)),
+            self.run(|| conv::conv2d(&g, xs, ws, bs, conv::Epilogue::default())),
+        ))
+    }
+    /// The epilogue goes into the GEMM's output rows before the product is added (one pass over
+    /// the output instead of three).
+    fn conv2d_fused(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        stride: usize,
+        pad: usize,
+        epi: &ConvEpilogue<Self>,
+    ) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("conv2d_fused", 0.0);
+        let op = "conv2d_fused";
+        let g = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
+        let out_shape = [g.n, g.o, g.oh, g.ow];
+        if let Some(b) = b {
+            expect_shape(op, "bias", b.shape(), &[g.o])?;
+        }
+        if let Some(cb) = epi.channel_bias {
+            expect_shape(op, "channel bias", cb.shape(), &out_shape[..2])?;
+        }
+        if let Some((r, _, _)) = epi.residual {
+            expect_shape(op, "residual", r.shape(), &out_shape)?;
+        }
+        let bs = b.map(|b| data(op, b)).transpose()?;
+        let cbs = epi.channel_bias.map(|cb| data(op, cb)).transpose()?;
+        let res = epi
+            .residual
+            .map(|(r, a, be)| data(op, r).map(|r| (r, T::from_f64(a), T::from_f64(be))))
+            .transpose()?;
+        let (xs, ws) = (data(op, x)?, data(op, w)?);
+        let epilogue = conv::Epilogue {
+            chan_bias: cbs,
+            residual: res,
+        };
+        Ok(Self::wrap(
+            &out_shape,
+            self.run(|| conv::conv2d(&g, xs, ws, bs, epilogue)),
         ))
     }
     type ConvSaved = Tensor<Self>;

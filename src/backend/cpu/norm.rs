@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::float::CpuFloat;
+use super::simd::{sum_f64, vectorized};
 
 /// Shape of one GroupNorm call: x [n, c, hw] split into `groups` groups of c/groups channels.
 #[derive(Clone, Copy, Debug)]
@@ -21,18 +22,16 @@ impl NormGeom {
     }
 }
 
-/// (mean, 1/sqrt(var + eps)) of one group's elements.
+/// (mean, 1/sqrt(var + eps)) of one group's elements: two passes (mean, then centred squares),
+/// each summed in f64 over fixed lanes.
+#[inline(always)]
 fn stats<T: CpuFloat>(xs: &[T], eps: f64) -> (f64, f64) {
     let m = xs.len().max(1) as f64;
-    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / m;
-    let var = xs
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / m;
+    let mean = sum_f64(xs, |v| v.to_f64()) / m;
+    let var = sum_f64(xs, |v| {
+        let d = v.to_f64() - mean;
+        d * d
+    }) / m;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -47,29 +46,35 @@ pub(crate) fn group_norm<T: CpuFloat>(g: &NormGeom, x: &[T], gamma: &[T], beta: 
         .zip(x.par_chunks(len))
         .enumerate()
         .for_each(|(idx, (y, xs))| {
-            let (mean, rstd) = stats(xs, g.eps);
-            let c0 = (idx % g.groups) * cg;
-            for (j, (yc, xc)) in y.chunks_mut(g.hw).zip(xs.chunks(g.hw)).enumerate() {
-                // y = x·a + b with a = rstd·γ, b = β − mean·rstd·γ.
-                let a = rstd * gamma[c0 + j].to_f64();
-                let (a, b) = (T::from_f64(a), T::from_f64(beta[c0 + j].to_f64() - mean * a));
-                if g.silu {
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        let z = v * a + b;
-                        *o = z * z.sigmoid();
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (mean, rstd) = stats(xs, g.eps);
+                    let c0 = (idx % g.groups) * cg;
+                    for (j, (yc, xc)) in y.chunks_mut(g.hw).zip(xs.chunks(g.hw)).enumerate() {
+                        // y = x·a + b with a = rstd·γ, b = β − mean·rstd·γ.
+                        let a = rstd * gamma[c0 + j].to_f64();
+                        let (a, b) = (T::from_f64(a), T::from_f64(beta[c0 + j].to_f64() - mean * a));
+                        if g.silu {
+                            for (o, &v) in yc.iter_mut().zip(xc) {
+                                let z = v * a + b;
+                                *o = z * z.sigmoid();
+                            }
+                        } else {
+                            for (o, &v) in yc.iter_mut().zip(xc) {
+                                *o = v * a + b;
+                            }
+                        }
                     }
-                } else {
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        *o = v * a + b;
-                    }
-                }
-            }
+                },
+            )
         });
     out
 }
 
 /// (dx, dγ, dβ). With z the affine output and dz = dy·SiLU'(z) (or dy), g = dz·γ:
-/// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), dγ = Σ dz·x̂, dβ = Σ dz.
+/// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), dγ = Σ dz·x̂, dβ = Σ dz (and so Σ g = γ·dβ,
+/// Σ g·x̂ = γ·dγ per channel).
 pub(crate) fn group_norm_backward<T: CpuFloat>(
     g: &NormGeom,
     x: &[T],
@@ -90,48 +95,10 @@ pub(crate) fn group_norm_backward<T: CpuFloat>(
         .zip(dy.par_chunks(len))
         .enumerate()
         .map(|(idx, ((dxs, xs), dys))| {
-            let (mean, rstd) = stats(xs, g.eps);
-            let c0 = (idx % g.groups) * cg;
-            let (mut dgam, mut dbet) = (vec![0.0; cg], vec![0.0; cg]);
-            let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
-            // Elementwise work in T (f32 in use: its exp is several times cheaper than f64's);
-            // the sums accumulate in f64 per channel, as the statistics do.
-            let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
-            for j in 0..cg {
-                let (gam, bet) = (gamma[c0 + j], beta[c0 + j]);
-                let range = j * g.hw..(j + 1) * g.hw;
-                let (mut dgam_j, mut dbet_j, mut sum_g_j, mut sum_gx_j) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-                for ((d, &xv), &dyv) in dxs[range.clone()]
-                    .iter_mut()
-                    .zip(&xs[range.clone()])
-                    .zip(&dys[range])
-                {
-                    let xhat = (xv - mean_t) * rstd_t;
-                    let mut dz = dyv;
-                    if g.silu {
-                        let z = xhat * gam + bet;
-                        let s = z.sigmoid();
-                        dz = dz * s * (T::ONE + z * (T::ONE - s));
-                    }
-                    let gv = dz * gam;
-                    dgam_j += (dz * xhat).to_f64();
-                    dbet_j += dz.to_f64();
-                    sum_g_j += gv.to_f64();
-                    sum_gx_j += (gv * xhat).to_f64();
-                    *d = gv;
-                }
-                dgam[j] = dgam_j;
-                dbet[j] = dbet_j;
-                sum_g += sum_g_j;
-                sum_gx += sum_gx_j;
-            }
-            let m = len as f64;
-            let (mg, mgx) = (T::from_f64(sum_g / m), T::from_f64(sum_gx / m));
-            for (d, &xv) in dxs.iter_mut().zip(xs) {
-                let xhat = (xv - mean_t) * rstd_t;
-                *d = rstd_t * (*d - mg - xhat * mgx);
-            }
-            (dgam, dbet)
+            vectorized(
+                #[inline(always)]
+                || group_backward(g, cg, (idx % g.groups) * cg, gamma, beta, dxs, xs, dys),
+            )
         })
         .collect();
     let (mut dgamma, mut dbeta) = (vec![0.0f64; g.c], vec![0.0f64; g.c]);
@@ -144,4 +111,65 @@ pub(crate) fn group_norm_backward<T: CpuFloat>(
     }
     let conv = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
     (dx, conv(dgamma), conv(dbeta))
+}
+
+/// One (sample, group) of the backward: writes dx, returns the group's channels' (dγ, dβ).
+/// The elementwise work runs in T (f32 in use), the sums in f64 over fixed lanes.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn group_backward<T: CpuFloat>(
+    g: &NormGeom,
+    cg: usize,
+    c0: usize,
+    gamma: &[T],
+    beta: &[T],
+    dxs: &mut [T],
+    xs: &[T],
+    dys: &[T],
+) -> (Vec<f64>, Vec<f64>) {
+    let (mean, rstd) = stats(xs, g.eps);
+    let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
+    let (mut dgam, mut dbet) = (vec![0.0; cg], vec![0.0; cg]);
+    let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
+    // dz and dz·x̂ of one channel plane, summed after the elementwise loop: a loop with a
+    // reduction inside does not vectorize, two plain ones do.
+    let (mut dzs, mut dzx) = (vec![T::ZERO; g.hw], vec![T::ZERO; g.hw]);
+    for j in 0..cg {
+        let (gam, bet) = (gamma[c0 + j], beta[c0 + j]);
+        let range = j * g.hw..(j + 1) * g.hw;
+        let (dxc, xc, dyc) = (&mut dxs[range.clone()], &xs[range.clone()], &dys[range]);
+        // dx holds g = dz·γ until the last pass.
+        for ((((d, &xv), &dyv), dz_out), dzx_out) in
+            dxc.iter_mut().zip(xc).zip(dyc).zip(&mut dzs).zip(&mut dzx)
+        {
+            let (dz, xhat) = dz_xhat(xv, dyv, mean_t, rstd_t, gam, bet, g.silu);
+            *d = dz * gam;
+            *dz_out = dz;
+            *dzx_out = dz * xhat;
+        }
+        dgam[j] = sum_f64(&dzx, |v| v.to_f64());
+        dbet[j] = sum_f64(&dzs, |v| v.to_f64());
+        sum_g += gam.to_f64() * dbet[j];
+        sum_gx += gam.to_f64() * dgam[j];
+    }
+    let m = xs.len() as f64;
+    let (mg, mgx) = (T::from_f64(sum_g / m), T::from_f64(sum_gx / m));
+    for (d, &xv) in dxs.iter_mut().zip(xs) {
+        let xhat = (xv - mean_t) * rstd_t;
+        *d = rstd_t * (*d - mg - xhat * mgx);
+    }
+    (dgam, dbet)
+}
+
+/// (dz, x̂) of one element: x̂ = (x − mean)·rstd, dz = dy·SiLU'(x̂·γ + β) (or dy without SiLU).
+#[inline(always)]
+fn dz_xhat<T: CpuFloat>(xv: T, dyv: T, mean: T, rstd: T, gam: T, bet: T, silu: bool) -> (T, T) {
+    let xhat = (xv - mean) * rstd;
+    let mut dz = dyv;
+    if silu {
+        let z = xhat * gam + bet;
+        let s = z.sigmoid();
+        dz = dz * s * (T::ONE + z * (T::ONE - s));
+    }
+    (dz, xhat)
 }
