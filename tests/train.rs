@@ -17,7 +17,7 @@ use srsde_fast::model::weights::StorageType;
 use srsde_fast::model::{Ncsnpp, NetConfig, ScoreModel};
 use srsde_fast::tensor::HostTensor;
 use srsde_fast::train::checkpoint::{self, Checkpoint, CHECKPOINT_FILE};
-use srsde_fast::train::data::{epoch_permutation, FaceFolder, Loader, LoaderOptions};
+use srsde_fast::train::data::{epoch_permutation, load_sample, FaceCache, FaceFolder, Loader, LoaderOptions};
 use srsde_fast::train::init::paper_init;
 use srsde_fast::train::loss::{draw_times, dsm_loss};
 use srsde_fast::train::optim::{adam_update, clip_scale, global_norm, warmup_lr, Adam, AdamConfig, Ema};
@@ -329,6 +329,7 @@ fn loader_opts(seed: u64, flip: bool) -> LoaderOptions {
         seed,
         workers: 2,
         prefetch: 6,
+        cache_bytes: 64 << 20,
     }
 }
 
@@ -357,6 +358,40 @@ fn loader_order_is_seeded_and_resumable() {
     assert_eq!(first, vec![0, 1, 2, 3, 4]);
     assert_eq!(&order[..5], &epoch_permutation(5, 1, 0)[..]);
     assert_ne!(epoch_permutation(100, 1, 0), epoch_permutation(100, 1, 1));
+}
+
+#[test]
+fn the_face_cache_gives_the_decoded_samples_bit_for_bit() {
+    let dir = face_subset("cache", 2);
+    let folder = FaceFolder::open(&dir).unwrap();
+    // 128: the faces' own size (kept as bytes); 32: resized, so kept as floats.
+    for size in [128, 32] {
+        let cache = FaceCache::new(2, 64 << 20);
+        for round in 0..2 {
+            for file in 0..2 {
+                for flip in [false, true] {
+                    let want = load_sample(&folder.files[file], size, flip).unwrap();
+                    let got = cache.sample(&folder, file, size, flip).unwrap();
+                    assert!(
+                        got == want,
+                        "size {size}, round {round}, file {file}, flip {flip}: cached sample differs"
+                    );
+                }
+            }
+        }
+        let per_face = cache.used_bytes() / 2;
+        let lr = 2 * 3 * (size / 8).pow(2) * 4;
+        if size == 128 {
+            assert_eq!(per_face, 3 * 128 * 128 + lr, "8-bit faces kept as bytes");
+        } else {
+            assert_eq!(per_face, 4 * 3 * 32 * 32 + lr, "resized faces kept as floats");
+        }
+    }
+    // Over budget: nothing is kept, the samples are the same.
+    let cache = FaceCache::new(2, 1000);
+    let got = cache.sample(&folder, 1, 128, true).unwrap();
+    assert!(got == load_sample(&folder.files[1], 128, true).unwrap());
+    assert_eq!(cache.used_bytes(), 0);
 }
 
 #[test]
@@ -585,6 +620,7 @@ fn first_step_losses_match_a_zero_score() {
             seed: 1,
             workers: 1,
             prefetch: 4,
+            cache_bytes: 0,
         };
         let mut loader = Loader::start(FaceFolder::open(&data).unwrap(), opts, 0).unwrap();
         let batch = loader.next_batch().unwrap();

@@ -13,11 +13,13 @@
 //! where no file can be read is an error.
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::io::degrade::{upsample_guide_chw, SR_FACTOR};
 use crate::io::{collect_images, load_hr_face, make_lr_chw, CropMode};
 use crate::train::{stream_seed, Stream};
 
@@ -174,6 +176,115 @@ pub fn load_sample(path: &Path, size: usize, flip: bool) -> Result<Sample> {
     Ok(Sample { hr, guide })
 }
 
+/// Decoded faces kept in memory across epochs: a face's pixels and its 16×16 LR (per flip) depend
+/// only on the file, so each file is decoded and degraded once per run; later draws only convert
+/// the pixels, flip them and upsample the cached LR into the guide (the cheap part of
+/// [`make_lr_chw`]). The samples are bit-identical to [`load_sample`]'s. Faces whose pixels are
+/// exact multiples of 1/255 (any 8-bit image at the training size) are kept as bytes: the 5,941
+/// shared faces at 128² take ≈ 330 MB. Faces beyond `budget` bytes are decoded every time.
+pub struct FaceCache {
+    slots: Vec<OnceLock<Arc<CachedFace>>>,
+    budget: usize,
+    used: AtomicUsize,
+}
+
+struct CachedFace {
+    hr: CachedPixels,
+    /// The LR of the face, unflipped and flipped, made on first use.
+    lr: [OnceLock<Vec<f32>>; 2],
+}
+
+enum CachedPixels {
+    Bytes(Vec<u8>),
+    Floats(Vec<f32>),
+}
+
+impl CachedPixels {
+    fn new(px: Vec<f32>) -> CachedPixels {
+        let bytes: Vec<u8> = px
+            .iter()
+            .map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        if bytes
+            .iter()
+            .zip(&px)
+            .all(|(&b, &v)| (b as f32 / 255.0).to_bits() == v.to_bits())
+        {
+            CachedPixels::Bytes(bytes)
+        } else {
+            CachedPixels::Floats(px)
+        }
+    }
+    fn bytes(&self) -> usize {
+        match self {
+            CachedPixels::Bytes(b) => b.len(),
+            CachedPixels::Floats(f) => 4 * f.len(),
+        }
+    }
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            CachedPixels::Bytes(b) => b.iter().map(|&v| v as f32 / 255.0).collect(),
+            CachedPixels::Floats(f) => f.clone(),
+        }
+    }
+}
+
+impl FaceCache {
+    /// A cache for `files` faces holding at most `budget` bytes of them.
+    pub fn new(files: usize, budget: usize) -> FaceCache {
+        FaceCache {
+            slots: (0..files).map(|_| OnceLock::new()).collect(),
+            budget,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes of faces held so far.
+    pub fn used_bytes(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Sample `file` of `folder` (flipped if asked), as [`load_sample`] makes it, from the cache
+    /// when the face is there; a face read for the first time is put there while the budget lasts.
+    pub fn sample(&self, folder: &FaceFolder, file: usize, size: usize, flip: bool) -> Result<Sample> {
+        let path = &folder.files[file];
+        let face = match self.slots[file].get() {
+            Some(face) => face.clone(),
+            None => {
+                let px = load_hr_face(path, size, CropMode::Center)?.pixels;
+                let hr = CachedPixels::new(px);
+                let cost = hr.bytes() + 2 * 3 * (size / SR_FACTOR).pow(2) * 4;
+                if self.used.fetch_add(cost, Ordering::Relaxed) + cost > self.budget {
+                    self.used.fetch_sub(cost, Ordering::Relaxed);
+                    let mut hr = hr.to_f32();
+                    if flip {
+                        hflip_chw(&mut hr, size);
+                    }
+                    let (_, guide) = make_lr_chw(&hr, size, size);
+                    return Ok(Sample { hr, guide });
+                }
+                let face = Arc::new(CachedFace {
+                    hr,
+                    lr: [OnceLock::new(), OnceLock::new()],
+                });
+                // Two workers may decode the same new face at once: the first one's copy stays.
+                if self.slots[file].set(face).is_err() {
+                    self.used.fetch_sub(cost, Ordering::Relaxed);
+                }
+                self.slots[file].get().expect("set above").clone()
+            }
+        };
+        let mut hr = face.hr.to_f32();
+        if flip {
+            hflip_chw(&mut hr, size);
+        }
+        let lsize = size / SR_FACTOR;
+        let lr = face.lr[flip as usize].get_or_init(|| make_lr_chw(&hr, size, size).0);
+        let guide = upsample_guide_chw(lr, lsize, lsize, size, size);
+        Ok(Sample { hr, guide })
+    }
+}
+
 /// Loader settings.
 #[derive(Clone, Debug)]
 pub struct LoaderOptions {
@@ -186,6 +297,8 @@ pub struct LoaderOptions {
     pub workers: usize,
     /// How many samples may be decoded ahead of the trainer.
     pub prefetch: usize,
+    /// Bytes of decoded faces kept in memory ([`FaceCache`]; 0: decode every draw).
+    pub cache_bytes: usize,
 }
 
 /// A batch in NCHW layout: `hr` and `guide` are [len, 3, size, size].
@@ -212,6 +325,7 @@ struct Shared {
     wake: Condvar,
     /// Files known to be unreadable (not decoded again in later epochs).
     bad: Mutex<HashSet<usize>>,
+    cache: FaceCache,
 }
 
 /// Decodes the sample stream with a thread pool, in order, from a given index.
@@ -250,6 +364,7 @@ impl Loader {
             }),
             wake: Condvar::new(),
             bad: Mutex::new(HashSet::new()),
+            cache: FaceCache::new(folder.files.len(), opts.cache_bytes),
         });
         let (tx, rx) = sync_channel(window);
         let mut workers = Vec::new();
@@ -376,7 +491,10 @@ fn worker(folder: &FaceFolder, opts: &LoaderOptions, shared: &Shared, tx: &SyncS
             Err("unreadable (see the first report)".to_string())
         } else {
             let flip = opts.flip && flip_at(opts.seed, idx);
-            load_sample(&folder.files[file], opts.image_size, flip).map_err(|e| e.to_string())
+            shared
+                .cache
+                .sample(folder, file, opts.image_size, flip)
+                .map_err(|e| e.to_string())
         };
         if result.is_err() {
             if let Ok(mut b) = shared.bad.lock() {
