@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use super::float::CpuFloat;
 use super::matmul::{gemm, gemm_unchecked, Mat, Par};
 use super::profile;
+use super::simd::{sum_f64, vectorized};
 use crate::backend::shapes;
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one output buffer.
@@ -143,10 +144,11 @@ pub(crate) fn channel_sums<T: CpuFloat>(y: &[T], n: usize, c: usize, p: usize) -
         .map(|ch| {
             let mut acc = 0.0f64;
             for img in 0..n {
-                acc += y[(img * c + ch) * p..][..p]
-                    .iter()
-                    .map(|v| v.to_f64())
-                    .sum::<f64>();
+                let plane = &y[(img * c + ch) * p..][..p];
+                acc += vectorized(
+                    #[inline(always)]
+                    || sum_f64(plane, |v| v.to_f64()),
+                );
             }
             T::from_f64(acc)
         })

@@ -128,23 +128,46 @@ const PAR_MIN: usize = 1 << 14;
 const CHUNK: usize = 1 << 12;
 
 fn map1<T: CpuFloat>(a: &[T], f: impl Fn(T) -> T + Sync + Send) -> Vec<T> {
+    let mut out = vec![T::ZERO; a.len()];
+    let run = |(o, a): (&mut [T], &[T])| {
+        simd::vectorized(
+            #[inline(always)]
+            || {
+                for (o, &v) in o.iter_mut().zip(a) {
+                    *o = f(v);
+                }
+            },
+        )
+    };
     if a.len() < PAR_MIN {
-        a.iter().map(|&v| f(v)).collect()
+        run((&mut out, a));
     } else {
-        a.par_iter().with_min_len(CHUNK).map(|&v| f(v)).collect()
+        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(run);
     }
+    out
 }
 
 fn map2<T: CpuFloat>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> Vec<T> {
+    let mut out = vec![T::ZERO; a.len()];
+    let run = |((o, a), b): ((&mut [T], &[T]), &[T])| {
+        simd::vectorized(
+            #[inline(always)]
+            || {
+                for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                    *o = f(x, y);
+                }
+            },
+        )
+    };
     if a.len() < PAR_MIN {
-        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+        run(((&mut out, a), b));
     } else {
-        a.par_iter()
-            .zip(b)
-            .with_min_len(CHUNK)
-            .map(|(&x, &y)| f(x, y))
-            .collect()
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .zip(b.par_chunks(CHUNK))
+            .for_each(run);
     }
+    out
 }
 
 /// out[i] = f(i) for i < n.
@@ -313,7 +336,12 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let out = self.run(|| {
             (0..n * c)
                 .into_par_iter()
-                .map(|i| T::from_f64(xs[i * hw..(i + 1) * hw].iter().map(|v| v.to_f64()).sum()))
+                .map(|i| {
+                    T::from_f64(simd::vectorized(
+                        #[inline(always)]
+                        || simd::sum_f64(&xs[i * hw..(i + 1) * hw], |v| v.to_f64()),
+                    ))
+                })
                 .collect()
         });
         Ok(Self::wrap(&[n, c], out))
@@ -349,12 +377,18 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             .map(|x| Ok((data(op, x)?, x.shape()[1])))
             .collect::<Result<Vec<_>>>()?;
         let hw = h * w;
-        let mut out = Vec::with_capacity(n * ctot * hw);
-        for img in 0..n {
-            for &(d, c) in &chans {
-                out.extend_from_slice(&d[img * c * hw..(img + 1) * c * hw]);
-            }
-        }
+        let mut out = vec![T::ZERO; n * ctot * hw];
+        self.run(|| {
+            out.par_chunks_mut((ctot * hw).max(1))
+                .enumerate()
+                .for_each(|(img, o)| {
+                    let mut at = 0;
+                    for &(d, c) in &chans {
+                        o[at..at + c * hw].copy_from_slice(&d[img * c * hw..(img + 1) * c * hw]);
+                        at += c * hw;
+                    }
+                })
+        });
         Ok(Self::wrap(&[n, ctot, h, w], out))
     }
     fn slice_channels(&self, x: &Tensor<Self>, start: usize, len: usize) -> Result<Tensor<Self>> {
@@ -363,10 +397,14 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let (n, c, h, w) = shapes::slice_channels(op, x.shape(), start, len)?;
         let xs = data(op, x)?;
         let hw = h * w;
-        let mut out = Vec::with_capacity(n * len * hw);
-        for img in 0..n {
-            out.extend_from_slice(&xs[(img * c + start) * hw..(img * c + start + len) * hw]);
-        }
+        let mut out = vec![T::ZERO; n * len * hw];
+        self.run(|| {
+            out.par_chunks_mut((len * hw).max(1))
+                .enumerate()
+                .for_each(|(img, o)| {
+                    o.copy_from_slice(&xs[(img * c + start) * hw..(img * c + start + len) * hw])
+                })
+        });
         Ok(Self::wrap(&[n, len, h, w], out))
     }
     fn interleave_channels(&self, x: &Tensor<Self>, y: &Tensor<Self>) -> Result<Tensor<Self>> {
