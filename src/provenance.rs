@@ -137,7 +137,7 @@ pub struct NoiseInfo {
     pub batch: Option<usize>,
 }
 
-/// The backend.
+/// The backend and the options that shape the files.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceInfo {
     /// "cpu" or "cuda".
@@ -156,6 +156,9 @@ pub struct DeviceInfo {
     /// `--std-scale`, when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub std_scale: Option<f64>,
+    /// `--save-lr` (the face's files then include the guide).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub save_lr: bool,
 }
 
 /// One hypothesis.
@@ -267,7 +270,7 @@ impl Provenance {
         if self.device.accept_truncated {
             a.push("--accept-truncated".into());
         }
-        if self.output.role == "lr" {
+        if self.device.save_lr {
             a.push("--save-lr".into());
         }
         a.join(" ")
@@ -444,6 +447,7 @@ mod tests {
                 crop: "center".into(),
                 accept_truncated: true,
                 std_scale: None,
+                save_lr: false,
             },
             hypotheses: vec![],
             uncertainty: None,

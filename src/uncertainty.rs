@@ -125,14 +125,15 @@ pub fn lut_index(s: f64, scale: f64) -> usize {
     ((s / scale).clamp(0.0, 1.0) * 255.0).round() as usize
 }
 
-/// The heat map's default top for a picture whose largest std is `max`: `max` rounded up to 1, 2
-/// or 5 × 10^k levels, at least 1 level (so K = 1, all zero, is one flat colour).
+/// The heat map's default top for a picture whose largest std is `max`: `max` rounded up to 1,
+/// 1.5, 2, 3, 4, 5, 6 or 8 × 10^k levels, at least 1 level (so K = 1, all zero, is one flat
+/// colour).
 pub fn nice_scale(max: f64) -> f64 {
     if !(max > 1.0) {
         return 1.0;
     }
     let mag = 10f64.powf(max.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
         .iter()
         .map(|m| m * mag)
         .find(|s| *s >= max * (1.0 - 1e-12))
@@ -234,11 +235,13 @@ mod tests {
     fn nice_scales() {
         assert_eq!(nice_scale(0.0), 1.0);
         assert_eq!(nice_scale(0.7), 1.0);
-        assert_eq!(nice_scale(1.3), 2.0);
+        assert_eq!(nice_scale(1.3), 1.5);
         assert_eq!(nice_scale(4.9), 5.0);
         assert_eq!(nice_scale(5.0), 5.0);
-        assert_eq!(nice_scale(12.0), 20.0);
-        assert_eq!(nice_scale(73.0), 100.0);
+        assert_eq!(nice_scale(12.0), 15.0);
+        assert_eq!(nice_scale(55.4), 60.0);
+        assert_eq!(nice_scale(73.0), 80.0);
+        assert_eq!(nice_scale(95.0), 100.0);
         assert_eq!(format_levels(12.5), "12.5");
         assert_eq!(format_levels(20.0), "20");
     }

@@ -175,7 +175,7 @@ pub struct UpscaleOptions {
     #[arg(long, value_name = "K")]
     pub samples: Option<usize>,
     /// The std (in intensity levels, 0–255) at the top of the std heat map's colours [default: per
-    /// face, its largest std rounded up to 1, 2 or 5 × 10^n; fix it to compare faces].
+    /// face, its largest std rounded up to a round number; fix it to compare faces].
     #[arg(long, value_name = "LEVELS")]
     pub std_scale: Option<f64>,
     /// Faces (× hypotheses) sampled together; larger is faster on a GPU.
@@ -729,7 +729,9 @@ impl FaceWriter<'_> {
         for (k, o) in outs.iter().enumerate() {
             let bad = o.iter().filter(|v| !v.is_finite()).count();
             if bad > 0 {
-                return fail(self.non_finite(face, k, bad, o.len()), progress, report);
+                let which = (self.samples > 1).then_some(k);
+                let msg = non_finite_message(&face.path, which, bad, o.len(), self.backend, self.precision);
+                return fail(msg, progress, report);
             }
         }
         match self.write_face(face, &outs, progress, report) {
@@ -743,32 +745,6 @@ impl FaceWriter<'_> {
             }
             Err(e) => fail(format!("{}: {e}", face.path.display()), progress, report),
         }
-    }
-
-    /// The message for a non-finite hypothesis: names the face and, after reduced-precision
-    /// arithmetic, the precision and the way out.
-    fn non_finite(&self, face: &Face, k: usize, bad: usize, total: usize) -> String {
-        let which = if self.samples > 1 {
-            format!("hypothesis {k}")
-        } else {
-            "the sample".to_string()
-        };
-        let why = if self.precision != "f32" {
-            format!(
-                "the {} backend computed in reduced precision ({}), whose range or rounding can overflow \
-                 on it: rerun with --precision f32",
-                self.backend, self.precision
-            )
-        } else {
-            "the model or the sampler diverged on it (check the weights; try another --sampler or other \
-             --steps)"
-                .to_string()
-        };
-        format!(
-            "{}: {which} came out non-finite ({bad} of {total} values NaN or infinite), so nothing was \
-             written for this face; {why}",
-            face.path.display()
-        )
     }
 
     /// The provenance record shared by a face's files (role "face"; see [`Self::for_file`]).
@@ -810,6 +786,7 @@ impl FaceWriter<'_> {
                 .into(),
                 accept_truncated: opts.accept_truncated,
                 std_scale: opts.std_scale,
+                save_lr: opts.save_lr,
             },
             hypotheses: consistencies
                 .iter()
@@ -984,6 +961,38 @@ impl FaceWriter<'_> {
             .collect();
         Ok((line, (!failed.is_empty()).then(|| failed.join("; "))))
     }
+}
+
+/// The error for a face whose sample `which` (None: the only one) holds `bad` non-finite values of
+/// `total`: it names the face and, after reduced-precision arithmetic, the precision and the way
+/// out.
+pub fn non_finite_message(
+    face: &Path,
+    which: Option<usize>,
+    bad: usize,
+    total: usize,
+    backend: &str,
+    precision: &str,
+) -> String {
+    let which = match which {
+        Some(k) => format!("hypothesis {k}"),
+        None => "the sample".to_string(),
+    };
+    let why = if precision != "f32" {
+        format!(
+            "the {backend} backend computed in reduced precision ({precision}), whose range or rounding \
+             can overflow: rerun with --precision f32"
+        )
+    } else {
+        "the model or the sampler diverged on it (check the weights; try another --sampler or other \
+         --steps)"
+            .to_string()
+    };
+    format!(
+        "{}: {which} came out non-finite ({bad} of {total} values NaN or infinite), so nothing was \
+         written for this face; {why}",
+        face.display()
+    )
 }
 
 /// 8-bit pixels as written (RGB, or one gray channel) → RGB.
@@ -1518,6 +1527,18 @@ mod tests {
         assert_eq!((v[0], *v.last().unwrap()), (39, 1999));
         assert!(v.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(trajectory_steps(3), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_non_finite_sample_names_the_face_and_reduced_precision() {
+        let f32_msg = non_finite_message(Path::new("in/b.png"), None, 3, 49152, "cpu", "f32");
+        assert!(f32_msg.starts_with("in/b.png: the sample came out non-finite (3 of 49152"), "{f32_msg}");
+        assert!(f32_msg.contains("nothing was written") && !f32_msg.contains("--precision"));
+        let bf16 = non_finite_message(Path::new("in/b.png"), Some(2), 1, 10, "cuda", "bf16");
+        assert!(bf16.contains("hypothesis 2") && bf16.contains("bf16"), "{bf16}");
+        assert!(bf16.contains("--precision f32"), "{bf16}");
+        let tf32 = non_finite_message(Path::new("x.png"), None, 1, 10, "cuda", "tf32");
+        assert!(tf32.contains("tf32") && tf32.contains("--precision f32"), "{tf32}");
     }
 
     #[test]
