@@ -190,6 +190,14 @@ Examples:
       Every 16×16 face in faces/, four hypotheses each (out/NAME_sr_0.png … _3.png), with another
       model: a sharded export folder (`srsde-fast export --shard-mib 16`), a .safetensors file or the
       original .pth; --save-lr also writes the bicubic guide.
+  srsde-fast upscale face.png -o out/ --samples 8 --steps 10
+      Eight hypotheses, their per-pixel mean (out/face_mean.png), their standard deviation as a heat
+      map (out/face_std.png: dark = pinned down by the input, bright = invented) and the strip
+      LR | hypotheses | mean | std (out/face_strip.png).
+  srsde-fast info out/face_sr.png
+      How an output was made (input and model SHA-256, sampler, seeds, device, its LR consistency)
+      and the command line that writes it again byte for byte; every PNG carries this record, and
+      out/face_sr.json holds it too. --json prints one JSON line per face for scripts.
   srsde-fast upscale face.png -o out/ --sampler sde-ve-cs --steps 1000
       The paper's own predictor–corrector sampler (slow on a CPU: 2 evaluations per step).
   srsde-fast degrade hr_faces/ -o lr/

@@ -197,8 +197,12 @@ impl Provenance {
         let Some(text) = crate::io::read_png_text(bytes, PNG_KEY, file)? else {
             return Ok(None);
         };
-        let p: Provenance = serde_json::from_str(&text)
-            .map_err(|e| Error::format(file, format!("`{PNG_KEY}` text chunk is not a provenance record: {e}")))?;
+        let p: Provenance = serde_json::from_str(&text).map_err(|e| {
+            Error::format(
+                file,
+                format!("`{PNG_KEY}` text chunk is not a provenance record: {e}"),
+            )
+        })?;
         if p.format != FORMAT {
             return Err(Error::format(
                 file,
@@ -296,7 +300,9 @@ pub fn describe(file: &str, p: &Provenance) -> String {
     let mut s = String::new();
     let mut line = |k: &str, v: String| s.push_str(&format!("  {k:<13}{v}\n"));
     let what = match (p.output.role.as_str(), p.output.hypothesis) {
-        ("sr", Some(k)) if p.noise.samples > 1 => format!("super-resolved face, hypothesis {k} of {}", p.noise.samples),
+        ("sr", Some(k)) if p.noise.samples > 1 => {
+            format!("super-resolved face, hypothesis {k} of {}", p.noise.samples)
+        }
         ("sr", _) => "super-resolved face".to_string(),
         ("mean", _) => format!("per-pixel mean of {} hypotheses", p.noise.samples),
         ("std", _) => format!(
@@ -315,13 +321,13 @@ pub fn describe(file: &str, p: &Provenance) -> String {
             format!("{c:.3} (MSE, 0-255 scale, of this picture shrunk to 16x16 vs the input; 0 = fully consistent)"),
         );
     }
-    line(
-        "input:",
-        format!("{} (sha256 {})", p.input.file, p.input.sha256),
-    );
+    line("input:", format!("{} (sha256 {})", p.input.file, p.input.sha256));
     line("", input_check(&p.input));
     if let Some(why) = &p.input.partial {
-        line("", format!("PARTIAL INPUT accepted with --accept-truncated: {why}"));
+        line(
+            "",
+            format!("PARTIAL INPUT accepted with --accept-truncated: {why}"),
+        );
     }
     for n in &p.input.notes {
         line("", format!("note: {n}"));

@@ -113,10 +113,7 @@ impl Spread {
     /// above `scale` shown as the top colour.
     pub fn heat_map(&self, scale: f64) -> Vec<u8> {
         let lut = colormap_lut();
-        self.std
-            .iter()
-            .flat_map(|&s| lut[lut_index(s, scale)])
-            .collect()
+        self.std.iter().flat_map(|&s| lut[lut_index(s, scale)]).collect()
     }
 }
 
@@ -129,7 +126,7 @@ pub fn lut_index(s: f64, scale: f64) -> usize {
 /// 1.5, 2, 3, 4, 5, 6 or 8 × 10^k levels, at least 1 level (so K = 1, all zero, is one flat
 /// colour).
 pub fn nice_scale(max: f64) -> f64 {
-    if !(max > 1.0) {
+    if max.is_nan() || max <= 1.0 {
         return 1.0;
     }
     let mag = 10f64.powf(max.log10().floor());

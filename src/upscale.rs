@@ -711,7 +711,13 @@ struct FaceWriter<'a> {
 
 impl FaceWriter<'_> {
     /// Checks a face's K hypotheses and writes its files; one summary line.
-    fn finish(&self, face: &Face, p: Pending, progress: &mut Progress, report: &mut UpscaleReport) -> FaceLine {
+    fn finish(
+        &self,
+        face: &Face,
+        p: Pending,
+        progress: &mut Progress,
+        report: &mut UpscaleReport,
+    ) -> FaceLine {
         let started = Instant::now();
         let timings = |writing_s: f64| {
             Some(Timings {
@@ -804,7 +810,12 @@ impl FaceWriter<'_> {
     }
 
     /// The face's record for one of its files, with the command that writes it again.
-    fn for_file(base: &Provenance, role: &str, hypothesis: Option<usize>, consistency: Option<f64>) -> Provenance {
+    fn for_file(
+        base: &Provenance,
+        role: &str,
+        hypothesis: Option<usize>,
+        consistency: Option<f64>,
+    ) -> Provenance {
         let mut p = base.clone();
         p.output = OutputInfo {
             role: role.into(),
@@ -857,11 +868,7 @@ impl FaceWriter<'_> {
             .map(|r| self.consistency(face, r))
             .collect::<Result<_>>()?;
         let refs: Vec<&[u8]> = rgb.iter().map(|r| r.as_slice()).collect();
-        let spread = self
-            .opts
-            .samples
-            .is_some()
-            .then(|| Spread::of(&refs, size, size));
+        let spread = self.opts.samples.is_some().then(|| Spread::of(&refs, size, size));
         let unc = spread.as_ref().map(|s| UncertaintyInfo {
             std_scale: self
                 .opts
@@ -885,7 +892,8 @@ impl FaceWriter<'_> {
         if let Some(path) = &face.out.lr {
             let guide = upsample_guide_chw(&face.lr, LR_SIZE, LR_SIZE, size, size);
             let p = Self::for_file(&base, "lr", None, None);
-            let bytes = io::encode_png_with_text(&guide, 3, size, size, face.gray, &[(PNG_KEY, &p.to_json()?)])?;
+            let bytes =
+                io::encode_png_with_text(&guide, 3, size, size, face.gray, &[(PNG_KEY, &p.to_json()?)])?;
             files.push((path.clone(), bytes));
         }
         if let (Some(s), Some(u)) = (&spread, &unc) {
@@ -906,7 +914,8 @@ impl FaceWriter<'_> {
                 let lr_big = uncertainty::enlarge_nearest(&lr_px, LR_SIZE, LR_SIZE, size);
                 let cv = uncertainty::strip(&lr_big, &refs, &mean_rgb, &heat, u.std_scale, size);
                 let p = Self::for_file(&base, "strip", None, None);
-                let bytes = io::encode_png_u8(&cv.rgb, cv.width, cv.height, false, &[(PNG_KEY, &p.to_json()?)])?;
+                let bytes =
+                    io::encode_png_u8(&cv.rgb, cv.width, cv.height, false, &[(PNG_KEY, &p.to_json()?)])?;
                 files.push((path.clone(), bytes));
             }
         }
@@ -1532,13 +1541,19 @@ mod tests {
     #[test]
     fn a_non_finite_sample_names_the_face_and_reduced_precision() {
         let f32_msg = non_finite_message(Path::new("in/b.png"), None, 3, 49152, "cpu", "f32");
-        assert!(f32_msg.starts_with("in/b.png: the sample came out non-finite (3 of 49152"), "{f32_msg}");
+        assert!(
+            f32_msg.starts_with("in/b.png: the sample came out non-finite (3 of 49152"),
+            "{f32_msg}"
+        );
         assert!(f32_msg.contains("nothing was written") && !f32_msg.contains("--precision"));
         let bf16 = non_finite_message(Path::new("in/b.png"), Some(2), 1, 10, "cuda", "bf16");
         assert!(bf16.contains("hypothesis 2") && bf16.contains("bf16"), "{bf16}");
         assert!(bf16.contains("--precision f32"), "{bf16}");
         let tf32 = non_finite_message(Path::new("x.png"), None, 1, 10, "cuda", "tf32");
-        assert!(tf32.contains("tf32") && tf32.contains("--precision f32"), "{tf32}");
+        assert!(
+            tf32.contains("tf32") && tf32.contains("--precision f32"),
+            "{tf32}"
+        );
     }
 
     #[test]

@@ -270,7 +270,9 @@ fn eval_with_two_samples_reports_spread() {
     let row = &json["methods"][2];
     assert_eq!(row["method"], "sde-ve-cs");
     let spread = &row["spread"];
-    let first = json["images"][0]["methods"][2]["samples"][0]["psnr"].as_f64().unwrap();
+    let first = json["images"][0]["methods"][2]["samples"][0]["psnr"]
+        .as_f64()
+        .unwrap();
     assert_eq!(spread["faces"], 1);
     assert!(spread["pixel_std"].as_f64().unwrap() > 0.0, "{spread}");
     assert!(spread["psnr_mean"].as_f64().unwrap().is_finite(), "{spread}");

@@ -35,7 +35,11 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn upscale(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let all: Vec<&str> = ["upscale", "--device", "cpu"].iter().chain(args).copied().collect();
+    let all: Vec<&str> = ["upscale", "--device", "cpu"]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
     run(&all, env)
 }
 
@@ -161,7 +165,9 @@ fn bad_inputs_and_non_finite_samples_are_named_errors_and_the_rest_is_written() 
     let (so, se) = (stdout(&r), stderr(&r));
     assert!(!r.status.success(), "bad inputs must fail the run");
     assert!(
-        se.contains("b_cut.jpg") && se.contains("truncated or corrupt JPEG") && se.contains("--accept-truncated"),
+        se.contains("b_cut.jpg")
+            && se.contains("truncated or corrupt JPEG")
+            && se.contains("--accept-truncated"),
         "{se}"
     );
     assert!(
@@ -171,7 +177,12 @@ fn bad_inputs_and_non_finite_samples_are_named_errors_and_the_rest_is_written() 
     assert!(se.contains("e_nan.png") && se.contains("non-finite"), "{se}");
     assert_eq!(
         files(&out),
-        ["a_good_sr.json", "a_good_sr.png", "c_good_sr.json", "c_good_sr.png"],
+        [
+            "a_good_sr.json",
+            "a_good_sr.png",
+            "c_good_sr.json",
+            "c_good_sr.png"
+        ],
         "exactly the good faces' files"
     );
     // The human log went to stderr; stdout holds one JSON object per face.
@@ -304,7 +315,10 @@ fn provenance_reads_back_and_its_command_reproduces_the_files_byte_for_byte() {
     let p = provenance(&target);
     assert_eq!(p.output.role, "sr");
     assert_eq!(p.output.hypothesis, Some(1));
-    assert_eq!(p.input.sha256, sha256_hex(&std::fs::read(dir.join("b.png")).unwrap()));
+    assert_eq!(
+        p.input.sha256,
+        sha256_hex(&std::fs::read(dir.join("b.png")).unwrap())
+    );
     assert_eq!(p.input.file, s(&dir.join("b.png").canonicalize().unwrap()));
     assert_eq!(p.model.sha256, sha256_hex(&std::fs::read(&model).unwrap()));
     assert_eq!(p.model.hashed, "file");
@@ -312,7 +326,10 @@ fn provenance_reads_back_and_its_command_reproduces_the_files_byte_for_byte() {
     assert_eq!(p.hypotheses[1].item_seed, item_seed(9, 1, 1));
     assert_eq!((p.sampler.name.as_str(), p.sampler.steps), ("dpm2", 3));
     assert_eq!(p.sampler.churn, Some(0.5));
-    assert_eq!((p.device.backend.as_str(), p.device.precision.as_str()), ("cpu", "f32"));
+    assert_eq!(
+        (p.device.backend.as_str(), p.device.precision.as_str()),
+        ("cpu", "f32")
+    );
     assert_eq!(p.software, format!("srsde-fast {}", env!("CARGO_PKG_VERSION")));
     // Its consistency is that of the picture in the file against the input LR.
     let sr = load_hr_face(&target, 128, CropMode::Reject).unwrap();
@@ -335,7 +352,10 @@ fn provenance_reads_back_and_its_command_reproduces_the_files_byte_for_byte() {
     let side: Provenance = serde_json::from_slice(&std::fs::read(out.join("b_sr.json")).unwrap()).unwrap();
     assert_eq!(side.output.role, "face");
     assert!(side.files.contains(&"b_sr_1.png".to_string()), "{:?}", side.files);
-    assert_eq!((side.input.clone(), side.hypotheses.clone()), (p.input.clone(), p.hypotheses.clone()));
+    assert_eq!(
+        (side.input.clone(), side.hypotheses.clone()),
+        (p.input.clone(), p.hypotheses.clone())
+    );
 
     // `info` prints it, and the command that reproduces it.
     let info = run(&["info", s(&target)], &[]);
@@ -358,7 +378,10 @@ fn provenance_reads_back_and_its_command_reproduces_the_files_byte_for_byte() {
         .position(|l| l.starts_with("reproduce"))
         .expect("a reproduce line");
     let cmd = lines[at + 1].trim();
-    assert!(cmd.starts_with("srsde-fast upscale ") && cmd.contains("-o OUTDIR"), "{cmd}");
+    assert!(
+        cmd.starts_with("srsde-fast upscale ") && cmd.contains("-o OUTDIR"),
+        "{cmd}"
+    );
     assert!(
         cmd.contains("--first-index 1") && cmd.contains("--seed 9") && cmd.contains("--save-lr"),
         "{cmd}"
@@ -389,7 +412,11 @@ fn provenance_reads_back_and_its_command_reproduces_the_files_byte_for_byte() {
     save_png(&plain, &[0.5; 3 * 16 * 16], 3, 16, 16, false).unwrap();
     let r = run(&["info", s(&plain)], &[]);
     assert!(!r.status.success());
-    assert!(stderr(&r).contains("without srsde-fast provenance"), "{}", stderr(&r));
+    assert!(
+        stderr(&r).contains("without srsde-fast provenance"),
+        "{}",
+        stderr(&r)
+    );
 }
 
 /// The mean and std maps agree with the mean and std computed here from the K written hypotheses
@@ -427,7 +454,9 @@ fn mean_and_std_maps_match_a_direct_computation() {
 
     let out = tmp.path("k3");
     run_k("3", &out);
-    let hyps: Vec<Vec<u8>> = (0..3).map(|k| rgb(&out.join(format!("face_sr_{k}.png")))).collect();
+    let hyps: Vec<Vec<u8>> = (0..3)
+        .map(|k| rgb(&out.join(format!("face_sr_{k}.png"))))
+        .collect();
     let n = 128 * 128;
     let mut direct_std = vec![0.0f64; n];
     let mean_png = rgb(&out.join("face_mean.png"));
@@ -452,7 +481,11 @@ fn mean_and_std_maps_match_a_direct_computation() {
     let mean_std = direct_std.iter().sum::<f64>() / n as f64;
     assert!(max > 1.0, "the hypotheses should differ (max std {max})");
     assert!(scale >= max, "the scale {scale} must cover the largest std {max}");
-    assert!((u.mean_std - mean_std).abs() < 1e-9 * mean_std.max(1.0), "{} vs {mean_std}", u.mean_std);
+    assert!(
+        (u.mean_std - mean_std).abs() < 1e-9 * mean_std.max(1.0),
+        "{} vs {mean_std}",
+        u.mean_std
+    );
     assert!((u.max_std - max).abs() < 1e-9 * max, "{} vs {max}", u.max_std);
     // Every heat-map pixel is the colour of its std on the recorded scale.
     let heat = rgb(&out.join("face_std.png"));
@@ -462,7 +495,11 @@ fn mean_and_std_maps_match_a_direct_computation() {
         let ok = (0..256)
             .filter(|&i| lut[i] == colour)
             .any(|i| (i as f64 * step - direct_std[p]).abs() <= 0.5 * step + 1e-9);
-        assert!(ok, "pixel {p}: colour {colour:?} does not show std {}", direct_std[p]);
+        assert!(
+            ok,
+            "pixel {p}: colour {colour:?} does not show std {}",
+            direct_std[p]
+        );
     }
     // The strip: LR | 3 hypotheses | mean | std, 128-pixel tiles with 2-pixel gutters.
     let strip = image::open(out.join("face_strip.png")).unwrap();
@@ -473,11 +510,19 @@ fn mean_and_std_maps_match_a_direct_computation() {
     run_k("1", &out1);
     assert_eq!(
         files(&out1),
-        ["face_mean.png", "face_sr.json", "face_sr.png", "face_std.png", "face_strip.png"]
+        [
+            "face_mean.png",
+            "face_sr.json",
+            "face_sr.png",
+            "face_std.png",
+            "face_strip.png"
+        ]
     );
     let u1 = provenance(&out1.join("face_std.png")).uncertainty.unwrap();
     assert_eq!((u1.mean_std, u1.max_std), (0.0, 0.0));
-    assert!(rgb(&out1.join("face_std.png")).chunks_exact(3).all(|c| c == lut[0]));
+    assert!(rgb(&out1.join("face_std.png"))
+        .chunks_exact(3)
+        .all(|c| c == lut[0]));
     assert_eq!(rgb(&out1.join("face_mean.png")), rgb(&out1.join("face_sr.png")));
 }
 
@@ -512,7 +557,8 @@ fn spread_grows_with_the_starting_noise_level() {
             &[],
         );
         assert!(r.status.success(), "{}", stderr(&r));
-        let side: Provenance = serde_json::from_slice(&std::fs::read(out.join("face_sr.json")).unwrap()).unwrap();
+        let side: Provenance =
+            serde_json::from_slice(&std::fs::read(out.join("face_sr.json")).unwrap()).unwrap();
         spreads.push(side.uncertainty.unwrap().mean_std);
     }
     eprintln!("mean per-pixel std at σ_max 0.02, 0.1, 0.3: {spreads:?}");

@@ -381,7 +381,9 @@ fn write_gif_makes_a_looping_animation() {
 fn noise_bytes(n: usize, mut seed: u64) -> Vec<u8> {
     (0..n)
         .map(|_| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 56) as u8
         })
         .collect()
@@ -403,13 +405,22 @@ fn truncated_images_are_refused_by_name_unless_accepted() {
     let msg = err_text(&e);
     assert!(matches!(e, Error::Format { .. }));
     assert!(
-        msg.contains("cut.jpg") && msg.contains("truncated or corrupt JPEG") && msg.contains("--accept-truncated"),
+        msg.contains("cut.jpg")
+            && msg.contains("truncated or corrupt JPEG")
+            && msg.contains("--accept-truncated"),
         "{msg}"
     );
-    assert!(load_hr_face(&cut, 64, CropMode::Reject).is_err(), "HR faces are never partial");
+    assert!(
+        load_hr_face(&cut, 64, CropMode::Reject).is_err(),
+        "HR faces are never partial"
+    );
     let face = load_lr_face_with(&cut, CropMode::Reject, Partial::Accept).unwrap();
     assert!(face.partial.as_deref().unwrap().contains("JPEG"));
-    assert!(face.notes.iter().any(|n| n.contains("decodes only in part")), "{:?}", face.notes);
+    assert!(
+        face.notes.iter().any(|n| n.contains("decodes only in part")),
+        "{:?}",
+        face.notes
+    );
 
     // A PNG cut in its image data: the first rows decode, the rest is missing.
     let raw = noise_bytes(16 * 16 * 3, 7);
@@ -443,7 +454,10 @@ fn png_text_chunks_round_trip_and_the_encoding_is_deterministic() {
     let a = encode_png_with_text(&chw, 3, 8, 8, false, &[("srsde-fast", text)]).unwrap();
     let b = encode_png_with_text(&chw, 3, 8, 8, false, &[("srsde-fast", text)]).unwrap();
     assert_eq!(a, b, "same pixels and text, same bytes");
-    assert_eq!(read_png_text(&a, "srsde-fast", "a.png").unwrap().as_deref(), Some(text));
+    assert_eq!(
+        read_png_text(&a, "srsde-fast", "a.png").unwrap().as_deref(),
+        Some(text)
+    );
     assert_eq!(read_png_text(&a, "other", "a.png").unwrap(), None);
     // The pixels are those encode_png writes.
     let plain = image::load_from_memory(&encode_png(&chw, 3, 8, 8, false).unwrap()).unwrap();

@@ -363,8 +363,16 @@ fn a_nan_in_a_shard_is_named_with_its_shard_and_tensor() {
     let dir = tmp.path("model");
     let index = save_sharded(&dir, &cfg, &w, StorageType::F16, 256 * KIB, None).unwrap();
     assert!(index.shards.len() > 1);
-    let shard = &index.shards.iter().find(|s| s.tensors.contains(&name)).unwrap().file;
-    let e = load_weights(&dir, None).err().expect("a NaN must not load").to_string();
+    let shard = &index
+        .shards
+        .iter()
+        .find(|s| s.tensors.contains(&name))
+        .unwrap()
+        .file;
+    let e = load_weights(&dir, None)
+        .err()
+        .expect("a NaN must not load")
+        .to_string();
     assert!(
         e.contains(shard.as_str()) && e.contains(&name) && e.contains("non-finite"),
         "{e}"

@@ -594,8 +594,8 @@ fn golden_safetensors_loads_with_config() {
 fn non_finite_weights_are_errors_naming_file_and_tensor() {
     use srsde_fast::model::load::{load_weights, save_weights};
     let dir = scratch("non-finite");
-    let expect_named = |r: srsde_fast::Result<srsde_fast::model::load::LoadedWeights>, p: &Path, name: &str| {
-        match r {
+    let expect_named =
+        |r: srsde_fast::Result<srsde_fast::model::load::LoadedWeights>, p: &Path, name: &str| match r {
             Err(Error::Weights { file, tensor, msg }) => {
                 assert_eq!(file, p.display().to_string());
                 assert_eq!(tensor, name);
@@ -603,15 +603,18 @@ fn non_finite_weights_are_errors_naming_file_and_tensor() {
             }
             Err(e) => panic!("{}: expected a weights error, got {e}", p.display()),
             Ok(_) => panic!("{}: non-finite weights loaded", p.display()),
-        }
-    };
+        };
 
     // safetensors, f32 and f16.
     let good = dir.join("good.safetensors");
     common::write_golden_model("ncsnpp_ve_nf16.safetensors", &good);
     let lw = load_weights(&good, None).unwrap();
     let name = lw.weights.keys().nth(10).unwrap().clone();
-    for (bad, tag) in [(f32::NAN, "nan"), (f32::INFINITY, "inf"), (f32::NEG_INFINITY, "neginf")] {
+    for (bad, tag) in [
+        (f32::NAN, "nan"),
+        (f32::INFINITY, "inf"),
+        (f32::NEG_INFINITY, "neginf"),
+    ] {
         for storage in [StorageType::F32, StorageType::F16] {
             let mut w = lw.weights.clone();
             w.get_mut(&name).unwrap().data[3] = bad;
@@ -626,7 +629,9 @@ fn non_finite_weights_are_errors_naming_file_and_tensor() {
     let clean = load_weights(&src, None).unwrap().weights;
     let (target, t) = clean
         .iter()
-        .find(|(k, t)| *k != "all_modules.0.W" && t.data.len() >= 16 && t.data[..16].iter().all(|v| *v != 0.0))
+        .find(|(k, t)| {
+            *k != "all_modules.0.W" && t.data.len() >= 16 && t.data[..16].iter().all(|v| *v != 0.0)
+        })
         .expect("a tensor with non-zero values");
     let needle: Vec<u8> = t.data[..16].iter().flat_map(|v| v.to_le_bytes()).collect();
     let mut zin = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
@@ -642,7 +647,11 @@ fn non_finite_weights_are_errors_naming_file_and_tensor() {
             hits.push((e.name().to_string(), off));
         }
     }
-    assert_eq!(hits.len(), 1, "the EMA values of `{target}` should be in one storage: {hits:?}");
+    assert_eq!(
+        hits.len(),
+        1,
+        "the EMA values of `{target}` should be in one storage: {hits:?}"
+    );
     let (entry, off) = &hits[0];
     for (bits, tag) in [(0x7fc0_0000u32, "nan"), (0x7f80_0000u32, "inf")] {
         let p = dir.join(format!("{tag}.pth"));

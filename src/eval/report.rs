@@ -252,8 +252,10 @@ pub fn markdown_table(rows: &[MethodSummary]) -> String {
             cell(&r.l2, 4),
         );
     }
-    let spread: Vec<(&MethodSummary, &SpreadSummary)> =
-        rows.iter().filter_map(|r| Some((r, r.spread.as_ref()?))).collect();
+    let spread: Vec<(&MethodSummary, &SpreadSummary)> = rows
+        .iter()
+        .filter_map(|r| Some((r, r.spread.as_ref()?)))
+        .collect();
     if !spread.is_empty() {
         s += "\nThe spread of the K samples of a face (mean over the picture of the per-pixel std, \
               0–255 levels; the features the LR input pins down vary little) and the error of their \
@@ -432,17 +434,20 @@ mod tests {
                 method: "dpm2".into(),
                 snr: None,
                 samples: vec![m(first, 0.5), m(first - 1.0, 0.5)],
-                spread: Some(SpreadRecord {
-                    pixel_std,
-                    psnr_mean,
-                }),
+                spread: Some(SpreadRecord { pixel_std, psnr_mean }),
             }],
         };
         let rows = summarize(&[rec(0, 20.0, 4.0, 21.0), rec(1, 22.0, 6.0, 24.0)]);
         let sp = rows[0].spread.unwrap();
-        assert_eq!((sp.faces, sp.pixel_std, sp.psnr_mean, sp.psnr_first), (2, 5.0, 22.5, 21.0));
+        assert_eq!(
+            (sp.faces, sp.pixel_std, sp.psnr_mean, sp.psnr_first),
+            (2, 5.0, 22.5, 21.0)
+        );
         let table = markdown_table(&rows);
-        assert!(table.contains("| dpm2 | 5.00 | 22.50 | 21.00 | 1.50 |"), "{table}");
+        assert!(
+            table.contains("| dpm2 | 5.00 | 22.50 | 21.00 | 1.50 |"),
+            "{table}"
+        );
         // Without spreads (K = 1) the second table is absent.
         let mut plain = rec(0, 20.0, 0.0, 0.0);
         plain.methods[0].spread = None;

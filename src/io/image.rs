@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use image::codecs::gif::{GifEncoder, Repeat};
 use image::codecs::png::PngEncoder;
-use image::{Delay, DynamicImage, ExtendedColorType, Frame, ImageEncoder, ImageFormat, ImageReader, RgbaImage};
+use image::{
+    Delay, DynamicImage, ExtendedColorType, Frame, ImageEncoder, ImageFormat, ImageReader, RgbaImage,
+};
 
 use super::degrade::{resize_antialias_chw, ResizeKernel};
 use crate::error::{Error, Result};
@@ -421,7 +423,8 @@ pub fn encode_png_u8(px: &[u8], w: usize, h: usize, gray: bool, text: &[(&str, &
         enc.set_depth(png::BitDepth::Eight);
         enc.set_compression(png::Compression::Balanced);
         for (key, value) in text {
-            enc.add_itxt_chunk(key.to_string(), value.to_string()).map_err(err)?;
+            enc.add_itxt_chunk(key.to_string(), value.to_string())
+                .map_err(err)?;
         }
         let mut writer = enc.write_header().map_err(err)?;
         writer.write_image_data(px).map_err(err)?;
@@ -447,7 +450,11 @@ pub fn read_png_text(bytes: &[u8], keyword: &str, file: &str) -> Result<Option<S
             return chunk.get_text().map(Some).map_err(bad);
         }
     }
-    if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == keyword) {
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == keyword)
+    {
         return Ok(Some(t.text.clone()));
     }
     for chunk in &info.compressed_latin1_text {
