@@ -11,11 +11,13 @@ pub mod eval;
 pub mod io;
 pub mod model;
 pub mod nn;
+pub mod provenance;
 pub mod rng;
 pub mod sample;
 pub mod sde;
 pub mod tensor;
 pub mod train;
+pub mod uncertainty;
 pub mod upscale;
 
 pub use error::{Error, Result};

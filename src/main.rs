@@ -11,6 +11,7 @@ use srsde_fast::bench;
 use srsde_fast::model::load::{load_weights, save_weights};
 use srsde_fast::model::weights::StorageType;
 use srsde_fast::model::{NetConfig, ScoreModel};
+use srsde_fast::provenance::{describe, Provenance};
 
 #[derive(Parser)]
 #[command(
@@ -86,8 +87,13 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Print a weights file's config and parameter count.
-    Info { model: PathBuf },
+    /// Print what a file is: a weights file's config and parameter count; for a PNG written by
+    /// `upscale`, how it was made (input, model, sampler, seeds, device), how sure it is, whether
+    /// the input still matches, and the command line that reproduces it byte for byte.
+    Info {
+        /// A weights file (or sharded export), or a PNG written by `upscale` (e.g. out/face_sr.png).
+        file: PathBuf,
+    },
     /// Time one network evaluation and one sampler step.
     Bench {
         #[arg(long, value_enum, default_value = "auto")]
@@ -160,6 +166,10 @@ enum Cmd {
         opts: srsde_fast::upscale::UpscaleOptions,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
+        /// CUDA GEMM precision: tf32/bf16 run the convolutions on tensor cores (faster, less exact;
+        /// recorded in every output's provenance). The CPU computes in f32.
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
     },
     /// Evaluate on HR faces: PSNR, SSIM, consistency, CS table (+ snr sweep figures), resumable.
     Eval {
@@ -180,6 +190,14 @@ Examples:
       Every 16×16 face in faces/, four hypotheses each (out/NAME_sr_0.png … _3.png), with another
       model: a sharded export folder (`srsde-fast export --shard-mib 16`), a .safetensors file or the
       original .pth; --save-lr also writes the bicubic guide.
+  srsde-fast upscale face.png -o out/ --samples 8 --steps 10
+      Eight hypotheses, their per-pixel mean (out/face_mean.png), their standard deviation as a heat
+      map (out/face_std.png: dark = pinned down by the input, bright = invented) and the strip
+      LR | hypotheses | mean | std (out/face_strip.png).
+  srsde-fast info out/face_sr.png
+      How an output was made (input and model SHA-256, sampler, seeds, device, its LR consistency)
+      and the command line that writes it again byte for byte; every PNG carries this record, and
+      out/face_sr.json holds it too. --json prints one JSON line per face for scripts.
   srsde-fast upscale face.png -o out/ --sampler sde-ve-cs --steps 1000
       The paper's own predictor–corrector sampler (slow on a CPU: 2 evaluations per step).
   srsde-fast degrade hr_faces/ -o lr/
@@ -231,7 +249,18 @@ fn run(cli: Cli) -> Result<()> {
                 lw.config.sde()
             );
         }
-        Cmd::Info { model } => {
+        Cmd::Info { file } if is_png(&file) => {
+            let name = file.display().to_string();
+            let bytes = std::fs::read(&file).with_context(|| name.clone())?;
+            match Provenance::from_png(&bytes, &name)? {
+                Some(p) => print!("{}", describe(&name, &p)),
+                None => bail!(
+                    "{name}: a PNG without srsde-fast provenance (not written by `srsde-fast upscale`, or \
+                     its text chunks were stripped): nothing says how it was made"
+                ),
+            }
+        }
+        Cmd::Info { file: model } => {
             let lw = load_weights(&model, None)?;
             for n in &lw.notes {
                 println!("note: {n}");
@@ -389,10 +418,25 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::PackFaces { args } => println!("{}", srsde_fast::train::pack::pack_cli(&args)?),
-        Cmd::Upscale { opts, device } => {
+        Cmd::Upscale {
+            opts,
+            device,
+            precision,
+        } => {
             let report = match pick_device(device)? {
-                Picked::Cpu(be) => srsde_fast::upscale::run(&opts, &be)?,
-                Picked::Cuda(be) => srsde_fast::upscale::run(&opts, &be)?,
+                Picked::Cpu(be) => {
+                    if precision != PrecisionArg::F32 {
+                        bail!("--precision {precision:?} needs the CUDA backend (the CPU computes in f32)");
+                    }
+                    srsde_fast::upscale::run(&opts, &be)?
+                }
+                Picked::Cuda(be) => {
+                    let p = precision.precision();
+                    if !be.supports(p) {
+                        bail!("this build has no {p} tensor-core kernels");
+                    }
+                    srsde_fast::upscale::run(&opts, &be.with_precision(p))?
+                }
             };
             report.into_result()?;
         }
@@ -410,6 +454,17 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// True when `path` is a file starting with the PNG signature.
+fn is_png(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut sig = [0u8; 8];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut sig))
+            .is_ok()
+        && sig == *b"\x89PNG\r\n\x1a\n"
 }
 
 enum Picked {

@@ -260,6 +260,30 @@ fn eval_with_two_samples_reports_spread() {
     // Different noise per sample: different metrics.
     let tail = |l: &str| l.splitn(6, ',').nth(5).unwrap().to_string();
     assert_ne!(tail(sr[0]), tail(sr[1]));
+
+    // The spread of the samples beside PSNR/CS, and the PSNR of their mean vs sample 1's.
+    assert!(
+        md.contains("| Method | Pixel std | PSNR of the mean ↑ | PSNR of sample 1 ↑ |"),
+        "{md}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&read(&out.join("report.json"))).unwrap();
+    let row = &json["methods"][2];
+    assert_eq!(row["method"], "sde-ve-cs");
+    let spread = &row["spread"];
+    let first = json["images"][0]["methods"][2]["samples"][0]["psnr"]
+        .as_f64()
+        .unwrap();
+    assert_eq!(spread["faces"], 1);
+    assert!(spread["pixel_std"].as_f64().unwrap() > 0.0, "{spread}");
+    assert!(spread["psnr_mean"].as_f64().unwrap().is_finite(), "{spread}");
+    assert_eq!(spread["psnr_first"].as_f64().unwrap(), first, "{spread}");
+    assert_eq!(
+        json["images"][0]["methods"][2]["spread"]["pixel_std"],
+        spread["pixel_std"]
+    );
+    // The reference rows have one sample each: no spread.
+    assert!(json["methods"][1]["spread"].is_null());
+    assert!(text(&o).contains("pixel std"), "{}", text(&o));
 }
 
 /// A corrupt HR file is reported by name and skipped; the other faces are still evaluated, the
@@ -273,6 +297,9 @@ fn a_bad_hr_file_does_not_stop_the_others() {
     write_faces(&hr_dir);
     // Sorted first, so it is met before the good faces.
     std::fs::write(hr_dir.join("aaa_broken.png"), b"not a png at all").unwrap();
+    // A truncated JPEG (the decoder would fill its lower part with grey) is no ground truth either.
+    let jpg = read(&hr_dir.join("celebahq_000009.jpg"));
+    std::fs::write(hr_dir.join("aab_cut.jpg"), &jpg[..jpg.len() / 2]).unwrap();
     let out = tmp.path("out");
     let o = eval(&model, &hr_dir, &out, &["--limit", "1", "--sheet", "1"]);
     assert!(
@@ -281,9 +308,10 @@ fn a_bad_hr_file_does_not_stop_the_others() {
     );
     let t = text(&o);
     assert!(t.contains("aaa_broken.png"), "{t}");
+    assert!(t.contains("aab_cut.jpg") && t.contains("truncated"), "{t}");
     let csv = String::from_utf8(read(&out.join("per_image.csv"))).unwrap();
     assert!(
-        csv.contains("celebahq_000004.jpg") && !csv.contains("aaa_broken"),
+        csv.contains("celebahq_000004.jpg") && !csv.contains("aaa_broken") && !csv.contains("aab_cut"),
         "{csv}"
     );
 }

@@ -5,7 +5,8 @@ use image::{DynamicImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, Rgb
 use srsde_fast::io::degrade::{resize_antialias_chw, ResizeKernel};
 use srsde_fast::io::image::quantize_u8;
 use srsde_fast::io::{
-    collect_images, encode_png, load_hr_face, load_lr_face, save_png, write_file, write_gif, CropMode,
+    collect_images, encode_png, encode_png_with_text, load_hr_face, load_lr_face, load_lr_face_with,
+    read_png_text, save_png, write_file, write_gif, CropMode, Partial,
 };
 use srsde_fast::Error;
 
@@ -374,4 +375,96 @@ fn write_gif_makes_a_looping_animation() {
     let mixed = vec![frames[0].clone(), (vec![0.0; 3 * 4 * 4], 4, 4)];
     assert!(write_gif(&dir.path("mixed.gif"), &mixed, 100).is_err());
     assert!(write_gif(&dir.path("empty.gif"), &[], 100).is_err());
+}
+
+/// Pseudo-random bytes (they do not compress, so a cut file keeps a proportional part of its rows).
+fn noise_bytes(n: usize, mut seed: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 56) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn truncated_images_are_refused_by_name_unless_accepted() {
+    let dir = TempDir::new("partial");
+
+    // A JPEG cut short: the lenient decoder would render it with a grey lower part.
+    let jpg = dir.path("face.jpg");
+    rgb_pattern(64, 64).save(&jpg).unwrap();
+    let whole = load_lr_face(&jpg, CropMode::Reject).unwrap();
+    assert!(whole.partial.is_none());
+    let bytes = std::fs::read(&jpg).unwrap();
+    let cut = dir.path("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() * 6 / 10]).unwrap();
+    let e = load_lr_face(&cut, CropMode::Reject).unwrap_err();
+    let msg = err_text(&e);
+    assert!(matches!(e, Error::Format { .. }));
+    assert!(
+        msg.contains("cut.jpg")
+            && msg.contains("truncated or corrupt JPEG")
+            && msg.contains("--accept-truncated"),
+        "{msg}"
+    );
+    assert!(
+        load_hr_face(&cut, 64, CropMode::Reject).is_err(),
+        "HR faces are never partial"
+    );
+    let face = load_lr_face_with(&cut, CropMode::Reject, Partial::Accept).unwrap();
+    assert!(face.partial.as_deref().unwrap().contains("JPEG"));
+    assert!(
+        face.notes.iter().any(|n| n.contains("decodes only in part")),
+        "{:?}",
+        face.notes
+    );
+
+    // A PNG cut in its image data: the first rows decode, the rest is missing.
+    let raw = noise_bytes(16 * 16 * 3, 7);
+    let img = RgbImage::from_raw(16, 16, raw.clone()).unwrap();
+    let png = dir.path("whole.png");
+    img.save(&png).unwrap();
+    let bytes = std::fs::read(&png).unwrap();
+    let cut = dir.path("cut.png");
+    std::fs::write(&cut, &bytes[..bytes.len() * 6 / 10]).unwrap();
+    let msg = err_text(&load_lr_face(&cut, CropMode::Reject).unwrap_err());
+    assert!(
+        msg.contains("cut.png") && msg.contains("truncated or corrupt PNG") && msg.contains("rows decode"),
+        "{msg}"
+    );
+    let face = load_lr_face_with(&cut, CropMode::Reject, Partial::Accept).unwrap();
+    assert!(face.partial.as_deref().unwrap().contains("of its 16 rows"));
+    // The top row is the file's, the bottom row is grey.
+    let plane = 16 * 16;
+    for x in 0..16 {
+        for k in 0..3 {
+            assert_eq!(face.pixels[k * plane + x], raw[x * 3 + k] as f32 / 255.0);
+            assert_eq!(face.pixels[k * plane + 15 * 16 + x], 128.0 / 255.0);
+        }
+    }
+}
+
+#[test]
+fn png_text_chunks_round_trip_and_the_encoding_is_deterministic() {
+    let chw: Vec<f32> = (0..3 * 8 * 8).map(|i| (i % 17) as f32 / 16.0).collect();
+    let text = r#"{"note":"σ_max ≥ 1, ünïcode"}"#;
+    let a = encode_png_with_text(&chw, 3, 8, 8, false, &[("srsde-fast", text)]).unwrap();
+    let b = encode_png_with_text(&chw, 3, 8, 8, false, &[("srsde-fast", text)]).unwrap();
+    assert_eq!(a, b, "same pixels and text, same bytes");
+    assert_eq!(
+        read_png_text(&a, "srsde-fast", "a.png").unwrap().as_deref(),
+        Some(text)
+    );
+    assert_eq!(read_png_text(&a, "other", "a.png").unwrap(), None);
+    // The pixels are those encode_png writes.
+    let plain = image::load_from_memory(&encode_png(&chw, 3, 8, 8, false).unwrap()).unwrap();
+    assert_eq!(image::load_from_memory(&a).unwrap().to_rgb8(), plain.to_rgb8());
+    // A different text, different bytes; gray stays one channel.
+    let c = encode_png_with_text(&chw, 3, 8, 8, false, &[("srsde-fast", "{}")]).unwrap();
+    assert_ne!(a, c);
+    let g = encode_png_with_text(&vec![0.25; 64], 1, 8, 8, true, &[]).unwrap();
+    assert_eq!(image::load_from_memory(&g).unwrap().color(), image::ColorType::L8);
 }

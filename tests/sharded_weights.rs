@@ -352,3 +352,29 @@ fn upscale_help_shows_examples_and_the_model_lookup() {
         assert!(help.contains(want), "`{want}` missing from upscale --help");
     }
 }
+
+/// A NaN in a sharded export is an error naming the shard that holds it and the tensor.
+#[test]
+fn a_nan_in_a_shard_is_named_with_its_shard_and_tensor() {
+    let (cfg, mut w) = tiny_model();
+    let name = w.keys().nth(20).unwrap().clone();
+    w.get_mut(&name).unwrap().data[1] = f32::NAN;
+    let tmp = TempDir::new("nan-shard");
+    let dir = tmp.path("model");
+    let index = save_sharded(&dir, &cfg, &w, StorageType::F16, 256 * KIB, None).unwrap();
+    assert!(index.shards.len() > 1);
+    let shard = &index
+        .shards
+        .iter()
+        .find(|s| s.tensors.contains(&name))
+        .unwrap()
+        .file;
+    let e = load_weights(&dir, None)
+        .err()
+        .expect("a NaN must not load")
+        .to_string();
+    assert!(
+        e.contains(shard.as_str()) && e.contains(&name) && e.contains("non-finite"),
+        "{e}"
+    );
+}

@@ -586,3 +586,96 @@ fn golden_safetensors_loads_with_config() {
         assert_eq!((&t.shape, bits(&t.data)), (&g.shape, bits(&g.data)), "{k}");
     }
 }
+
+/// Weights holding a NaN or an infinity are an error naming the file and the tensor — never a
+/// network that turns every face black: in a safetensors file (f32 and f16 storage) and in the
+/// original `.pth` checkpoint.
+#[test]
+fn non_finite_weights_are_errors_naming_file_and_tensor() {
+    use srsde_fast::model::load::{load_weights, save_weights};
+    let dir = scratch("non-finite");
+    let expect_named =
+        |r: srsde_fast::Result<srsde_fast::model::load::LoadedWeights>, p: &Path, name: &str| match r {
+            Err(Error::Weights { file, tensor, msg }) => {
+                assert_eq!(file, p.display().to_string());
+                assert_eq!(tensor, name);
+                assert!(msg.contains("non-finite"), "{msg}");
+            }
+            Err(e) => panic!("{}: expected a weights error, got {e}", p.display()),
+            Ok(_) => panic!("{}: non-finite weights loaded", p.display()),
+        };
+
+    // safetensors, f32 and f16.
+    let good = dir.join("good.safetensors");
+    common::write_golden_model("ncsnpp_ve_nf16.safetensors", &good);
+    let lw = load_weights(&good, None).unwrap();
+    let name = lw.weights.keys().nth(10).unwrap().clone();
+    for (bad, tag) in [
+        (f32::NAN, "nan"),
+        (f32::INFINITY, "inf"),
+        (f32::NEG_INFINITY, "neginf"),
+    ] {
+        for storage in [StorageType::F32, StorageType::F16] {
+            let mut w = lw.weights.clone();
+            w.get_mut(&name).unwrap().data[3] = bad;
+            let p = dir.join(format!("{tag}-{storage:?}.safetensors"));
+            save_weights(&p, &lw.config, &w, storage).unwrap();
+            expect_named(load_weights(&p, None), &p, &name);
+        }
+    }
+
+    // The .pth: find the storage holding one EMA tensor's values and poison one of them.
+    let src = golden_path(PTH);
+    let clean = load_weights(&src, None).unwrap().weights;
+    let (target, t) = clean
+        .iter()
+        .find(|(k, t)| {
+            *k != "all_modules.0.W" && t.data.len() >= 16 && t.data[..16].iter().all(|v| *v != 0.0)
+        })
+        .expect("a tensor with non-zero values");
+    let needle: Vec<u8> = t.data[..16].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut zin = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
+    let mut hits = Vec::new();
+    for i in 0..zin.len() {
+        let mut e = zin.by_index(i).unwrap();
+        if !e.name().contains("/data/") {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        e.read_to_end(&mut bytes).unwrap();
+        if let Some(off) = bytes.windows(needle.len()).position(|w| w == needle.as_slice()) {
+            hits.push((e.name().to_string(), off));
+        }
+    }
+    assert_eq!(
+        hits.len(),
+        1,
+        "the EMA values of `{target}` should be in one storage: {hits:?}"
+    );
+    let (entry, off) = &hits[0];
+    for (bits, tag) in [(0x7fc0_0000u32, "nan"), (0x7f80_0000u32, "inf")] {
+        let p = dir.join(format!("{tag}.pth"));
+        let mut zin = zip::ZipArchive::new(std::fs::File::open(&src).unwrap()).unwrap();
+        let mut zout = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+        for i in 0..zin.len() {
+            let mut e = zin.by_index(i).unwrap();
+            if e.name() == entry {
+                let mut bytes = Vec::new();
+                e.read_to_end(&mut bytes).unwrap();
+                bytes[*off + 4..*off + 8].copy_from_slice(&bits.to_le_bytes());
+                let name = e.name().to_string();
+                drop(e);
+                let opts = zip::write::SimpleFileOptions::default()
+                    .compression_method(zip::CompressionMethod::Stored);
+                zout.start_file(name, opts).unwrap();
+                zout.write_all(&bytes).unwrap();
+            } else {
+                drop(e);
+                zout.raw_copy_file(zin.by_index_raw(i).unwrap()).unwrap();
+            }
+        }
+        zout.finish().unwrap();
+        expect_named(load_weights(&p, None), &p, target);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -179,6 +179,11 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     fn is_cpu(&self) -> bool {
         false
     }
+    /// The arithmetic of the matrix products: "f32", or on CUDA "tf32"/"bf16" (tensor cores).
+    /// Results record it; a result that is not finite names it when it is a reduced one.
+    fn precision_name(&self) -> &'static str {
+        "f32"
+    }
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;

@@ -43,6 +43,19 @@ pub struct MethodRecord {
     /// The Langevin snr of a sweep point.
     pub snr: Option<f64>,
     pub samples: Vec<Metrics>,
+    /// With K > 1 samples: how much they differ, and how good their mean is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<SpreadRecord>,
+}
+
+/// The spread of one face's K samples (see [`crate::uncertainty`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpreadRecord {
+    /// Mean over the picture of the per-pixel std over the samples (intensity levels, 0–255).
+    pub pixel_std: f64,
+    /// PSNR of the per-pixel mean of the samples (8-bit) against the HR.
+    #[serde(with = "nonfinite")]
+    pub psnr_mean: f64,
 }
 
 /// Everything measured on one face: one JSONL line.
@@ -80,6 +93,23 @@ pub struct MethodSummary {
     pub consistency: Stat,
     pub cs: Stat,
     pub l2: Stat,
+    /// With K > 1 samples per face: their spread and the error of their mean.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread: Option<SpreadSummary>,
+}
+
+/// A method's [`SpreadRecord`]s over the faces that have one.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct SpreadSummary {
+    pub faces: usize,
+    /// Mean over faces of the mean per-pixel std (levels, 0–255).
+    pub pixel_std: f64,
+    /// Mean over faces of the PSNR of the mean of the samples.
+    #[serde(with = "nonfinite")]
+    pub psnr_mean: f64,
+    /// Mean over the same faces of the PSNR of sample 1 alone (the first), for comparison.
+    #[serde(with = "nonfinite")]
+    pub psnr_first: f64,
 }
 
 /// Rows in the order the methods first appear in the records.
@@ -95,12 +125,22 @@ pub fn summarize(records: &[ImageRecord]) -> Vec<MethodSummary> {
     }
     keys.into_iter()
         .map(|(method, snr)| {
-            let per_face: Vec<&[Metrics]> = records
+            let records_of: Vec<&MethodRecord> = records
                 .iter()
                 .flat_map(|r| &r.methods)
                 .filter(|m| m.method == method && m.snr == snr)
-                .map(|m| m.samples.as_slice())
                 .collect();
+            let per_face: Vec<&[Metrics]> = records_of.iter().map(|m| m.samples.as_slice()).collect();
+            let spreads: Vec<(&SpreadRecord, f64)> = records_of
+                .iter()
+                .filter_map(|m| Some((m.spread.as_ref()?, m.samples.first()?.psnr)))
+                .collect();
+            let spread = (!spreads.is_empty()).then(|| SpreadSummary {
+                faces: spreads.len(),
+                pixel_std: mean(&spreads.iter().map(|s| s.0.pixel_std).collect::<Vec<_>>()),
+                psnr_mean: mean(&spreads.iter().map(|s| s.0.psnr_mean).collect::<Vec<_>>()),
+                psnr_first: mean(&spreads.iter().map(|s| s.1).collect::<Vec<_>>()),
+            });
             let stat = |k: usize| {
                 let values: Vec<Vec<f64>> = per_face
                     .iter()
@@ -116,6 +156,7 @@ pub fn summarize(records: &[ImageRecord]) -> Vec<MethodSummary> {
                 consistency: stat(2),
                 cs: stat(3),
                 l2: stat(4),
+                spread,
                 method,
                 snr,
             }
@@ -210,6 +251,27 @@ pub fn markdown_table(rows: &[MethodSummary]) -> String {
             cell(&r.cs, 4),
             cell(&r.l2, 4),
         );
+    }
+    let spread: Vec<(&MethodSummary, &SpreadSummary)> = rows
+        .iter()
+        .filter_map(|r| Some((r, r.spread.as_ref()?)))
+        .collect();
+    if !spread.is_empty() {
+        s += "\nThe spread of the K samples of a face (mean over the picture of the per-pixel std, \
+              0–255 levels; the features the LR input pins down vary little) and the error of their \
+              per-pixel mean against one sample:\n\n\
+              | Method | Pixel std | PSNR of the mean ↑ | PSNR of sample 1 ↑ | Mean − sample 1 (dB) |\n\
+              |---|---:|---:|---:|---:|\n";
+        for (r, sp) in spread {
+            s += &format!(
+                "| {} | {} | {} | {} | {} |\n",
+                label(&r.method, r.snr),
+                num(sp.pixel_std, 2),
+                num(sp.psnr_mean, 2),
+                num(sp.psnr_first, 2),
+                num(sp.psnr_mean - sp.psnr_first, 2),
+            );
+        }
     }
     s
 }
@@ -323,6 +385,10 @@ mod tests {
                 method: "HR vs HR".into(),
                 snr: None,
                 samples: vec![m(f64::INFINITY, 1.0), m(21.123456789012345, 0.25)],
+                spread: Some(SpreadRecord {
+                    pixel_std: 3.5,
+                    psnr_mean: 22.0,
+                }),
             }],
         };
         let line = serde_json::to_string(&r).unwrap();
@@ -340,6 +406,7 @@ mod tests {
                 method: "x".into(),
                 snr: Some(0.1),
                 samples: s,
+                spread: None,
             }],
         };
         let rows = summarize(&[
@@ -359,6 +426,36 @@ mod tests {
     }
 
     #[test]
+    fn spread_summary_compares_the_mean_with_sample_1() {
+        let rec = |i, first: f64, pixel_std: f64, psnr_mean: f64| ImageRecord {
+            index: i,
+            file: format!("{i}.png"),
+            methods: vec![MethodRecord {
+                method: "dpm2".into(),
+                snr: None,
+                samples: vec![m(first, 0.5), m(first - 1.0, 0.5)],
+                spread: Some(SpreadRecord { pixel_std, psnr_mean }),
+            }],
+        };
+        let rows = summarize(&[rec(0, 20.0, 4.0, 21.0), rec(1, 22.0, 6.0, 24.0)]);
+        let sp = rows[0].spread.unwrap();
+        assert_eq!(
+            (sp.faces, sp.pixel_std, sp.psnr_mean, sp.psnr_first),
+            (2, 5.0, 22.5, 21.0)
+        );
+        let table = markdown_table(&rows);
+        assert!(
+            table.contains("| dpm2 | 5.00 | 22.50 | 21.00 | 1.50 |"),
+            "{table}"
+        );
+        // Without spreads (K = 1) the second table is absent.
+        let mut plain = rec(0, 20.0, 0.0, 0.0);
+        plain.methods[0].spread = None;
+        let rows = summarize(&[plain]);
+        assert!(rows[0].spread.is_none() && !markdown_table(&rows).contains("Pixel std"));
+    }
+
+    #[test]
     fn pearson_known_values() {
         assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.5]).unwrap() - 0.997949).abs() < 1e-5);
         assert_eq!(pearson(&[1.0, 2.0], &[-1.0, -3.0]), Some(-1.0));
@@ -375,6 +472,7 @@ mod tests {
                 method: "bicubic".into(),
                 snr: None,
                 samples: vec![m(f64::INFINITY, 1.0)],
+                spread: None,
             }],
         };
         let c = csv(&[r]);

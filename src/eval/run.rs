@@ -29,11 +29,12 @@ use crate::error::{Error, Result};
 use crate::eval::face::{cosine, face_chip, l2, Descriptor, FaceNet};
 use crate::eval::metrics::{consistency, psnr, ssim, FloatImage, ImageU8, Layout};
 use crate::eval::plot;
-use crate::eval::report::{self, ImageRecord, MethodRecord, MethodSummary, Metrics};
+use crate::eval::report::{self, ImageRecord, MethodRecord, MethodSummary, Metrics, SpreadRecord};
 use crate::io::{self, CropMode};
 use crate::model::ScoreModel;
 use crate::sample::{sample_with_noise, CorrectorKind, LangevinNorm, NoiseStream, SamplerConfig};
 use crate::sde::Sde;
+use crate::uncertainty::Spread;
 use crate::upscale::{fast_overrides, item_seed, sampler_value_parser};
 
 /// Row name of the ground truth against itself.
@@ -370,13 +371,20 @@ pub fn run<B: Backend>(opts: &EvalOptions, backend: &B) -> Result<EvalSummary> {
                 .and_then(|_| jsonl.sync_data())
                 .map_err(|e| Error::io(&results_path, e))?;
             computed += 1;
-            let last = rec.methods.last().and_then(|m| m.samples.first());
+            let last = rec.methods.last();
             println!(
-                "[{}/{}] {}{}",
+                "[{}/{}] {}{}{}",
                 reused + computed,
                 files.len(),
                 face.file.display(),
-                last.map(|m| format!(": PSNR {:.2}, SSIM {:.4}, CS {:.4}", m.psnr, m.ssim, m.cs))
+                last.and_then(|m| m.samples.first())
+                    .map(|m| format!(": PSNR {:.2}, SSIM {:.4}, CS {:.4}", m.psnr, m.ssim, m.cs))
+                    .unwrap_or_default(),
+                last.and_then(|m| m.spread)
+                    .map(|s| format!(
+                        "; {} samples: pixel std {:.2}, PSNR of their mean {:.2}",
+                        opts.samples, s.pixel_std, s.psnr_mean
+                    ))
                     .unwrap_or_default()
             );
             // Report what a resumed run will read back: serde_json's float parsing is not always
@@ -620,21 +628,38 @@ impl<B: Backend> Ctx<'_, B> {
                     method: HR_VS_HR.into(),
                     snr: None,
                     samples: vec![measure(&face.hr_u8, &d[0])?],
+                    spread: None,
                 },
                 MethodRecord {
                     method: BICUBIC.into(),
                     snr: None,
                     samples: vec![measure(&bicubic, &d[1])?],
+                    spread: None,
                 },
             ];
             for (mi, method) in self.methods.iter().enumerate() {
                 let samples = (0..k)
                     .map(|s| measure(&sr[mi][fi * k + s], &d[2 + mi * k + s]))
                     .collect::<Result<Vec<_>>>()?;
+                let spread = if k > 1 {
+                    let pics: Vec<&[u8]> = sr[mi][fi * k..(fi + 1) * k]
+                        .iter()
+                        .map(|img| img.data.as_slice())
+                        .collect();
+                    let spread = Spread::of(&pics, size, size);
+                    let mean = ImageU8::from_chw_f32(3, size, size, &spread.mean_chw())?;
+                    Some(SpreadRecord {
+                        pixel_std: spread.mean_std(),
+                        psnr_mean: psnr(&face.hr_u8, &mean)?,
+                    })
+                } else {
+                    None
+                };
                 methods.push(MethodRecord {
                     method: method.name.clone(),
                     snr: method.snr,
                     samples,
+                    spread,
                 });
                 if face.index < self.sheet_faces {
                     let tile = &sr[mi][fi * k];
@@ -741,7 +766,8 @@ fn write_reports(
         size / 8,
         size / 8,
         if config.samples > 1 {
-            "\n- with K > 1 samples: mean ± the mean over faces of the std over each face's samples"
+            "\n- with K > 1 samples: mean ± the mean over faces of the std over each face's samples; \
+             pixel std: the mean over faces and pixels of the per-pixel std over the K samples (0–255)"
         } else {
             ""
         }

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use image::codecs::gif::{GifEncoder, Repeat};
 use image::codecs::png::PngEncoder;
-use image::{Delay, DynamicImage, ExtendedColorType, Frame, ImageEncoder, ImageReader, RgbaImage};
+use image::{
+    Delay, DynamicImage, ExtendedColorType, Frame, ImageEncoder, ImageFormat, ImageReader, RgbaImage,
+};
 
 use super::degrade::{resize_antialias_chw, ResizeKernel};
 use crate::error::{Error, Result};
@@ -39,15 +41,35 @@ pub struct LoadedFace {
     pub gray: bool,
     /// What was done to the file's pixels on the way (crop, resize, alpha dropped), for the user.
     pub notes: Vec<String>,
+    /// Set when the file decodes only in part (a truncated or corrupt JPEG or PNG) and the caller
+    /// accepted that ([`Partial::Accept`]): what is wrong with it. The missing part is grey.
+    pub partial: Option<String>,
+}
+
+/// What to do with an image file that decodes only in part: a truncated or corrupt JPEG (the
+/// decoder fills what it cannot read with grey) or a truncated PNG (rows missing at the bottom).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Partial {
+    /// Refuse it: an error naming the file and the problem.
+    #[default]
+    Reject,
+    /// Use what decodes, the rest grey; [`LoadedFace::partial`] says what was wrong.
+    Accept,
 }
 
 /// Reads the 16×16 low-resolution face for `srsde-fast upscale`.
 ///
 /// A 16×16 image is the LR itself. Another square size is resized to 16×16 with the paper's antialiased
 /// bilinear filter (a note says so). A non-square image is an error unless `crop` is
-/// [`CropMode::Center`]. Grayscale becomes three equal channels, alpha is dropped.
+/// [`CropMode::Center`]. Grayscale becomes three equal channels, alpha is dropped. A file that
+/// decodes only in part (truncated, corrupt) is an error; see [`load_lr_face_with`].
 pub fn load_lr_face(path: &Path, crop: CropMode) -> Result<LoadedFace> {
-    let (img, notes) = read_square(path, crop)?;
+    load_lr_face_with(path, crop, Partial::Reject)
+}
+
+/// [`load_lr_face`], with the choice of what to do with a file that decodes only in part.
+pub fn load_lr_face_with(path: &Path, crop: CropMode, partial: Partial) -> Result<LoadedFace> {
+    let (img, notes) = read_square(path, crop, partial)?;
     let mut face = img.into_face(notes);
     if face.size != LR_SIZE {
         let s = face.size;
@@ -66,8 +88,9 @@ pub fn load_lr_face(path: &Path, crop: CropMode) -> Result<LoadedFace> {
 
 /// Reads a high-resolution face (evaluation, training data): any square size ≥ `size` (or any size with
 /// [`CropMode::Center`]), resized to `size × size` with the antialiased bilinear filter when larger.
+/// A file that decodes only in part (truncated, corrupt) is an error.
 pub fn load_hr_face(path: &Path, size: usize, crop: CropMode) -> Result<LoadedFace> {
-    let (img, notes) = read_square(path, crop)?;
+    let (img, notes) = read_square(path, crop, Partial::Reject)?;
     let mut face = img.into_face(notes);
     let s = face.size;
     if s < size {
@@ -92,10 +115,17 @@ struct Decoded {
     w: usize,
     gray: bool,
     alpha: bool,
+    /// Decoded only in part (accepted by the caller): what is wrong.
+    partial: Option<String>,
 }
 
 impl Decoded {
     fn into_face(self, mut notes: Vec<String>) -> LoadedFace {
+        if let Some(why) = &self.partial {
+            notes.push(format!(
+                "accepted although it decodes only in part: {why}; the missing part is grey"
+            ));
+        }
         if self.alpha {
             notes.push("alpha channel dropped (colour values used as they are)".to_string());
         }
@@ -104,13 +134,14 @@ impl Decoded {
             size: self.h,
             gray: self.gray,
             notes,
+            partial: self.partial,
         }
     }
 }
 
 /// Decodes `path` and makes it square (or refuses), returning the image and the notes so far.
-fn read_square(path: &Path, crop: CropMode) -> Result<(Decoded, Vec<String>)> {
-    let img = decode(path)?;
+fn read_square(path: &Path, crop: CropMode, partial: Partial) -> Result<(Decoded, Vec<String>)> {
+    let img = decode(path, partial)?;
     let mut notes = Vec::new();
     if img.h == img.w {
         return Ok((img, notes));
@@ -147,22 +178,50 @@ fn read_square(path: &Path, crop: CropMode) -> Result<(Decoded, Vec<String>)> {
     }
 }
 
-/// Reads and decodes an image file (format from its content, not its name).
-fn decode(path: &Path) -> Result<Decoded> {
+/// Reads and decodes an image file (format from its content, not its name). A JPEG that the
+/// (lenient) decoder renders but a strict decode refuses — truncated, or corrupt in its entropy-coded
+/// data, the rest filled with grey — and a PNG of which only the first rows decode are errors
+/// naming the file and the problem, unless `partial` accepts them.
+fn decode(path: &Path, partial: Partial) -> Result<Decoded> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let reader = ImageReader::new(Cursor::new(bytes.as_slice()))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(Error::format(
             file,
             "cannot decode: not a PNG, JPEG, WebP, BMP or GIF image",
         ));
+    };
+    let refuse = |why: String| {
+        Error::format(
+            &file,
+            format!(
+                "{why}: the image decodes only in part (the rest would be grey); refused — pass \
+                 --accept-truncated to use what decodes"
+            ),
+        )
+    };
+    let img = match reader.decode() {
+        Ok(img) => img,
+        Err(e) if format == ImageFormat::Png => {
+            // A truncated PNG: its first rows may still decode.
+            return match (partial_png(&bytes), partial) {
+                (Some(d), Partial::Accept) => Ok(d),
+                (Some(d), Partial::Reject) => Err(refuse(d.partial.unwrap_or_default())),
+                (None, _) => Err(Error::format(&file, format!("cannot decode: {e}"))),
+            };
+        }
+        Err(e) => return Err(Error::format(&file, format!("cannot decode: {e}"))),
+    };
+    let problem = match format {
+        ImageFormat::Jpeg => jpeg_problem(&bytes).map(|why| format!("truncated or corrupt JPEG ({why})")),
+        _ => None,
+    };
+    if let (Some(why), Partial::Reject) = (&problem, partial) {
+        return Err(refuse(why.clone()));
     }
-    let img = reader
-        .decode()
-        .map_err(|e| Error::format(&file, format!("cannot decode: {e}")))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err(Error::format(file, "cannot decode: the image is empty"));
@@ -191,6 +250,69 @@ fn decode(path: &Path) -> Result<Decoded> {
         w,
         gray,
         alpha,
+        partial: problem,
+    })
+}
+
+/// Why a JPEG that the lenient decoder renders is not whole: a strict decode's error (a premature
+/// end of the data, a corrupt entropy-coded segment, a marker out of place), or None when it is
+/// whole.
+fn jpeg_problem(bytes: &[u8]) -> Option<String> {
+    use zune_jpeg::zune_core::{bytestream::ZCursor, options::DecoderOptions};
+    let options = DecoderOptions::default().set_strict_mode(true);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    dec.decode()
+        .err()
+        .map(|e| e.to_string().trim_matches('"').to_string())
+}
+
+/// The first rows of a truncated, non-interlaced PNG, the missing ones grey; None when no row (or
+/// every row) decodes, or when the file is interlaced (its rows arrive in passes).
+fn partial_png(bytes: &[u8]) -> Option<Decoded> {
+    let mut dec = png::Decoder::new(Cursor::new(bytes));
+    dec.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = dec.read_info().ok()?;
+    let (w, h) = (reader.info().width as usize, reader.info().height as usize);
+    if reader.info().interlaced || w == 0 || h == 0 {
+        return None;
+    }
+    let (color, _) = reader.output_color_type();
+    let (stride, colour, gray, alpha) = match color {
+        png::ColorType::Grayscale => (1, 1, true, false),
+        png::ColorType::GrayscaleAlpha => (2, 1, true, true),
+        png::ColorType::Rgb => (3, 3, false, false),
+        png::ColorType::Rgba => (4, 3, false, true),
+        png::ColorType::Indexed => return None, // expanded to RGB(A) by the transformation
+    };
+    let mut raw = Vec::with_capacity(w * h * stride);
+    let mut rows = 0;
+    let why = loop {
+        match reader.next_row() {
+            Ok(Some(row)) if row.data().len() >= w * stride => {
+                raw.extend_from_slice(&row.data()[..w * stride]);
+                rows += 1;
+            }
+            Ok(Some(_)) => break "a row is short".to_string(),
+            Ok(None) => return None,
+            Err(e) => break e.to_string(),
+        }
+    };
+    if rows == 0 || rows >= h {
+        return None;
+    }
+    let grey = [128u8; 4];
+    while raw.len() < w * h * stride {
+        raw.extend_from_slice(&grey[..stride]);
+    }
+    Some(Decoded {
+        rgb: planes(&raw, h * w, stride, colour, |v: u8| v as f32 / 255.0),
+        h,
+        w,
+        gray,
+        alpha,
+        partial: Some(format!(
+            "truncated or corrupt PNG: only {rows} of its {h} rows decode ({why})"
+        )),
     })
 }
 
@@ -218,8 +340,9 @@ pub fn quantize_u8(v: f32) -> u8 {
 }
 
 /// Interleaved u8 pixels of a CHW image (`c` = 1 or 3): RGB, or one gray channel when `gray`
-/// (the mean of the channels; exact for an image whose channels are equal).
-fn to_u8_interleaved(chw: &[f32], c: usize, h: usize, w: usize, gray: bool) -> Result<Vec<u8>> {
+/// (the mean of the channels; exact for an image whose channels are equal) — the pixels
+/// [`encode_png`] writes.
+pub fn to_u8_pixels(chw: &[f32], c: usize, h: usize, w: usize, gray: bool) -> Result<Vec<u8>> {
     if c != 1 && c != 3 {
         return Err(Error::shape(
             "image encode",
@@ -250,7 +373,7 @@ fn to_u8_interleaved(chw: &[f32], c: usize, h: usize, w: usize, gray: bool) -> R
 /// Encodes a CHW f32 image (`c` = 1 or 3, values in [0,1], clamped) as PNG bytes; `gray` writes a
 /// single-channel PNG holding the mean of the channels.
 pub fn encode_png(chw: &[f32], c: usize, h: usize, w: usize, gray: bool) -> Result<Vec<u8>> {
-    let px = to_u8_interleaved(chw, c, h, w, gray)?;
+    let px = to_u8_pixels(chw, c, h, w, gray)?;
     let color = if gray {
         ExtendedColorType::L8
     } else {
@@ -261,6 +384,87 @@ pub fn encode_png(chw: &[f32], c: usize, h: usize, w: usize, gray: bool) -> Resu
         .write_image(&px, w as u32, h as u32, color)
         .map_err(|e| Error::Other(format!("PNG encoding failed: {e}")))?;
     Ok(buf)
+}
+
+/// Encodes a CHW f32 image as [`encode_png`] does, with text chunks: each `(keyword, text)` becomes
+/// an uncompressed iTXt chunk (UTF-8) before the image data. The bytes depend only on the pixels
+/// and the texts (fixed compression and filter settings), so equal inputs give equal files.
+pub fn encode_png_with_text(
+    chw: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    gray: bool,
+    text: &[(&str, &str)],
+) -> Result<Vec<u8>> {
+    let px = to_u8_pixels(chw, c, h, w, gray)?;
+    encode_png_u8(&px, w, h, gray, text)
+}
+
+/// Encodes 8-bit pixels (interleaved RGB, or one gray channel when `gray`) as PNG with iTXt text
+/// chunks; see [`encode_png_with_text`].
+pub fn encode_png_u8(px: &[u8], w: usize, h: usize, gray: bool, text: &[(&str, &str)]) -> Result<Vec<u8>> {
+    let channels = if gray { 1 } else { 3 };
+    if w == 0 || h == 0 || px.len() != w * h * channels {
+        return Err(Error::shape(
+            "image encode",
+            format!("{} bytes for a {w}×{h}×{channels} image", px.len()),
+        ));
+    }
+    let err = |e: png::EncodingError| Error::Other(format!("PNG encoding failed: {e}"));
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, w as u32, h as u32);
+        enc.set_color(if gray {
+            png::ColorType::Grayscale
+        } else {
+            png::ColorType::Rgb
+        });
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_compression(png::Compression::Balanced);
+        for (key, value) in text {
+            enc.add_itxt_chunk(key.to_string(), value.to_string())
+                .map_err(err)?;
+        }
+        let mut writer = enc.write_header().map_err(err)?;
+        writer.write_image_data(px).map_err(err)?;
+        writer.finish().map_err(err)?;
+    }
+    Ok(buf)
+}
+
+/// The text of the first text chunk (iTXt, tEXt or zTXt) named `keyword` in PNG bytes; None when
+/// the PNG has no such chunk. `file` names the bytes in errors.
+pub fn read_png_text(bytes: &[u8], keyword: &str, file: &str) -> Result<Option<String>> {
+    let mut dec = png::Decoder::new(Cursor::new(bytes));
+    dec.set_ignore_text_chunk(false);
+    let reader = dec
+        .read_info()
+        .map_err(|e| Error::format(file, format!("not a readable PNG: {e}")))?;
+    let info = reader.info();
+    let bad = |e: png::DecodingError| Error::format(file, format!("text chunk `{keyword}`: {e}"));
+    for chunk in &info.utf8_text {
+        if chunk.keyword == keyword {
+            let mut chunk = chunk.clone();
+            chunk.decompress_text().map_err(bad)?;
+            return chunk.get_text().map(Some).map_err(bad);
+        }
+    }
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == keyword)
+    {
+        return Ok(Some(t.text.clone()));
+    }
+    for chunk in &info.compressed_latin1_text {
+        if chunk.keyword == keyword {
+            let mut chunk = chunk.clone();
+            chunk.decompress_text().map_err(bad)?;
+            return chunk.get_text().map(Some).map_err(bad);
+        }
+    }
+    Ok(None)
 }
 
 /// Writes a CHW f32 image as PNG (see [`encode_png`]). Refuses to replace an existing file; to replace
@@ -294,7 +498,7 @@ pub fn encode_gif(frames: &[(Vec<f32>, usize, usize)], delay_ms: u32) -> Result<
                 ));
             }
             let c = chw.len().checked_div(h * w).unwrap_or(0);
-            let rgb = to_u8_interleaved(chw, c, *h, *w, false)?;
+            let rgb = to_u8_pixels(chw, c, *h, *w, false)?;
             let rgba: Vec<u8> = rgb
                 .chunks_exact(3)
                 .flat_map(|p| [p[0], p[1], p[2], 255])

@@ -79,6 +79,30 @@ impl ModelSource {
     }
 }
 
+impl ModelSource {
+    /// The SHA-256 that identifies the weights in provenance records, and what was hashed: the
+    /// file ("file": safetensors, .pth), a sharded export's index ("index": it holds every shard's
+    /// SHA-256, checked against the shards on load) or the embedded index ("embedded index").
+    pub fn sha256(&self) -> Result<(String, &'static str)> {
+        use crate::model::sha256::sha256_hex;
+        match self {
+            ModelSource::Embedded => {
+                let text = EMBEDDED_INDEX.ok_or_else(no_model_error)?;
+                Ok((sha256_hex(text.as_bytes()), "embedded index"))
+            }
+            ModelSource::Path(p) if sharded::is_sharded_path(p) => {
+                let index = sharded::index_path(p);
+                let bytes = std::fs::read(&index).map_err(|e| Error::io(&index, e))?;
+                Ok((sha256_hex(&bytes), "index"))
+            }
+            ModelSource::Path(p) => {
+                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+                Ok((sha256_hex(&bytes), "file"))
+            }
+        }
+    }
+}
+
 /// True when this binary was built with an embedded default model.
 pub fn has_embedded() -> bool {
     EMBEDDED_INDEX.is_some()

@@ -122,6 +122,27 @@ pub fn check_weights(file: &str, config: &NetConfig, weights: &BTreeMap<String, 
             msg: "not part of the model described by the config (wrong config or wrong file?)".into(),
         });
     }
+    check_finite(file, weights)
+}
+
+/// Every value of every tensor finite: a NaN or an infinity in the weights would turn every
+/// output into garbage (an all-black picture), so it is an error naming the file and the tensor.
+pub fn check_finite(file: &str, weights: &BTreeMap<String, HostTensor>) -> Result<()> {
+    for (name, t) in weights {
+        let mut bad = t.data.iter().enumerate().filter(|(_, v)| !v.is_finite());
+        if let Some((i, v)) = bad.next() {
+            let more = bad.count();
+            return Err(Error::Weights {
+                file: file.into(),
+                tensor: name.clone(),
+                msg: format!(
+                    "holds {} non-finite value(s) (the first, {v}, at flat index {i}); the weights are \
+                     corrupt or come from a diverged training run",
+                    more + 1
+                ),
+            });
+        }
+    }
     Ok(())
 }
 

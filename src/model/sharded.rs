@@ -278,6 +278,8 @@ pub fn load_shards<'a>(
             ));
         }
         let wf = parse_safetensors(&bytes, &name)?;
+        // A NaN or infinity is named with its shard (the merged set is checked again by name).
+        crate::model::load::check_finite(&name, &wf.tensors)?;
         let mut listed: Vec<&str> = s.tensors.iter().map(|t| t.as_str()).collect();
         listed.sort_unstable();
         if !wf.tensors.keys().map(|k| k.as_str()).eq(listed.iter().copied()) {

@@ -1458,6 +1458,10 @@ impl Backend for Cuda {
         format!("cuda: {} ({})", self.inner.device_name, self.precision)
     }
 
+    fn precision_name(&self) -> &'static str {
+        self.precision.as_str()
+    }
+
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>> {
         let n: usize = shape.iter().product();
