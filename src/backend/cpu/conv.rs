@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use super::float::CpuFloat;
 use super::matmul::{gemm, gemm_unchecked, Mat, Par};
 use super::profile;
+use super::sgemm;
 use super::simd::{sum_f64, vectorized};
 use crate::backend::shapes;
 
@@ -250,18 +251,84 @@ fn col2im_row<T: CpuFloat>(g: &ConvGeom, plane: &mut [T], r: usize, q0: usize, q
     }
 }
 
-/// Fill the column matrix [K, q1−q0] of one image.
-fn im2col<T: CpuFloat>(g: &ConvGeom, x_img: &[T], q0: usize, q1: usize, col: &mut [T], par: Par) {
-    let nt = q1 - q0;
+/// Columns per panel of a column tile: the f32 kernels (`sgemm`) read B in panels of
+/// [`sgemm::PANEL`] columns, each panel's K rows contiguous, so that a strip of B is one sequential
+/// block (a plain [K, nt] tile walks K rows nt·4 bytes apart: a new page per row, which the
+/// prefetchers do not follow). Without those kernels (f64, or no AVX2), one panel of all nt.
+fn panel_width<T: 'static>(nt: usize) -> usize {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && sgemm::isa() != sgemm::Isa::None {
+        sgemm::PANEL
+    } else {
+        nt.max(1)
+    }
+}
+
+/// Elements of a column tile of `nt` positions in panels of `pw`: every panel is K × pw (the
+/// last one padded).
+fn tile_len(k: usize, nt: usize, pw: usize) -> usize {
+    nt.div_ceil(pw) * k * pw
+}
+
+/// Fill the column tile of one image for positions [q0, q1), in panels of `pw` columns:
+/// panel j holds positions q0 + j·pw .. (+pw) as K rows of pw (see [`panel_width`]).
+fn im2col<T: CpuFloat>(g: &ConvGeom, x_img: &[T], q0: usize, q1: usize, pw: usize, col: &mut [T], par: Par) {
+    let (k, nt) = (g.k(), q1 - q0);
+    let len = tile_len(k, nt, pw);
+    if pw >= nt {
+        let rows = col[..len].chunks_mut(pw).enumerate();
+        let fill = |(r, row): (usize, &mut [T])| im2col_row(g, x_img, r, q0, q1, &mut row[..nt]);
+        match par {
+            Par::Pool => col[..len].par_chunks_mut(pw).enumerate().for_each(fill),
+            Par::Serial => rows.for_each(fill),
+        }
+        return;
+    }
+    // Each row of the tile is gathered whole into `line` (in L1: the gather walks the image's
+    // rows in long runs), then dealt out to the panels.
+    let col = SharedMut::new(&mut col[..len]);
+    let row = |line: &mut Vec<T>, r: usize| {
+        line.resize(nt, T::ZERO);
+        im2col_row(g, x_img, r, q0, q1, line);
+        for (j, part) in line.chunks(pw).enumerate() {
+            // SAFETY: row r of panel j is written by this call only; it lies inside col[..len].
+            unsafe {
+                let dst = col.get().add(j * k * pw + r * pw);
+                std::ptr::copy_nonoverlapping(part.as_ptr(), dst, part.len());
+            }
+        }
+    };
     match par {
-        Par::Pool => col
-            .par_chunks_mut(nt)
-            .enumerate()
-            .for_each(|(r, dst)| im2col_row(g, x_img, r, q0, q1, dst)),
-        Par::Serial => col
-            .chunks_mut(nt)
-            .enumerate()
-            .for_each(|(r, dst)| im2col_row(g, x_img, r, q0, q1, dst)),
+        Par::Pool => (0..k).into_par_iter().for_each_init(Vec::new, row),
+        Par::Serial => {
+            let mut line = Vec::new();
+            (0..k).for_each(|r| row(&mut line, r));
+        }
+    }
+}
+
+/// The B operand of a convolution's GEMMs for positions q0..q0+nt of one image: the input
+/// itself (pointwise convs; rows P apart) or a column tile in panels.
+#[derive(Clone, Copy)]
+enum Cols<'a, T> {
+    Input { x: &'a [T], off: usize, ld: usize },
+    Panels { col: &'a [T], pw: usize },
+}
+
+impl<'a, T> Cols<'a, T> {
+    /// (first position, B matrix [k, width]) of each panel over `nt` positions.
+    fn panels(self, k: usize, nt: usize) -> impl Iterator<Item = (usize, Mat<'a, T>)> {
+        let pw = match self {
+            Cols::Input { .. } => nt.max(1),
+            Cols::Panels { pw, .. } => pw,
+        };
+        (0..nt).step_by(pw).enumerate().map(move |(j, qa)| {
+            let w = pw.min(nt - qa);
+            let m = match self {
+                Cols::Input { x, off, ld } => Mat::rm(x, off + qa, k, w, ld),
+                Cols::Panels { col, pw } => Mat::rm(col, j * k * pw, k, w, pw),
+            };
+            (qa, m)
+        })
     }
 }
 
@@ -333,8 +400,8 @@ fn conv2d_profiled<T: CpuFloat>(
     let out_ptr = SharedMut::new(&mut out);
     let (alpha, beta) = epi.residual.map_or((T::ONE, T::ZERO), |(_, a, b)| (a, b));
     let prefilled = b.is_some() || epi.chan_bias.is_some() || epi.residual.is_some();
-    // One task: output channels [o0, o1) of (image, tile), from a ready column tile `rhs`.
-    let block = |img: usize, q0: usize, nt: usize, o0: usize, o1: usize, rhs: Mat<'_, T>| {
+    // One task: output channels [o0, o1) of (image, tile), from a ready column tile `cols`.
+    let block = |img: usize, q0: usize, nt: usize, o0: usize, o1: usize, cols: Cols<'_, T>| {
         // SAFETY: the caller hands each (img, tile, channel block) to exactly one task, so the
         // rows out[img, o0..o1, q0..q0+nt] are written by this call only.
         let dst = unsafe { out_ptr.get().add((img * o + o0) * p + q0) };
@@ -359,16 +426,19 @@ fn conv2d_profiled<T: CpuFloat>(
             }
         }
         let wmat = Mat::rm(w, o0 * k, o1 - o0, k, k);
-        // SAFETY: as above.
-        unsafe { gemm_unchecked(dst, p, wmat, rhs, alpha, prefilled, Par::Serial) };
+        for (qa, rhs) in cols.panels(k, nt) {
+            // SAFETY: as above; qa + width ≤ nt.
+            unsafe { gemm_unchecked(dst.add(qa), p, wmat, rhs, alpha, prefilled, Par::Serial) };
+        }
     };
     let column_tile = |img: usize, q0: usize, q1: usize, col: &mut Vec<T>, par: Par| {
         let x_img = &x[img * img_in..][..img_in];
         if g.pointwise() {
             return;
         }
-        col.resize(k * (q1 - q0), T::ZERO);
-        im2col(g, x_img, q0, q1, col, par);
+        let pw = panel_width::<T>(q1 - q0);
+        col.resize(tile_len(k, q1 - q0, pw), T::ZERO);
+        im2col(g, x_img, q0, q1, pw, col, par);
     };
     if threads > 1 && g.n * tiles < 2 * threads {
         let blocks = (2 * threads).min(o.div_ceil(MIN_CHANNEL_BLOCK)).max(1);
@@ -378,9 +448,9 @@ fn conv2d_profiled<T: CpuFloat>(
             for q0 in (0..p).step_by(tile) {
                 let q1 = (q0 + tile).min(p);
                 column_tile(img, q0, q1, &mut col, Par::Pool);
-                let rhs = column_matrix(g, x, img, q0, q1 - q0, &col);
+                let cols = column_matrix(g, x, img, q0, q1 - q0, &col);
                 (0..o.div_ceil(per)).into_par_iter().for_each(|bi| {
-                    block(img, q0, q1 - q0, bi * per, ((bi + 1) * per).min(o), rhs);
+                    block(img, q0, q1 - q0, bi * per, ((bi + 1) * per).min(o), cols);
                 });
             }
         }
@@ -397,20 +467,27 @@ fn conv2d_profiled<T: CpuFloat>(
     out
 }
 
-/// The column matrix [K, nt] of (image, positions q0..q0+nt): the filled tile `col`, or for
-/// pointwise convs the input itself.
-fn column_matrix<'a, T>(
+/// The columns of (image, positions q0..q0+nt): the filled tile `col`, or for pointwise convs
+/// the input itself.
+fn column_matrix<'a, T: 'static>(
     g: &ConvGeom,
     x: &'a [T],
     img: usize,
     q0: usize,
     nt: usize,
     col: &'a [T],
-) -> Mat<'a, T> {
+) -> Cols<'a, T> {
     if g.pointwise() {
-        Mat::rm(x, img * g.c * g.h * g.w + q0, g.k(), nt, g.p())
+        Cols::Input {
+            x,
+            off: img * g.c * g.h * g.w + q0,
+            ld: g.p(),
+        }
     } else {
-        Mat::rm(col, 0, g.k(), nt, nt)
+        Cols::Panels {
+            col,
+            pw: panel_width::<T>(nt),
+        }
     }
 }
 
@@ -524,11 +601,25 @@ fn conv2d_backward_tiles<T: CpuFloat>(
     let tile = tile_positions::<T>(g.k(), g.p(), BACKWARD_TILE_BYTES);
     let started = std::time::Instant::now();
     let mut parts = [0.0f64; 4];
+    let mut dw_t = vec![T::ZERO; dw.len()];
     for img in 0..g.n {
-        // dW accumulates over the whole batch in image order.
+        // dWᵀ accumulates over the whole batch in image order.
         let dx_img = dx.as_deref_mut().map(|dx| &mut dx[img * img_in..][..img_in]);
-        backward_one_image(g, x, w, dy, img, dx_img, dw, img > 0, tile, Par::Pool, &mut parts);
+        backward_one_image(
+            g,
+            x,
+            w,
+            dy,
+            img,
+            dx_img,
+            &mut dw_t,
+            img > 0,
+            tile,
+            Par::Pool,
+            &mut parts,
+        );
     }
+    transpose(&dw_t, g.k(), g.o, dw);
     record_backward_parts(g, started, parts);
 }
 
@@ -585,20 +676,24 @@ fn conv2d_backward_images<T: CpuFloat>(
         None => (0..g.n).into_par_iter().map(|img| one(img, None)).collect(),
     };
     let mut parts = [0.0f64; 4];
+    let mut dw_t = vec![T::ZERO; dw.len()];
     for (dw_img, p) in &per_image {
-        for (d, &v) in dw.iter_mut().zip(dw_img) {
+        for (d, &v) in dw_t.iter_mut().zip(dw_img) {
             *d += v;
         }
         for (a, b) in parts.iter_mut().zip(p) {
             *a += b;
         }
     }
+    transpose(&dw_t, g.k(), g.o, dw);
     record_backward_parts(g, started, parts);
 }
 
-/// Image `img`'s share of the conv backward, tile by tile: dw += dY·colᵀ (`accumulate`: onto what
-/// dw holds already; else the first tile overwrites it) and, with `dx_img`, dcol = Wᵀ·dY scattered
-/// into it. `par`: Pool splits each product and col2im over the pool, Serial keeps everything on
+/// Image `img`'s share of the conv backward, tile by tile: dWᵀ [K, O] += col·dYᵀ (`accumulate`:
+/// onto what `dw_t` holds already; else the first tile overwrites it) and, with `dx_img`, dcol =
+/// Wᵀ·dY scattered into it. The weight gradient is computed transposed so that both GEMM operands
+/// are read along contiguous rows (col's rows, and dY's tile transposed once per tile, O values a
+/// row), the layout of the f32 kernels (`sgemm`). `par`: Pool splits each product and col2im over the pool, Serial keeps everything on
 /// this thread. With the profile on, `parts` gathers this call's seconds of [im2col, weight-grad
 /// GEMM, input-grad GEMM, col2im].
 #[allow(clippy::too_many_arguments)]
@@ -609,7 +704,7 @@ fn backward_one_image<T: CpuFloat>(
     dy: &[T],
     img: usize,
     mut dx_img: Option<&mut [T]>,
-    dw: &mut [T],
+    dw_t: &mut [T],
     accumulate: bool,
     tile: usize,
     par: Par,
@@ -626,24 +721,40 @@ fn backward_one_image<T: CpuFloat>(
             parts[part] += t.elapsed().as_secs_f64();
         }
     };
-    let (mut col, mut dcol) = (Vec::new(), Vec::new());
+    let (mut col, mut dcol, mut dyt) = (Vec::new(), Vec::new(), Vec::new());
     for q0 in (0..p).step_by(tile) {
         let q1 = (q0 + tile).min(p);
         let nt = q1 - q0;
         let dy_t = Mat::rm(dy, img * o * p + q0, o, nt, p);
+        timed(1, &mut || {
+            dyt.resize(nt * o, T::ZERO);
+            for oc in 0..o {
+                for (j, &v) in dy[(img * o + oc) * p + q0..][..nt].iter().enumerate() {
+                    dyt[j * o + oc] = v;
+                }
+            }
+        });
+        let pw = panel_width::<T>(nt);
         if !g.pointwise() {
             timed(0, &mut || {
-                col.resize(k * nt, T::ZERO);
-                im2col(g, x_img, q0, q1, &mut col, par);
+                col.resize(tile_len(k, nt, pw), T::ZERO);
+                im2col(g, x_img, q0, q1, pw, &mut col, par);
             });
         }
-        let col_t = if g.pointwise() {
-            Mat::rm_t(x_img, q0, nt, k, p)
+        let cols = if g.pointwise() {
+            Cols::Input {
+                x: x_img,
+                off: q0,
+                ld: p,
+            }
         } else {
-            Mat::rm_t(&col, 0, nt, k, nt)
+            Cols::Panels { col: &col, pw }
         };
         timed(1, &mut || {
-            gemm(dw, 0, k, dy_t, col_t, T::ONE, accumulate || q0 > 0, par)
+            for (qa, col_m) in cols.panels(k, nt) {
+                let dyt_m = Mat::rm(&dyt, qa * o, col_m.cols, o, o);
+                gemm(dw_t, 0, o, col_m, dyt_m, T::ONE, accumulate || q0 + qa > 0, par);
+            }
         });
         let Some(dx_img) = dx_img.as_deref_mut() else {
             continue;
@@ -667,6 +778,15 @@ fn backward_one_image<T: CpuFloat>(
                 Par::Pool => dx_img.par_chunks_mut(hw).enumerate().for_each(scatter),
                 Par::Serial => dx_img.chunks_mut(hw).enumerate().for_each(scatter),
             });
+        }
+    }
+}
+
+/// dst [cols, rows] = srcᵀ for src [rows, cols].
+fn transpose<T: CpuFloat>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    for (r, row) in src.chunks(cols.max(1)).take(rows).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            dst[c * rows + r] = v;
         }
     }
 }

@@ -2,6 +2,7 @@
 use gemm::Parallelism;
 
 use super::float::CpuFloat;
+use super::sgemm;
 
 /// A strided matrix view into a slice: element (i, j) is `data[off + i·rs + j·cs]`.
 #[derive(Clone, Copy)]
@@ -130,6 +131,30 @@ pub(crate) unsafe fn gemm_unchecked<T: CpuFloat>(
         return;
     }
     debug_assert!(lhs.last() < lhs.data.len() && rhs.last() < rhs.data.len());
+    if rhs.cs == 1 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // f32 with B's rows contiguous: the crate's own kernels (cpu::sgemm), when this CPU has them.
+        let product = sgemm::Product {
+            m,
+            n,
+            k,
+            a: lhs.data.as_ptr().add(lhs.off) as *const f32,
+            rsa: lhs.rs,
+            csa: lhs.cs,
+            b: rhs.data.as_ptr().add(rhs.off) as *const f32,
+            ldb: rhs.rs,
+            c: dst as *mut f32,
+            ldc: dst_rs,
+            alpha: alpha.to_f32(),
+            accumulate,
+        };
+        let done = match par {
+            Par::Serial => sgemm::run(&product),
+            Par::Pool => sgemm::run_split(&product),
+        };
+        if done {
+            return;
+        }
+    }
     let parallelism = match par {
         Par::Serial => Parallelism::None,
         Par::Pool => Parallelism::Rayon(0),

@@ -28,6 +28,7 @@ mod matmul;
 mod norm;
 pub mod optim;
 pub mod profile;
+pub mod sgemm;
 pub mod simd;
 
 use std::marker::PhantomData;
