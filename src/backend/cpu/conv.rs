@@ -400,8 +400,9 @@ fn conv2d_profiled<T: CpuFloat>(
     let out_ptr = SharedMut::new(&mut out);
     let (alpha, beta) = epi.residual.map_or((T::ONE, T::ZERO), |(_, a, b)| (a, b));
     let prefilled = b.is_some() || epi.chan_bias.is_some() || epi.residual.is_some();
-    // One task: output channels [o0, o1) of (image, tile), from a ready column tile `cols`.
-    let block = |img: usize, q0: usize, nt: usize, o0: usize, o1: usize, cols: Cols<'_, T>| {
+    // The epilogue's part of output channels [o0, o1) of (image, positions q0..q0+nt), written
+    // before the product is added.
+    let prefill = |img: usize, q0: usize, nt: usize, o0: usize, o1: usize| {
         // SAFETY: the caller hands each (img, tile, channel block) to exactly one task, so the
         // rows out[img, o0..o1, q0..q0+nt] are written by this call only.
         let dst = unsafe { out_ptr.get().add((img * o + o0) * p + q0) };
@@ -425,6 +426,16 @@ fn conv2d_profiled<T: CpuFloat>(
                 }
             }
         }
+    };
+    if direct_applies::<T>(g) {
+        conv2d_direct(g, x, w, alpha, &prefill, out_ptr);
+        return out;
+    }
+    // One task: output channels [o0, o1) of (image, tile), from a ready column tile `cols`.
+    let block = |img: usize, q0: usize, nt: usize, o0: usize, o1: usize, cols: Cols<'_, T>| {
+        prefill(img, q0, nt, o0, o1);
+        // SAFETY: as in `prefill`.
+        let dst = unsafe { out_ptr.get().add((img * o + o0) * p + q0) };
         let wmat = Mat::rm(w, o0 * k, o1 - o0, k, k);
         for (qa, rhs) in cols.panels(k, nt) {
             // SAFETY: as above; qa + width ≤ nt.
@@ -465,6 +476,155 @@ fn conv2d_profiled<T: CpuFloat>(
             });
     }
     out
+}
+
+/// Whether [`conv2d_direct`] runs this conv: f32 with the `sgemm` kernels, stride 1, a kernel
+/// wider than 1 (pointwise convs read the input directly already), unless
+/// `SRSDE_CPU_CONV_DIRECT=0` (A/B benchmarks). Read once.
+fn direct_applies<T: 'static>(g: &ConvGeom) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("SRSDE_CPU_CONV_DIRECT").map_or(true, |v| v != "0"));
+    on && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && sgemm::isa() != sgemm::Isa::None
+        && g.stride == 1
+        && !g.pointwise()
+}
+
+/// Bytes of the padded input slab a direct-conv task gathers.
+const DIRECT_SLAB_BYTES: usize = 256 << 10;
+
+/// A stride-1 convolution without im2col. A task (image, band of output rows, block of output
+/// channels) copies the input rows its band reads into a zero-padded slab, each row `wp` = w +
+/// 2·pad wide. In the slab's own coordinates q′ = row·wp + column, the input that tap (c, ky, kx)
+/// sees at output q′ is slab[c·plane + ky·wp + kx + q′]: every tap's B row is one contiguous run of
+/// the slab, so the `sgemm` kernels read B straight from it through a table of K row offsets —
+/// one copy of the input instead of im2col's k·k. The product covers q′ in panels of
+/// `sgemm::PANEL`, kw − 1 columns per row of which fall outside the output and are dropped when
+/// the panel's result is added into the (prefilled) output rows.
+fn conv2d_direct<T: CpuFloat>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    alpha: T,
+    prefill: &(dyn Fn(usize, usize, usize, usize, usize) + Sync),
+    out: SharedMut<T>,
+) {
+    let (k, o) = (g.k(), g.o);
+    let wp = g.w + 2 * g.pad;
+    let threads = rayon::current_num_threads();
+    // Output rows per band: a slab of about DIRECT_SLAB_BYTES, and enough tasks for the threads.
+    let fit = (DIRECT_SLAB_BYTES / (4 * g.c * wp).max(1))
+        .saturating_sub(g.kh - 1)
+        .max(1);
+    let mut band = fit.min(g.oh).max(1);
+    while band > 1 && g.n * g.oh.div_ceil(band) < 2 * threads {
+        band = band.div_ceil(2);
+    }
+    let bands = g.oh.div_ceil(band);
+    let oblocks = if g.n * bands < 2 * threads {
+        (2 * threads)
+            .div_ceil(g.n * bands)
+            .min(o.div_ceil(MIN_CHANNEL_BLOCK))
+            .max(1)
+    } else {
+        1
+    };
+    let per = o.div_ceil(oblocks);
+    let oblocks = o.div_ceil(per);
+    let slab_rows = band + g.kh - 1;
+    let plane = slab_rows * wp;
+    let img_in = g.c * g.h * g.w;
+    (0..g.n * bands * oblocks).into_par_iter().for_each_init(
+        || {
+            (
+                Vec::<f32>::new(),
+                Vec::<usize>::new(),
+                vec![0.0f32; per * sgemm::PANEL],
+            )
+        },
+        |(slab, boff, tmp), task| {
+            let (img, rest) = (task / (bands * oblocks), task % (bands * oblocks));
+            let (bi, ob) = (rest / oblocks, rest % oblocks);
+            let (oy0, oy1) = (bi * band, ((bi + 1) * band).min(g.oh));
+            let (o0, o1) = (ob * per, ((ob + 1) * per).min(o));
+            let rows = oy1 - oy0;
+            // The padded input rows oy0 − pad .. oy1 − 1 − pad + kh − 1 of every channel (+ kw
+            // of slack for the dropped columns of the last row).
+            slab.clear();
+            slab.resize(g.c * plane + g.kw, 0.0);
+            let x_img = &x[img * img_in..][..img_in];
+            for c in 0..g.c {
+                for sr in 0..rows + g.kh - 1 {
+                    let iy = (oy0 + sr) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let src = &x_img[(c * g.h + iy as usize) * g.w..][..g.w];
+                    let dst = &mut slab[c * plane + sr * wp + g.pad..][..g.w];
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v.to_f32();
+                    }
+                }
+            }
+            boff.clear();
+            for c in 0..g.c {
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        boff.push(c * plane + ky * wp + kx);
+                    }
+                }
+            }
+            prefill(img, oy0 * g.ow, rows * g.ow, o0, o1);
+            let span = rows * wp;
+            for q0 in (0..span).step_by(sgemm::PANEL) {
+                let nw = sgemm::PANEL.min(span - q0);
+                let product = sgemm::Product {
+                    m: o1 - o0,
+                    n: nw,
+                    k,
+                    a: w[o0 * k..].as_ptr() as *const f32,
+                    rsa: k,
+                    csa: 1,
+                    b: slab[q0..].as_ptr(),
+                    ldb: 0,
+                    boff: boff.as_ptr(),
+                    c: tmp.as_mut_ptr(),
+                    ldc: sgemm::PANEL,
+                    alpha: 1.0,
+                    accumulate: false,
+                };
+                // SAFETY: A is w's rows o0..o1 (k each); every B row read lies in the slab
+                // (offsets < c·plane + (kh−1)·wp + kw, plus q0 + nw ≤ rows·wp, within the slack);
+                // tmp holds (o1 − o0) rows of PANEL.
+                let done = unsafe { sgemm::run(&product) };
+                debug_assert!(done, "direct_applies checked the kernels");
+                // Add the panel's valid columns into out[img, o0..o1, ...].
+                let mut j = 0;
+                while j < nw {
+                    let (sr, col) = ((q0 + j) / wp, (q0 + j) % wp);
+                    let run = (wp - col).min(nw - j);
+                    let valid = g.ow.saturating_sub(col).min(run);
+                    if valid > 0 {
+                        let at = (oy0 + sr) * g.ow + col;
+                        for oc in o0..o1 {
+                            let src = &tmp[(oc - o0) * sgemm::PANEL + j..][..valid];
+                            // SAFETY: this task owns rows o0..o1 of the band oy0..oy1 of img.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    out.get().add((img * o + oc) * g.p() + at),
+                                    valid,
+                                )
+                            };
+                            for (d, &v) in dst.iter_mut().zip(src) {
+                                *d += alpha * T::from_f32(v);
+                            }
+                        }
+                    }
+                    j += run;
+                }
+            }
+        },
+    );
 }
 
 /// The columns of (image, positions q0..q0+nt): the filled tile `col`, or for pointwise convs
@@ -948,6 +1108,65 @@ mod tests {
                 .map(|i| plain[i] as f64 + cb[(i / (7 * p)) * 7 + (i / p) % 7] as f64)
                 .collect();
             assert!(rel(&fused, &want) < 1e-6, "n {n} k {k}, channel bias only");
+        }
+    }
+
+    /// The forward on every route (direct for stride 1, im2col panels for stride 2, the input
+    /// itself for 1×1; tile and channel-block task splits) against a direct f64 sum.
+    #[test]
+    fn the_forward_matches_a_direct_sum() {
+        let mut seed = 11u64;
+        let mut rnd = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (n, c, h, w, o, k, stride, pad) in [
+            (3, 5, 11, 9, 7, 3, 1, 1),
+            (1, 5, 11, 9, 7, 3, 1, 1),
+            (2, 4, 13, 10, 20, 3, 1, 0),
+            (1, 3, 40, 37, 5, 3, 1, 1),
+            (2, 5, 11, 9, 7, 3, 2, 1),
+            (2, 5, 11, 9, 7, 1, 1, 0),
+        ] {
+            let g = shapes::conv2d("test", &[n, c, h, w], &[o, c, k, k], stride, pad).unwrap();
+            let (x, wt, b) = (rnd(n * c * h * w), rnd(o * c * k * k), rnd(o));
+            let got = pool.install(|| conv2d(&g, &x, &wt, Some(&b), Epilogue::default()));
+            let mut want = vec![0.0f64; got.len()];
+            for img in 0..n {
+                for oc in 0..o {
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let mut acc = b[oc] as f64;
+                            for ci in 0..c {
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        let iy = (oy * stride + ky) as isize - pad as isize;
+                                        let ix = (ox * stride + kx) as isize - pad as isize;
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                            continue;
+                                        }
+                                        acc += wt[((oc * c + ci) * k + ky) * k + kx] as f64
+                                            * x[((img * c + ci) * h + iy as usize) * w + ix as usize] as f64;
+                                    }
+                                }
+                            }
+                            want[((img * o + oc) * g.oh + oy) * g.ow + ox] = acc;
+                        }
+                    }
+                }
+            }
+            let e = rel(&got, &want);
+            assert!(
+                e < 1e-6,
+                "n {n} c {c} {h}x{w} o {o} k {k} stride {stride} pad {pad}: rel err {e}"
+            );
         }
     }
 }

@@ -142,6 +142,7 @@ pub(crate) unsafe fn gemm_unchecked<T: CpuFloat>(
             csa: lhs.cs,
             b: rhs.data.as_ptr().add(rhs.off) as *const f32,
             ldb: rhs.rs,
+            boff: std::ptr::null(),
             c: dst as *mut f32,
             ldc: dst_rs,
             alpha: alpha.to_f32(),

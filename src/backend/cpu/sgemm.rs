@@ -55,7 +55,9 @@ fn detect(choice: &str) -> Isa {
 }
 
 /// One product: C[m×n] (row stride `ldc`) = alpha·A·B, plus C's old value when `accumulate`;
-/// A (m×k) element (i, p) at `a[i·rsa + p·csa]`, B (k×n) row p at `b[p·ldb ..][..n]`.
+/// A (m×k) element (i, p) at `a[i·rsa + p·csa]`, B (k×n) row p at `b[p·ldb ..][..n]`, or at
+/// `b[boff[p] ..][..n]` when `boff` is not null (the direct convolution's rows: one input row
+/// shifted by each tap, see `conv`).
 #[derive(Clone, Copy)]
 pub(crate) struct Product {
     pub m: usize,
@@ -66,10 +68,22 @@ pub(crate) struct Product {
     pub csa: usize,
     pub b: *const f32,
     pub ldb: usize,
+    /// Null, or k offsets of B's rows (then `ldb` is unused).
+    pub boff: *const usize,
     pub c: *mut f32,
     pub ldc: usize,
     pub alpha: f32,
     pub accumulate: bool,
+}
+
+/// Row kk of B (from the column `b` points at).
+#[inline(always)]
+unsafe fn b_row(p: &Product, b: *const f32, kk: usize) -> *const f32 {
+    if p.boff.is_null() {
+        b.add(kk * p.ldb)
+    } else {
+        b.add(*p.boff.add(kk))
+    }
 }
 
 // SAFETY: a Product is handed to tasks that write disjoint column ranges of C (see `run_split`).
@@ -206,8 +220,9 @@ mod avx512 {
         masks: &[__mmask16; NV],
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        let (mut ap, mut bp) = (a, b);
-        for _ in 0..p.k {
+        let mut ap = a;
+        for kk in 0..p.k {
+            let bp = b_row(p, b, kk);
             let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], bp.add(16 * v)));
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*ap.add(r * p.rsa));
@@ -216,7 +231,6 @@ mod avx512 {
                 }
             }
             ap = ap.add(p.csa);
-            bp = bp.add(p.ldb);
         }
         let alpha = _mm512_set1_ps(p.alpha);
         for (r, row) in acc.iter().enumerate() {
@@ -258,15 +272,21 @@ mod avx2 {
         let mut c_pad: Vec<f32> = Vec::new();
         for n0 in (0..p.n).step_by(width) {
             let nw = width.min(p.n - n0);
-            let (mut b, mut ldb) = (p.b.add(n0), p.ldb);
+            let mut b = p.b.add(n0);
+            // The padded copy is a plain strip: rows `width` apart, no offset table.
+            let mut strip = *p;
             if nw < width {
                 b_pad.clear();
                 b_pad.resize(p.k * width, 0.0);
                 for kk in 0..p.k {
-                    std::ptr::copy_nonoverlapping(b.add(kk * ldb), b_pad.as_mut_ptr().add(kk * width), nw);
+                    std::ptr::copy_nonoverlapping(b_row(p, b, kk), b_pad.as_mut_ptr().add(kk * width), nw);
                 }
-                (b, ldb) = (b_pad.as_ptr(), width);
+                b = b_pad.as_ptr();
+                strip.ldb = width;
+                strip.boff = std::ptr::null();
             }
+            let p = &strip;
+            let ldb = p.ldb;
             let mut m0 = 0;
             while m0 < p.m {
                 let a = p.a.add(m0 * p.rsa);
@@ -325,8 +345,10 @@ mod avx2 {
         accumulate: bool,
     ) {
         let mut acc = [[_mm256_setzero_ps(); NV]; R];
-        let (mut ap, mut bp) = (a, b);
-        for _ in 0..p.k {
+        let _ = ldb;
+        let mut ap = a;
+        for kk in 0..p.k {
+            let bp = b_row(p, b, kk);
             let bv: [__m256; NV] = std::array::from_fn(|v| _mm256_loadu_ps(bp.add(8 * v)));
             for (r, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*ap.add(r * p.rsa));
@@ -335,7 +357,6 @@ mod avx2 {
                 }
             }
             ap = ap.add(p.csa);
-            bp = bp.add(ldb);
         }
         let alpha = _mm256_set1_ps(p.alpha);
         for (r, row) in acc.iter().enumerate() {
@@ -403,6 +424,7 @@ mod tests {
                             csa,
                             b: b.as_ptr(),
                             ldb: n + 3,
+                            boff: std::ptr::null(),
                             c: c.as_mut_ptr(),
                             ldc: n + 2,
                             alpha,
@@ -442,6 +464,54 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// B's rows through an offset table (rows out of order and overlapping).
+    #[test]
+    fn offset_rows_are_read_where_the_table_says() {
+        let mut isas = vec![detect("")];
+        if isas[0] == Isa::Avx512 {
+            isas.push(detect("avx2"));
+        }
+        if isas[0] == Isa::None {
+            println!("skipped: this CPU has neither AVX-512F nor AVX2+FMA");
+            return;
+        }
+        let (m, n, k) = (10, 37, 6);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..200).map(|i| (i % 11) as f32 * 0.5).collect();
+        let boff: Vec<usize> = vec![90, 3, 47, 3, 120, 0];
+        for &isa in &isas {
+            let mut c = vec![0.0f32; m * n];
+            let p = Product {
+                m,
+                n,
+                k,
+                a: a.as_ptr(),
+                rsa: k,
+                csa: 1,
+                b: b.as_ptr(),
+                ldb: 0,
+                boff: boff.as_ptr(),
+                c: c.as_mut_ptr(),
+                ldc: n,
+                alpha: 1.0,
+                accumulate: false,
+            };
+            unsafe {
+                match isa {
+                    Isa::Avx512 => avx512::product(&p),
+                    Isa::Avx2 => avx2::product(&p),
+                    Isa::None => unreachable!(),
+                }
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|kk| a[i * k + kk] * b[boff[kk] + j]).sum();
+                    assert_eq!(c[i * n + j], want, "{isa:?} ({i},{j})");
                 }
             }
         }
