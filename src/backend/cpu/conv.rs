@@ -548,32 +548,8 @@ fn conv2d_direct<T: CpuFloat>(
             let (oy0, oy1) = (bi * band, ((bi + 1) * band).min(g.oh));
             let (o0, o1) = (ob * per, ((ob + 1) * per).min(o));
             let rows = oy1 - oy0;
-            // The padded input rows oy0 − pad .. oy1 − 1 − pad + kh − 1 of every channel (+ kw
-            // of slack for the dropped columns of the last row).
-            slab.clear();
-            slab.resize(g.c * plane + g.kw, 0.0);
-            let x_img = &x[img * img_in..][..img_in];
-            for c in 0..g.c {
-                for sr in 0..rows + g.kh - 1 {
-                    let iy = (oy0 + sr) as isize - g.pad as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
-                    }
-                    let src = &x_img[(c * g.h + iy as usize) * g.w..][..g.w];
-                    let dst = &mut slab[c * plane + sr * wp + g.pad..][..g.w];
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = v.to_f32();
-                    }
-                }
-            }
-            boff.clear();
-            for c in 0..g.c {
-                for ky in 0..g.kh {
-                    for kx in 0..g.kw {
-                        boff.push(c * plane + ky * wp + kx);
-                    }
-                }
-            }
+            fill_slab(g, &x[img * img_in..][..img_in], oy0, rows, plane, slab);
+            tap_offsets(g, plane, boff);
             prefill(img, oy0 * g.ow, rows * g.ow, o0, o1);
             let span = rows * wp;
             for q0 in (0..span).step_by(sgemm::PANEL) {
@@ -585,6 +561,7 @@ fn conv2d_direct<T: CpuFloat>(
                     a: w[o0 * k..].as_ptr() as *const f32,
                     rsa: k,
                     csa: 1,
+                    aoff: std::ptr::null(),
                     b: slab[q0..].as_ptr(),
                     ldb: 0,
                     boff: boff.as_ptr(),
@@ -625,6 +602,123 @@ fn conv2d_direct<T: CpuFloat>(
             }
         },
     );
+}
+
+/// The padded input rows oy0 − pad .. oy0 + rows − 1 − pad + kh − 1 of every channel of one image,
+/// each w + 2·pad wide, channel planes `plane` apart (+ kw of slack for the dropped columns of
+/// the last row): the slab of [`conv2d_direct`] and [`weight_grad_direct`].
+fn fill_slab<T: CpuFloat>(
+    g: &ConvGeom,
+    x_img: &[T],
+    oy0: usize,
+    rows: usize,
+    plane: usize,
+    slab: &mut Vec<f32>,
+) {
+    let wp = g.w + 2 * g.pad;
+    slab.clear();
+    slab.resize(g.c * plane + g.kw, 0.0);
+    for c in 0..g.c {
+        for sr in 0..rows + g.kh - 1 {
+            let iy = (oy0 + sr) as isize - g.pad as isize;
+            if iy < 0 || iy >= g.h as isize {
+                continue;
+            }
+            let src = &x_img[(c * g.h + iy as usize) * g.w..][..g.w];
+            let dst = &mut slab[c * plane + sr * wp + g.pad..][..g.w];
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v.to_f32();
+            }
+        }
+    }
+}
+
+/// Where each tap (c, ky, kx), in the weights' order, starts in a slab: c·plane + ky·wp + kx.
+fn tap_offsets(g: &ConvGeom, plane: usize, offsets: &mut Vec<usize>) {
+    let wp = g.w + 2 * g.pad;
+    offsets.clear();
+    for c in 0..g.c {
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                offsets.push(c * plane + ky * wp + kx);
+            }
+        }
+    }
+}
+
+/// dWᵀ [K, O] (+)= Σ_q col[k, q]·dy[o, q] for one image of a stride-1 conv, without im2col: in
+/// the slab of [`conv2d_direct`], row k of the column matrix is the slab run that starts at tap k's
+/// offset, so the `sgemm` kernels read A (K rows) through the tap offsets and B = dy transposed
+/// into slab coordinates ([span, O], zero rows at the dropped columns). Bands of output rows as in
+/// the forward; `par` = Pool splits the K rows over the pool.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad_direct<T: CpuFloat>(
+    g: &ConvGeom,
+    x_img: &[T],
+    dy_img: &[T],
+    dw_t: &mut [T],
+    accumulate: bool,
+    par: Par,
+) {
+    let (k, o) = (g.k(), g.o);
+    let wp = g.w + 2 * g.pad;
+    let band = (DIRECT_SLAB_BYTES / (4 * g.c.max(o) * wp).max(1))
+        .saturating_sub(g.kh - 1)
+        .clamp(1, g.oh.max(1));
+    let plane = (band + g.kh - 1) * wp;
+    let (mut slab, mut taps, mut dyp) = (Vec::new(), Vec::new(), Vec::<f32>::new());
+    let c_ptr = SharedMut::new(dw_t);
+    for (bi, oy0) in (0..g.oh).step_by(band).enumerate() {
+        let rows = band.min(g.oh - oy0);
+        fill_slab(g, x_img, oy0, rows, plane, &mut slab);
+        tap_offsets(g, plane, &mut taps);
+        let span = rows * wp;
+        dyp.clear();
+        dyp.resize(span * o, 0.0);
+        for oc in 0..o {
+            for sr in 0..rows {
+                let src = &dy_img[oc * g.p() + (oy0 + sr) * g.ow..][..g.ow];
+                for (col, &v) in src.iter().enumerate() {
+                    dyp[(sr * wp + col) * o + oc] = v.to_f32();
+                }
+            }
+        }
+        let product = |m0: usize, m1: usize| sgemm::Product {
+            m: m1 - m0,
+            n: o,
+            k: span,
+            a: slab.as_ptr(),
+            rsa: 0,
+            csa: 1,
+            aoff: taps[m0..].as_ptr(),
+            b: dyp.as_ptr(),
+            ldb: o,
+            boff: std::ptr::null(),
+            c: c_ptr.get().wrapping_add(m0 * o) as *mut f32,
+            ldc: o,
+            alpha: 1.0,
+            accumulate: accumulate || bi > 0,
+        };
+        let threads = rayon::current_num_threads();
+        let parts = if par == Par::Pool {
+            (2 * threads).min(k.div_ceil(24)).max(1)
+        } else {
+            1
+        };
+        let per = k.div_ceil(parts);
+        // SAFETY: A's rows are slab runs of `span` from the tap offsets (inside the slab with its
+        // slack, as in conv2d_direct); B is dyp [span, O]; each part writes rows m0..m1 of dWᵀ
+        // (T is f32: direct_applies checked).
+        let run = |m0: usize| unsafe {
+            let done = sgemm::run(&product(m0, (m0 + per).min(k)));
+            debug_assert!(done, "direct_applies checked the kernels");
+        };
+        if parts > 1 {
+            (0..k).into_par_iter().step_by(per).for_each(run);
+        } else {
+            run(0);
+        }
+    }
 }
 
 /// The columns of (image, positions q0..q0+nt): the filled tile `col`, or for pointwise convs
@@ -881,6 +975,13 @@ fn backward_one_image<T: CpuFloat>(
             parts[part] += t.elapsed().as_secs_f64();
         }
     };
+    if dx_img.is_none() && direct_applies::<T>(g) {
+        let dy_img = &dy[img * o * p..][..o * p];
+        timed(1, &mut || {
+            weight_grad_direct(g, x_img, dy_img, dw_t, accumulate, par)
+        });
+        return;
+    }
     let (mut col, mut dcol, mut dyt) = (Vec::new(), Vec::new(), Vec::new());
     for q0 in (0..p).step_by(tile) {
         let q1 = (q0 + tile).min(p);

@@ -140,6 +140,7 @@ pub(crate) unsafe fn gemm_unchecked<T: CpuFloat>(
             a: lhs.data.as_ptr().add(lhs.off) as *const f32,
             rsa: lhs.rs,
             csa: lhs.cs,
+            aoff: std::ptr::null(),
             b: rhs.data.as_ptr().add(rhs.off) as *const f32,
             ldb: rhs.rs,
             boff: std::ptr::null(),

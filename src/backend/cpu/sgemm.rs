@@ -55,7 +55,8 @@ fn detect(choice: &str) -> Isa {
 }
 
 /// One product: C[m×n] (row stride `ldc`) = alpha·A·B, plus C's old value when `accumulate`;
-/// A (m×k) element (i, p) at `a[i·rsa + p·csa]`, B (k×n) row p at `b[p·ldb ..][..n]`, or at
+/// A (m×k) element (i, p) at `a[i·rsa + p·csa]` (or `a[aoff[i] + p·csa]` when `aoff` is not
+/// null), B (k×n) row p at `b[p·ldb ..][..n]`, or at
 /// `b[boff[p] ..][..n]` when `boff` is not null (the direct convolution's rows: one input row
 /// shifted by each tap, see `conv`).
 #[derive(Clone, Copy)]
@@ -66,6 +67,8 @@ pub(crate) struct Product {
     pub a: *const f32,
     pub rsa: usize,
     pub csa: usize,
+    /// Null, or m offsets of A's rows (then `rsa` is unused).
+    pub aoff: *const usize,
     pub b: *const f32,
     pub ldb: usize,
     /// Null, or k offsets of B's rows (then `ldb` is unused).
@@ -74,6 +77,16 @@ pub(crate) struct Product {
     pub ldc: usize,
     pub alpha: f32,
     pub accumulate: bool,
+}
+
+/// Row i of A (its element 0).
+#[inline(always)]
+unsafe fn a_row(p: &Product, i: usize) -> *const f32 {
+    if p.aoff.is_null() {
+        p.a.add(i * p.rsa)
+    } else {
+        p.a.add(*p.aoff.add(i))
+    }
 }
 
 /// Row kk of B (from the column `b` points at).
@@ -169,8 +182,7 @@ mod avx512 {
         }
     }
 
-    type Rows<const NV: usize> =
-        unsafe fn(usize, &Product, *const f32, *const f32, *mut f32, &[__mmask16; NV]);
+    type Rows<const NV: usize> = unsafe fn(usize, &Product, usize, *const f32, *mut f32, &[__mmask16; NV]);
 
     #[inline(always)]
     unsafe fn strips<const NV: usize>(p: &Product, by_rows: Rows<NV>) {
@@ -184,11 +196,10 @@ mod avx512 {
             let (b, c) = (p.b.add(n0), p.c.add(n0));
             let mut m0 = 0;
             while m0 < p.m {
-                let a = p.a.add(m0 * p.rsa);
                 let c = c.add(m0 * p.ldc);
                 let left = p.m - m0;
                 let r = rows(NV).min(left);
-                by_rows(r, p, a, b, c, &masks);
+                by_rows(r, p, m0, b, c, &masks);
                 m0 += r;
             }
         }
@@ -199,9 +210,9 @@ mod avx512 {
     macro_rules! row_dispatch {
         ($name:ident, $nv:literal, $($n:literal)*) => {
             #[inline(always)]
-            unsafe fn $name(r: usize, p: &Product, a: *const f32, b: *const f32, c: *mut f32, masks: &[__mmask16; $nv]) {
+            unsafe fn $name(r: usize, p: &Product, m0: usize, b: *const f32, c: *mut f32, masks: &[__mmask16; $nv]) {
                 match r {
-                    $($n => tile::<$n, $nv>(p, a, b, c, masks),)*
+                    $($n => tile::<$n, $nv>(p, m0, b, c, masks),)*
                     _ => unreachable!("row block of {r}"),
                 }
             }
@@ -214,23 +225,24 @@ mod avx512 {
     #[inline(always)]
     unsafe fn tile<const R: usize, const NV: usize>(
         p: &Product,
-        a: *const f32,
+        m0: usize,
         b: *const f32,
         c: *mut f32,
         masks: &[__mmask16; NV],
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        let mut ap = a;
+        let rowp: [*const f32; R] = std::array::from_fn(|r| a_row(p, m0 + r));
+        let mut off = 0;
         for kk in 0..p.k {
             let bp = b_row(p, b, kk);
             let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], bp.add(16 * v)));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*ap.add(r * p.rsa));
+            for (row, &ap) in acc.iter_mut().zip(&rowp) {
+                let av = _mm512_set1_ps(*ap.add(off));
                 for v in 0..NV {
                     row[v] = _mm512_fmadd_ps(av, bv[v], row[v]);
                 }
             }
-            ap = ap.add(p.csa);
+            off += p.csa;
         }
         let alpha = _mm512_set1_ps(p.alpha);
         for (r, row) in acc.iter().enumerate() {
@@ -286,14 +298,12 @@ mod avx2 {
                 strip.boff = std::ptr::null();
             }
             let p = &strip;
-            let ldb = p.ldb;
             let mut m0 = 0;
             while m0 < p.m {
-                let a = p.a.add(m0 * p.rsa);
                 let r = rows(NV).min(p.m - m0);
                 let c = p.c.add(n0 + m0 * p.ldc);
                 if nw == width {
-                    by_rows(r, p, a, b, ldb, c, p.ldc, p.accumulate);
+                    by_rows(r, p, m0, b, c, p.ldc, p.accumulate);
                 } else {
                     c_pad.clear();
                     c_pad.resize(r * width, 0.0);
@@ -306,7 +316,7 @@ mod avx2 {
                             );
                         }
                     }
-                    by_rows(r, p, a, b, ldb, c_pad.as_mut_ptr(), width, p.accumulate);
+                    by_rows(r, p, m0, b, c_pad.as_mut_ptr(), width, p.accumulate);
                     for i in 0..r {
                         std::ptr::copy_nonoverlapping(c_pad.as_ptr().add(i * width), c.add(i * p.ldc), nw);
                     }
@@ -320,9 +330,9 @@ mod avx2 {
         ($name:ident, $nv:literal, $($n:literal)*) => {
             #[allow(clippy::too_many_arguments)]
             #[inline(always)]
-            unsafe fn $name(r: usize, p: &Product, a: *const f32, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+            unsafe fn $name(r: usize, p: &Product, m0: usize, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
                 match r {
-                    $($n => tile::<$n, $nv>(p, a, b, ldb, c, ldc, accumulate),)*
+                    $($n => tile::<$n, $nv>(p, m0, b, c, ldc, accumulate),)*
                     _ => unreachable!("row block of {r}"),
                 }
             }
@@ -331,32 +341,31 @@ mod avx2 {
     row_dispatch!(rows_nv1, 1, 1 2 3 4 5 6 7 8 9 10 11 12);
     row_dispatch!(rows_nv2, 2, 1 2 3 4 5 6);
 
-    type Rows = unsafe fn(usize, &Product, *const f32, *const f32, usize, *mut f32, usize, bool);
+    type Rows = unsafe fn(usize, &Product, usize, *const f32, *mut f32, usize, bool);
 
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn tile<const R: usize, const NV: usize>(
         p: &Product,
-        a: *const f32,
+        m0: usize,
         b: *const f32,
-        ldb: usize,
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
     ) {
         let mut acc = [[_mm256_setzero_ps(); NV]; R];
-        let _ = ldb;
-        let mut ap = a;
+        let rowp: [*const f32; R] = std::array::from_fn(|r| a_row(p, m0 + r));
+        let mut off = 0;
         for kk in 0..p.k {
             let bp = b_row(p, b, kk);
             let bv: [__m256; NV] = std::array::from_fn(|v| _mm256_loadu_ps(bp.add(8 * v)));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*ap.add(r * p.rsa));
+            for (row, &ap) in acc.iter_mut().zip(&rowp) {
+                let av = _mm256_broadcast_ss(&*ap.add(off));
                 for v in 0..NV {
                     row[v] = _mm256_fmadd_ps(av, bv[v], row[v]);
                 }
             }
-            ap = ap.add(p.csa);
+            off += p.csa;
         }
         let alpha = _mm256_set1_ps(p.alpha);
         for (r, row) in acc.iter().enumerate() {
@@ -422,6 +431,7 @@ mod tests {
                             a: a.as_ptr(),
                             rsa,
                             csa,
+                            aoff: std::ptr::null(),
                             b: b.as_ptr(),
                             ldb: n + 3,
                             boff: std::ptr::null(),
@@ -493,6 +503,7 @@ mod tests {
                 a: a.as_ptr(),
                 rsa: k,
                 csa: 1,
+                aoff: std::ptr::null(),
                 b: b.as_ptr(),
                 ldb: 0,
                 boff: boff.as_ptr(),
