@@ -246,9 +246,9 @@ mod avx512 {
         }
         let alpha = _mm512_set1_ps(p.alpha);
         for (r, row) in acc.iter().enumerate() {
-            for v in 0..NV {
+            for (v, &sum) in row.iter().enumerate() {
                 let cp = c.add(r * p.ldc + 16 * v);
-                let mut out = _mm512_mul_ps(row[v], alpha);
+                let mut out = _mm512_mul_ps(sum, alpha);
                 if p.accumulate {
                     out = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], cp), out);
                 }
@@ -369,9 +369,9 @@ mod avx2 {
         }
         let alpha = _mm256_set1_ps(p.alpha);
         for (r, row) in acc.iter().enumerate() {
-            for v in 0..NV {
+            for (v, &sum) in row.iter().enumerate() {
                 let cp = c.add(r * ldc + 8 * v);
-                let mut out = _mm256_mul_ps(row[v], alpha);
+                let mut out = _mm256_mul_ps(sum, alpha);
                 if accumulate {
                     out = _mm256_add_ps(_mm256_loadu_ps(cp), out);
                 }
