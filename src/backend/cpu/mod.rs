@@ -612,10 +612,11 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         );
         Ok(Self::wrap(
             x.shape(),
-            self.run(|| norm::group_norm(&g, xs, gs, bs)),
+            self.run(|| norm::group_norm(&g, xs, gs, bs).0),
         ))
     }
-    type NormSaved = ();
+    /// Each (sample, group)'s (mean, rstd) from the forward.
+    type NormSaved = Arc<norm::GroupStats>;
     fn group_norm_saving(
         &self,
         x: &Tensor<Self>,
@@ -624,14 +625,21 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         groups: usize,
         eps: f64,
         silu: bool,
-    ) -> Result<(Tensor<Self>, ())> {
-        let _prof = profile::scope("group_norm_saving", 0.0);
-        Ok((self.group_norm(x, gamma, beta, groups, eps, silu)?, ()))
+    ) -> Result<(Tensor<Self>, Arc<norm::GroupStats>)> {
+        let _prof = profile::scope("group_norm", 0.0);
+        let g = norm_geom("group_norm", x, gamma, beta, groups, eps, silu)?;
+        let (xs, gs, bs) = (
+            data("group_norm", x)?,
+            data("group_norm", gamma)?,
+            data("group_norm", beta)?,
+        );
+        let (y, stats) = self.run(|| norm::group_norm(&g, xs, gs, bs));
+        Ok((Self::wrap(x.shape(), y), Arc::new(stats)))
     }
     fn group_norm_backward_saved(
         &self,
         x: &Tensor<Self>,
-        _saved: &(),
+        saved: &Arc<norm::GroupStats>,
         gamma: &Tensor<Self>,
         beta: &Tensor<Self>,
         dy: &Tensor<Self>,
@@ -639,8 +647,23 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         eps: f64,
         silu: bool,
     ) -> Result<Grads3<Self>> {
-        let _prof = profile::scope("group_norm_backward_saved", 0.0);
-        self.group_norm_backward(x, gamma, beta, dy, groups, eps, silu)
+        let _prof = profile::scope("group_norm_backward", 0.0);
+        let op = "group_norm_backward";
+        let g = norm_geom(op, x, gamma, beta, groups, eps, silu)?;
+        same_shape(op, x.shape(), dy.shape())?;
+        if saved.len() != x.shape()[0] * groups {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{} saved group statistics for {} groups",
+                    saved.len(),
+                    x.shape()[0] * groups
+                ),
+            ));
+        }
+        let (xs, gs, bs, ds) = (data(op, x)?, data(op, gamma)?, data(op, beta)?, data(op, dy)?);
+        let gr = self.run(|| norm::group_norm_backward(&g, xs, gs, bs, ds, Some(saved)));
+        Ok(grads(gr, x.shape(), gamma.shape(), beta.shape()))
     }
     fn group_norm_backward(
         &self,
@@ -657,7 +680,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let g = norm_geom(op, x, gamma, beta, groups, eps, silu)?;
         same_shape(op, x.shape(), dy.shape())?;
         let (xs, gs, bs, ds) = (data(op, x)?, data(op, gamma)?, data(op, beta)?, data(op, dy)?);
-        let gr = self.run(|| norm::group_norm_backward(&g, xs, gs, bs, ds));
+        let gr = self.run(|| norm::group_norm_backward(&g, xs, gs, bs, ds, None));
         Ok(grads(gr, x.shape(), gamma.shape(), beta.shape()))
     }
 

@@ -35,17 +35,27 @@ fn stats<T: CpuFloat>(xs: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-pub(crate) fn group_norm<T: CpuFloat>(g: &NormGeom, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
+/// Each (sample, group)'s (mean, rstd), in order: what a recorded forward keeps for the backward
+/// (`Backend::NormSaved` of the CPU), so the backward does not compute the statistics again.
+pub(crate) type GroupStats = Vec<(f64, f64)>;
+
+pub(crate) fn group_norm<T: CpuFloat>(
+    g: &NormGeom,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+) -> (Vec<T>, GroupStats) {
     let mut out = vec![T::ZERO; x.len()];
     let len = g.group_len();
     if len == 0 {
-        return out;
+        return (out, Vec::new());
     }
     let cg = g.c / g.groups;
-    out.par_chunks_mut(len)
+    let stats_of_groups = out
+        .par_chunks_mut(len)
         .zip(x.par_chunks(len))
         .enumerate()
-        .for_each(|(idx, (y, xs))| {
+        .map(|(idx, (y, xs))| {
             vectorized(
                 #[inline(always)]
                 || {
@@ -66,21 +76,25 @@ pub(crate) fn group_norm<T: CpuFloat>(g: &NormGeom, x: &[T], gamma: &[T], beta: 
                             }
                         }
                     }
+                    (mean, rstd)
                 },
             )
-        });
-    out
+        })
+        .collect();
+    (out, stats_of_groups)
 }
 
 /// (dx, dγ, dβ). With z the affine output and dz = dy·SiLU'(z) (or dy), g = dz·γ:
 /// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), dγ = Σ dz·x̂, dβ = Σ dz (and so Σ g = γ·dβ,
 /// Σ g·x̂ = γ·dγ per channel).
+/// `saved`: the forward's [`GroupStats`] (None: computed here).
 pub(crate) fn group_norm_backward<T: CpuFloat>(
     g: &NormGeom,
     x: &[T],
     gamma: &[T],
     beta: &[T],
     dy: &[T],
+    saved: Option<&[(f64, f64)]>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let mut dx = vec![T::ZERO; x.len()];
     let len = g.group_len();
@@ -97,7 +111,20 @@ pub(crate) fn group_norm_backward<T: CpuFloat>(
         .map(|(idx, ((dxs, xs), dys))| {
             vectorized(
                 #[inline(always)]
-                || group_backward(g, cg, (idx % g.groups) * cg, gamma, beta, dxs, xs, dys),
+                || {
+                    let stats_of_group = saved.map_or_else(|| stats(xs, g.eps), |st| st[idx]);
+                    group_backward(
+                        g,
+                        cg,
+                        (idx % g.groups) * cg,
+                        stats_of_group,
+                        gamma,
+                        beta,
+                        dxs,
+                        xs,
+                        dys,
+                    )
+                },
             )
         })
         .collect();
@@ -121,13 +148,13 @@ fn group_backward<T: CpuFloat>(
     g: &NormGeom,
     cg: usize,
     c0: usize,
+    (mean, rstd): (f64, f64),
     gamma: &[T],
     beta: &[T],
     dxs: &mut [T],
     xs: &[T],
     dys: &[T],
 ) -> (Vec<f64>, Vec<f64>) {
-    let (mean, rstd) = stats(xs, g.eps);
     let (mean_t, rstd_t) = (T::from_f64(mean), T::from_f64(rstd));
     let (mut dgam, mut dbet) = (vec![0.0; cg], vec![0.0; cg]);
     let (mut sum_g, mut sum_gx) = (0.0f64, 0.0f64);
