@@ -675,11 +675,14 @@ fn weight_grad_direct<T: CpuFloat>(
         let span = rows * wp;
         dyp.clear();
         dyp.resize(span * o, 0.0);
-        for oc in 0..o {
-            for sr in 0..rows {
-                let src = &dy_img[oc * g.p() + (oy0 + sr) * g.ow..][..g.ow];
-                for (col, &v) in src.iter().enumerate() {
-                    dyp[(sr * wp + col) * o + oc] = v.to_f32();
+        // Position-major: each output row of dyp is written whole, the O source rows are read
+        // as O sequential streams (channel-major order wrote each cache line O times).
+        for sr in 0..rows {
+            let at = (oy0 + sr) * g.ow;
+            for col in 0..g.ow {
+                let dst = &mut dyp[(sr * wp + col) * o..][..o];
+                for (oc, d) in dst.iter_mut().enumerate() {
+                    *d = dy_img[oc * g.p() + at + col].to_f32();
                 }
             }
         }
