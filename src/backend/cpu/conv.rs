@@ -428,7 +428,7 @@ fn conv2d_profiled<T: CpuFloat>(
         }
     };
     if direct_applies::<T>(g) {
-        conv2d_direct(g, x, w, alpha, &prefill, out_ptr);
+        conv2d_direct(g, x, w, alpha, &prefill, prefilled, out_ptr);
         return out;
     }
     // One task: output channels [o0, o1) of (image, tile), from a ready column tile `cols`.
@@ -490,6 +490,11 @@ fn direct_applies<T: 'static>(g: &ConvGeom) -> bool {
         && !g.pointwise()
 }
 
+/// From this output width on, [`conv2d_direct`] computes each output row in pieces written
+/// straight into the output; narrower images would give the kernels strips too narrow to keep
+/// their accumulators busy (16×16: 158 vs 202 GFLOP/s), so their panels run across rows.
+const ROW_PANELS_MIN_WIDTH: usize = 32;
+
 /// Bytes of the padded input slab a direct-conv task gathers.
 const DIRECT_SLAB_BYTES: usize = 256 << 10;
 
@@ -501,12 +506,14 @@ const DIRECT_SLAB_BYTES: usize = 256 << 10;
 /// one copy of the input instead of im2col's k·k. The product covers q′ in panels of
 /// `sgemm::PANEL`, kw − 1 columns per row of which fall outside the output and are dropped when
 /// the panel's result is added into the (prefilled) output rows.
+#[allow(clippy::too_many_arguments)]
 fn conv2d_direct<T: CpuFloat>(
     g: &ConvGeom,
     x: &[T],
     w: &[T],
     alpha: T,
     prefill: &(dyn Fn(usize, usize, usize, usize, usize) + Sync),
+    prefilled: bool,
     out: SharedMut<T>,
 ) {
     let (k, o) = (g.k(), g.o);
@@ -535,13 +542,7 @@ fn conv2d_direct<T: CpuFloat>(
     let plane = slab_rows * wp;
     let img_in = g.c * g.h * g.w;
     (0..g.n * bands * oblocks).into_par_iter().for_each_init(
-        || {
-            (
-                Vec::<f32>::new(),
-                Vec::<usize>::new(),
-                vec![0.0f32; per * sgemm::PANEL],
-            )
-        },
+        || (Vec::<f32>::new(), Vec::<usize>::new(), Vec::<f32>::new()),
         |(slab, boff, tmp), task| {
             let (img, rest) = (task / (bands * oblocks), task % (bands * oblocks));
             let (bi, ob) = (rest / oblocks, rest % oblocks);
@@ -551,53 +552,89 @@ fn conv2d_direct<T: CpuFloat>(
             fill_slab(g, &x[img * img_in..][..img_in], oy0, rows, plane, slab);
             tap_offsets(g, plane, boff);
             prefill(img, oy0 * g.ow, rows * g.ow, o0, o1);
-            let span = rows * wp;
-            for q0 in (0..span).step_by(sgemm::PANEL) {
-                let nw = sgemm::PANEL.min(span - q0);
-                let product = sgemm::Product {
-                    m: o1 - o0,
-                    n: nw,
-                    k,
-                    a: w[o0 * k..].as_ptr() as *const f32,
-                    rsa: k,
-                    csa: 1,
-                    aoff: std::ptr::null(),
-                    b: slab[q0..].as_ptr(),
-                    ldb: 0,
-                    boff: boff.as_ptr(),
-                    c: tmp.as_mut_ptr(),
-                    ldc: sgemm::PANEL,
-                    alpha: 1.0,
-                    accumulate: false,
-                };
-                // SAFETY: A is w's rows o0..o1 (k each); every B row read lies in the slab
-                // (offsets < c·plane + (kh−1)·wp + kw, plus q0 + nw ≤ rows·wp, within the slack);
-                // tmp holds (o1 − o0) rows of PANEL.
-                let done = unsafe { sgemm::run(&product) };
-                debug_assert!(done, "direct_applies checked the kernels");
-                // Add the panel's valid columns into out[img, o0..o1, ...].
-                let mut j = 0;
-                while j < nw {
-                    let (sr, col) = ((q0 + j) / wp, (q0 + j) % wp);
-                    let run = (wp - col).min(nw - j);
-                    let valid = g.ow.saturating_sub(col).min(run);
-                    if valid > 0 {
-                        let at = (oy0 + sr) * g.ow + col;
-                        for oc in o0..o1 {
-                            let src = &tmp[(oc - o0) * sgemm::PANEL + j..][..valid];
-                            // SAFETY: this task owns rows o0..o1 of the band oy0..oy1 of img.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    out.get().add((img * o + oc) * g.p() + at),
-                                    valid,
-                                )
-                            };
-                            for (d, &v) in dst.iter_mut().zip(src) {
-                                *d += alpha * T::from_f32(v);
+            if g.ow >= ROW_PANELS_MIN_WIDTH {
+                // Each output row in pieces of at most PANEL columns, straight into the (prefilled)
+                // output: out[img, o0..o1, oy, col0..] (+)= alpha·W·B.
+                for sr in 0..rows {
+                    for col0 in (0..g.ow).step_by(sgemm::PANEL) {
+                        let nw = sgemm::PANEL.min(g.ow - col0);
+                        let at = (img * o + o0) * g.p() + (oy0 + sr) * g.ow + col0;
+                        let product = sgemm::Product {
+                            m: o1 - o0,
+                            n: nw,
+                            k,
+                            a: w[o0 * k..].as_ptr() as *const f32,
+                            rsa: k,
+                            csa: 1,
+                            aoff: std::ptr::null(),
+                            b: slab[sr * wp + col0..].as_ptr(),
+                            ldb: 0,
+                            boff: boff.as_ptr(),
+                            c: out.get().wrapping_add(at) as *mut f32,
+                            ldc: g.p(),
+                            alpha: alpha.to_f32(),
+                            accumulate: prefilled,
+                        };
+                        // SAFETY: A is w's rows o0..o1 (k each); every B row read lies in the slab
+                        // (tap offsets < c·plane + (kh−1)·wp + kw, plus sr·wp + col0 + nw ≤ rows·wp);
+                        // C is columns col0..col0+nw of output row oy0+sr of channels o0..o1 of img,
+                        // which this task alone writes (T is f32: direct_applies checked).
+                        let done = unsafe { sgemm::run(&product) };
+                        debug_assert!(done, "direct_applies checked the kernels");
+                    }
+                }
+            } else {
+                // Narrow images: panels of PANEL slab positions across rows (the kw − 1
+                // out-of-image columns per row computed and dropped), through `tmp`.
+                tmp.resize(per * sgemm::PANEL, 0.0);
+                let span = rows * wp;
+                for q0 in (0..span).step_by(sgemm::PANEL) {
+                    let nw = sgemm::PANEL.min(span - q0);
+                    let product = sgemm::Product {
+                        m: o1 - o0,
+                        n: nw,
+                        k,
+                        a: w[o0 * k..].as_ptr() as *const f32,
+                        rsa: k,
+                        csa: 1,
+                        aoff: std::ptr::null(),
+                        b: slab[q0..].as_ptr(),
+                        ldb: 0,
+                        boff: boff.as_ptr(),
+                        c: tmp.as_mut_ptr(),
+                        ldc: sgemm::PANEL,
+                        alpha: 1.0,
+                        accumulate: false,
+                    };
+                    // SAFETY: A is w's rows o0..o1 (k each); every B row read lies in the slab
+                    // (offsets < c·plane + (kh−1)·wp + kw, plus q0 + nw ≤ rows·wp, within the slack);
+                    // tmp holds (o1 − o0) rows of PANEL.
+                    let done = unsafe { sgemm::run(&product) };
+                    debug_assert!(done, "direct_applies checked the kernels");
+                    // Add the panel's valid columns into out[img, o0..o1, ...].
+                    let mut j = 0;
+                    while j < nw {
+                        let (sr, col) = ((q0 + j) / wp, (q0 + j) % wp);
+                        let run = (wp - col).min(nw - j);
+                        let valid = g.ow.saturating_sub(col).min(run);
+                        if valid > 0 {
+                            let at = (oy0 + sr) * g.ow + col;
+                            for oc in o0..o1 {
+                                let src = &tmp[(oc - o0) * sgemm::PANEL + j..][..valid];
+                                // SAFETY: this task owns rows o0..o1 of the band oy0..oy1 of img.
+                                let dst = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        out.get().add((img * o + oc) * g.p() + at),
+                                        valid,
+                                    )
+                                };
+                                for (d, &v) in dst.iter_mut().zip(src) {
+                                    *d += alpha * T::from_f32(v);
+                                }
                             }
                         }
+                        j += run;
                     }
-                    j += run;
                 }
             }
         },
