@@ -1,5 +1,6 @@
 //! Criterion benchmarks: on the CPU backend one forward pass (NFE) of the paper's VE network and
-//! of `ve-small` at 128×128, batch 1, and one predictor–corrector step (2 NFE + updates); on a CUDA
+//! of `ve-small` at 128×128, batch 1, one predictor–corrector step (2 NFE + updates), and one
+//! training step of the default model's network (`ve-res`, batch 4); on a CUDA
 //! device (when there is one; otherwise it prints that it skipped) the `ve-paper` NFE at batch 1 and
 //! 64 and the PC step at batch 1 in f32/TF32/bf16. `srsde-fast bench` prints the same measurements,
 //! plus the CUDA-graph PC step and the training step, as a table.
@@ -9,7 +10,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use srsde_fast::autograd::Graph;
 use srsde_fast::backend::cpu::CpuF32;
 use srsde_fast::backend::Backend;
-use srsde_fast::bench::random_network;
+use srsde_fast::bench::{random_network, train_step_fixture};
 use srsde_fast::model::ncsnpp::Forward;
 use srsde_fast::model::ScoreModel;
 use srsde_fast::sample::pc::{corrector_step, predictor_step};
@@ -119,5 +120,17 @@ fn cuda(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, forward, pc_step, cuda);
+/// One CPU training step (loss, backward, clip, Adam, EMA) of `ve-res` at batch 4, 128×128: the
+/// step the default model trains with (issue 16; `srsde-fast bench --train --device cpu` prints its
+/// per-op profile).
+fn train_step(c: &mut Criterion) {
+    let be = CpuF32::new();
+    let mut group = c.benchmark_group("cpu_train_step_128");
+    group.sample_size(10);
+    let (mut trainer, data) = train_step_fixture(&be, "ve-res", 128, 4).expect("trainer");
+    group.bench_function("ve-res_b4", |b| b.iter(|| trainer.train_step(&data).unwrap()));
+    group.finish();
+}
+
+criterion_group!(benches, forward, pc_step, train_step, cuda);
 criterion_main!(benches);

@@ -192,15 +192,15 @@ pub fn time_fast_sample_graph<B: Backend>(
     Ok(Some((eager, replayed, nodes)))
 }
 
-/// One full training step (DSM loss, backward, grad clip, Adam, EMA update) of a `preset` network
-/// at `batch` on random data at `image_size`, timed. Needs a backend with backward kernels.
-pub fn time_train_step<B: Backend>(
+/// A trainer for a `preset` network at `batch` and a batch of random data at `image_size`: what
+/// one training step (DSM loss, backward, grad clip, Adam, EMA update) runs on, for
+/// [`time_train_step`] and the criterion bench.
+pub fn train_step_fixture<B: Backend>(
     backend: &B,
     preset: &str,
     image_size: usize,
     batch: usize,
-    iters: usize,
-) -> Result<Timing> {
+) -> Result<(crate::train::run::Trainer<B>, crate::train::data::Batch)> {
     use crate::train::{data::Batch, run::Trainer, Hyper};
     let mut cfg = NetConfig::preset(preset)?;
     cfg.data.image_size = image_size;
@@ -208,7 +208,7 @@ pub fn time_train_step<B: Backend>(
     let mut hyper = Hyper::paper(preset, &cfg);
     hyper.batch = batch;
     hyper.warmup = 0;
-    let mut trainer = Trainer::new(backend, cfg, hyper)?;
+    let trainer = Trainer::new(backend, cfg, hyper)?;
     let shape = [batch, 3, image_size, image_size];
     let data = Batch {
         hr: backend.to_f32(&backend.rand_uniform(&shape, 5, 0)?)?,
@@ -217,6 +217,19 @@ pub fn time_train_step<B: Backend>(
         size: image_size,
         files: vec![0; batch],
     };
+    Ok((trainer, data))
+}
+
+/// One full training step of a `preset` network at `batch` on random data at `image_size`,
+/// timed ([`train_step_fixture`]). Needs a backend with backward kernels.
+pub fn time_train_step<B: Backend>(
+    backend: &B,
+    preset: &str,
+    image_size: usize,
+    batch: usize,
+    iters: usize,
+) -> Result<Timing> {
+    let (mut trainer, data) = train_step_fixture(backend, preset, image_size, batch)?;
     time_it(
         iters,
         || trainer.train_step(&data).map(|_| ()),
