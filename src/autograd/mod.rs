@@ -149,7 +149,7 @@ impl<B: Backend> Graph<B> {
             for (inp, ig) in node.inputs.iter().zip(input_grads) {
                 if let (Some(i), Some(ig)) = (inp, ig) {
                     grads[*i] = Some(match grads[*i].take() {
-                        Some(acc) => self.backend.add(&acc, &ig)?,
+                        Some(acc) => self.backend.add_into(acc, &ig)?,
                         None => ig,
                     });
                 }

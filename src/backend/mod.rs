@@ -201,6 +201,11 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     // ---- elementwise --------------------------------------------------------------------------
     /// a + b (same shape).
     fn add(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// acc + b, where the backend may reuse `acc`'s storage when nothing else holds it (the
+    /// autograd's gradient accumulation). Same result as `add`. Default: `add`.
+    fn add_into(&self, acc: Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        self.add(&acc, b)
+    }
     /// alpha·a + beta·b (same shape).
     fn axpby(&self, alpha: f64, a: &Tensor<Self>, beta: f64, b: &Tensor<Self>) -> Result<Tensor<Self>>;
     /// a ⊙ b (same shape).

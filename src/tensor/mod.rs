@@ -48,6 +48,10 @@ impl<B: Backend> Tensor<B> {
     pub fn buf(&self) -> &B::Buf {
         &self.buf
     }
+    /// The buffer, giving up the tensor (for ops that reuse an operand's storage).
+    pub fn into_buf(self) -> B::Buf {
+        self.buf
+    }
     /// Same buffer, new shape with the same number of elements.
     pub fn reshape(&self, shape: &[usize]) -> Result<Self> {
         let n: usize = shape.iter().product();

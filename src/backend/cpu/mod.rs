@@ -283,6 +283,39 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let (x, y) = (data("add", a)?, data("add", b)?);
         Ok(Self::wrap(a.shape(), self.run(|| map2(x, y, |p, q| p + q))))
     }
+    /// In place when `acc`'s buffer is not shared (no allocation, no fresh pages).
+    fn add_into(&self, acc: Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("add", 0.0);
+        same_shape("add", acc.shape(), b.shape())?;
+        let shape = acc.shape().to_vec();
+        let mut buf = acc.into_buf();
+        let Some(acc) = Arc::get_mut(&mut buf) else {
+            return self.add(&Tensor::from_buf(shape, buf), b);
+        };
+        let y = data("add", b)?;
+        if acc.len() != y.len() {
+            return Err(Error::shape(
+                "add",
+                format!("buffer of {} elements for shape {shape:?}", acc.len()),
+            ));
+        }
+        let run = |(o, y): (&mut [T], &[T])| {
+            simd::vectorized(
+                #[inline(always)]
+                || {
+                    for (o, &v) in o.iter_mut().zip(y) {
+                        *o += v;
+                    }
+                },
+            )
+        };
+        if acc.len() < PAR_MIN {
+            run((&mut acc[..], y));
+        } else {
+            self.run(|| acc.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(run));
+        }
+        Ok(Tensor::from_buf(shape, buf))
+    }
     fn axpby(&self, alpha: f64, a: &Tensor<Self>, beta: f64, b: &Tensor<Self>) -> Result<Tensor<Self>> {
         let _prof = profile::scope("axpby", 0.0);
         same_shape("axpby", a.shape(), b.shape())?;
@@ -875,4 +908,35 @@ fn norm_geom<T: CpuFloat>(
         eps,
         silu,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_into_reuses_an_unshared_buffer_and_leaves_a_shared_one_alone() {
+        let be = CpuF32::new();
+        for n in [7, 3 * PAR_MIN + 5] {
+            let a = be.randn(&[n], 1, 0).unwrap();
+            let b = be.randn(&[n], 2, 0).unwrap();
+            let want = be.to_f32(&be.add(&a, &b).unwrap()).unwrap();
+            // Shared (a is still held): a new buffer, a untouched.
+            let before = be.to_f32(&a).unwrap();
+            let shared = be.add_into(a.clone(), &b).unwrap();
+            assert_eq!(be.to_f32(&shared).unwrap(), want);
+            assert_eq!(
+                be.to_f32(&a).unwrap(),
+                before,
+                "a shared accumulator is not written"
+            );
+            // Unshared: the same storage, the same bits as add.
+            let ptr = a.buf().as_ptr();
+            let summed = be.add_into(a, &b).unwrap();
+            assert_eq!(summed.buf().as_ptr(), ptr, "in place");
+            assert_eq!(be.to_f32(&summed).unwrap(), want);
+        }
+        let (x, y) = (be.zeros(&[2, 3]).unwrap(), be.zeros(&[3, 2]).unwrap());
+        assert!(be.add_into(x, &y).is_err(), "shapes must match");
+    }
 }
