@@ -20,6 +20,10 @@ impl<T> SharedMut<T> {
     pub fn new(s: &mut [T]) -> Self {
         SharedMut(s.as_mut_ptr())
     }
+    /// The spare capacity of `v` (not yet initialised: the users write it before `set_len`).
+    pub fn spare(v: &mut Vec<T>) -> Self {
+        SharedMut(v.spare_capacity_mut().as_mut_ptr() as *mut T)
+    }
     pub fn get(&self) -> *mut T {
         self.0
     }
@@ -388,18 +392,44 @@ fn conv2d_profiled<T: CpuFloat>(
     epi: Epilogue<'_, T>,
 ) -> Vec<T> {
     let (k, p, o) = (g.k(), g.p(), g.o);
-    let img_in = g.c * g.h * g.w;
     let _prof = profile::scope(kind, 2.0 * (g.n * o * k * p) as f64);
-    let mut out = vec![T::ZERO; g.n * o * p];
-    if out.is_empty() {
+    let len = g.n * o * p;
+    let prefilled = b.is_some() || epi.chan_bias.is_some() || epi.residual.is_some();
+    if len == 0 || !prefilled {
+        let mut out = vec![T::ZERO; len];
+        if len > 0 {
+            conv2d_into(g, x, w, b, epi, prefilled, SharedMut::new(&mut out));
+        }
         return out;
     }
+    // With an epilogue every task writes its output rows (`prefill`) before the products are
+    // added into them, so the buffer needs no zero-fill pass first (at 128×128 that pass costs
+    // as much memory traffic as the output itself).
+    let mut out = Vec::with_capacity(len);
+    conv2d_into(g, x, w, b, epi, prefilled, SharedMut::spare(&mut out));
+    // SAFETY: every (image, output channel, position) was written by exactly one task's prefill
+    // and then accumulated into (the tasks cover all of them).
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// The body of [`conv2d_profiled`]: writes the output through `out_ptr` (zeroed unless
+/// `prefilled`).
+fn conv2d_into<T: CpuFloat>(
+    g: &ConvGeom,
+    x: &[T],
+    w: &[T],
+    b: Option<&[T]>,
+    epi: Epilogue<'_, T>,
+    prefilled: bool,
+    out_ptr: SharedMut<T>,
+) {
+    let (k, p, o) = (g.k(), g.p(), g.o);
+    let img_in = g.c * g.h * g.w;
     let threads = rayon::current_num_threads();
     let tile = tile_positions::<T>(k, p, FORWARD_TILE_BYTES);
     let tiles = p.div_ceil(tile);
-    let out_ptr = SharedMut::new(&mut out);
     let (alpha, beta) = epi.residual.map_or((T::ONE, T::ZERO), |(_, a, b)| (a, b));
-    let prefilled = b.is_some() || epi.chan_bias.is_some() || epi.residual.is_some();
     // The epilogue's part of output channels [o0, o1) of (image, positions q0..q0+nt), written
     // before the product is added.
     let prefill = |img: usize, q0: usize, nt: usize, o0: usize, o1: usize| {
@@ -429,7 +459,7 @@ fn conv2d_profiled<T: CpuFloat>(
     };
     if direct_applies::<T>(g) {
         conv2d_direct(g, x, w, alpha, &prefill, prefilled, out_ptr);
-        return out;
+        return;
     }
     // One task: output channels [o0, o1) of (image, tile), from a ready column tile `cols`.
     let block = |img: usize, q0: usize, nt: usize, o0: usize, o1: usize, cols: Cols<'_, T>| {
@@ -475,7 +505,6 @@ fn conv2d_profiled<T: CpuFloat>(
                 block(img, q0, q1 - q0, 0, o, column_matrix(g, x, img, q0, q1 - q0, col));
             });
     }
-    out
 }
 
 /// Whether [`conv2d_direct`] runs this conv: f32 with the `sgemm` kernels, stride 1, a kernel

@@ -8,9 +8,13 @@
 //! The models' FIR kernels are outer products (k·kᵀ of [1,3,3,1]): such a kernel runs as two 1-D
 //! passes — along rows into a scratch plane, then whole rows combined down the columns — with
 //! kh + kw taps per output instead of kh·kw ([`separable`]).
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::float::CpuFloat;
+use super::simd::vectorized;
+use super::written_once;
 use crate::backend::UpFirDn;
 
 /// For each output index along one axis: the (filter tap index, input index) pairs that
@@ -80,15 +84,20 @@ pub(crate) fn upfirdn2d<T: CpuFloat>(
     geom: UpFirDn,
 ) -> Vec<T> {
     let (ty, tx) = (taps(g.h, g.oh, kh, geom), taps(g.w, g.ow, kw, geom));
-    let mut out = vec![T::ZERO; g.planes * g.oh * g.ow];
-    if out.is_empty() || g.h * g.w == 0 {
-        return out;
+    let n = g.planes * g.oh * g.ow;
+    if n == 0 || g.h * g.w == 0 {
+        return vec![T::ZERO; n];
     }
     match separable(f, kh, kw) {
-        Some((a, b)) => forward_separable(g, x, &a, &b, &ty, &tx, &mut out),
-        None => forward_direct(g, x, f, kw, &ty, &tx, &mut out),
+        // The output is written once, row by row: no zero-filled buffer first (an extra pass
+        // over memory as large as the output, most of this op's time at 128×128).
+        Some((a, b)) => written_once(n, |out| forward_separable(g, x, &a, &b, &ty, &tx, out)),
+        None => {
+            let mut out = vec![T::ZERO; n];
+            forward_direct(g, x, f, kw, &ty, &tx, &mut out);
+            out
+        }
     }
-    out
 }
 
 type TapLists = [Vec<(usize, usize)>];
@@ -102,26 +111,177 @@ fn forward_separable<T: CpuFloat>(
     b: &[T],
     ty: &TapLists,
     tx: &TapLists,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
 ) {
+    let across = Gather::new(tx, geom_period(tx));
     out.par_chunks_mut(g.oh * g.ow)
         .zip(x.par_chunks(g.h * g.w))
-        .for_each_init(Vec::new, |rows, (y, xp)| {
-            rows.resize(g.h * g.ow, T::ZERO);
-            for (xrow, hrow) in xp.chunks(g.w).zip(rows.chunks_mut(g.ow)) {
-                for (o, tl) in hrow.iter_mut().zip(tx) {
-                    *o = tl.iter().fold(T::ZERO, |acc, &(fx, ix)| acc + b[fx] * xrow[ix]);
+        .for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(rows, tmp, acc), (y, xp)| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        rows.resize(g.h * g.ow, T::ZERO);
+                        for (xrow, hrow) in xp.chunks(g.w).zip(rows.chunks_mut(g.ow)) {
+                            across.row(b, xrow, hrow, tmp);
+                        }
+                        for (yrow, tl) in y.chunks_mut(g.ow).zip(ty) {
+                            acc.clear();
+                            acc.resize(g.ow, T::ZERO);
+                            for &(fy, iy) in tl {
+                                let (w, src) = (a[fy], &rows[iy * g.ow..][..g.ow]);
+                                for (o, &v) in acc.iter_mut().zip(src) {
+                                    *o += w * v;
+                                }
+                            }
+                            for (o, &v) in yrow.iter_mut().zip(acc.iter()) {
+                                o.write(v);
+                            }
+                        }
+                    },
+                )
+            },
+        );
+}
+
+/// The period (in outputs) and stride (in inputs per period) of a tap-list array's regular
+/// interior, found from the lists themselves: the smallest p ≤ 4 with lists[o + p] = lists[o]
+/// shifted by a constant, at the middle of the axis.
+fn geom_period(lists: &TapLists) -> (usize, usize) {
+    let mid = lists.len() / 2;
+    for p in 1..=4 {
+        if mid + p >= lists.len() || lists[mid].is_empty() {
+            break;
+        }
+        let (l0, l1) = (&lists[mid], &lists[mid + p]);
+        if l0.len() == l1.len() && l1[0].1 >= l0[0].1 {
+            let s = l1[0].1 - l0[0].1;
+            if l0.iter().zip(l1).all(|(u, v)| u.0 == v.0 && v.1 == u.1 + s) {
+                return (p, s);
+            }
+        }
+    }
+    (1, 0)
+}
+
+/// (phase, m range, the taps as (tap, input index at m = 0, may be negative)).
+type Run = (usize, std::ops::Range<usize>, Vec<(usize, isize)>);
+
+/// One axis of a separable pass as gathers, out[o] = Σ over lists[o] of w[tap]·src[index], with
+/// the axis' regular interior run as vector loops: outputs o = phase + period·m whose lists are
+/// the same taps at inputs advancing by `stride` per m. Each output still sums its taps in list
+/// order starting from zero, so the result is bitwise that of the plain per-output sum.
+struct Gather<'a> {
+    lists: &'a TapLists,
+    period: usize,
+    stride: usize,
+    runs: Vec<Run>,
+    /// Outputs outside every run: summed one by one.
+    edges: Vec<usize>,
+}
+
+impl<'a> Gather<'a> {
+    fn new(lists: &'a TapLists, (period, stride): (usize, usize)) -> Self {
+        let n = lists.len();
+        let mut covered = vec![false; n];
+        let mut runs = Vec::new();
+        if stride > 0 {
+            for phase in 0..period.min(n) {
+                let count = (n - phase).div_ceil(period);
+                let m_ref = count / 2;
+                let reference = &lists[phase + period * m_ref];
+                if reference.is_empty() {
+                    continue;
+                }
+                let matches = |m: usize| {
+                    let l = &lists[phase + period * m];
+                    l.len() == reference.len()
+                        && l.iter().zip(reference).all(|(u, v)| {
+                            u.0 == v.0
+                                && u.1 as isize
+                                    == v.1 as isize + (m as isize - m_ref as isize) * stride as isize
+                        })
+                };
+                let (mut lo, mut hi) = (m_ref, m_ref + 1);
+                while lo > 0 && matches(lo - 1) {
+                    lo -= 1;
+                }
+                while hi < count && matches(hi) {
+                    hi += 1;
+                }
+                for m in lo..hi {
+                    covered[phase + period * m] = true;
+                }
+                let taps = reference
+                    .iter()
+                    .map(|&(t, i)| (t, i as isize - (m_ref * stride) as isize))
+                    .collect();
+                runs.push((phase, lo..hi, taps));
+            }
+        }
+        let edges = (0..n).filter(|&o| !covered[o]).collect();
+        Gather {
+            lists,
+            period,
+            stride,
+            runs,
+            edges,
+        }
+    }
+
+    /// dst = the pass over one row `src`; `tmp` is scratch.
+    #[inline(always)]
+    fn row<T: CpuFloat>(&self, w: &[T], src: &[T], dst: &mut [T], tmp: &mut Vec<T>) {
+        for &o in &self.edges {
+            dst[o] = self.lists[o]
+                .iter()
+                .fold(T::ZERO, |acc, &(t, i)| acc + w[t] * src[i]);
+        }
+        // With a stride s > 1 the row is first split into its s phases (src[j·s + r] at
+        // r·plen + j), so that every tap reads a contiguous slice.
+        let s = self.stride.max(1);
+        let plen = src.len().div_ceil(s);
+        let runs_start = if s > 1 { s * plen } else { 0 };
+        tmp.clear();
+        tmp.resize(runs_start, T::ZERO);
+        if s > 1 {
+            for (j, chunk) in src.chunks(s).enumerate() {
+                for (r, &v) in chunk.iter().enumerate() {
+                    tmp[r * plen + j] = v;
                 }
             }
-            for (yrow, tl) in y.chunks_mut(g.ow).zip(ty) {
-                for &(fy, iy) in tl {
-                    let (w, src) = (a[fy], &rows[iy * g.ow..][..g.ow]);
-                    for (o, &v) in yrow.iter_mut().zip(src) {
-                        *o += w * v;
-                    }
+        }
+        for (phase, ms, taps) in &self.runs {
+            tmp.truncate(runs_start);
+            tmp.resize(runs_start + ms.len(), T::ZERO);
+            let (split, acc) = tmp.split_at_mut(runs_start);
+            for &(t, i0) in taps {
+                let (wt, first) = (w[t], (i0 + (ms.start * s) as isize) as usize);
+                let slice = if s == 1 {
+                    &src[first..first + ms.len()]
+                } else {
+                    let start = (first % s) * plen + first / s;
+                    &split[start..start + ms.len()]
+                };
+                for (a, &v) in acc.iter_mut().zip(slice) {
+                    *a += wt * v;
                 }
             }
-        });
+            let tmp = &tmp[runs_start..];
+            if self.period == 1 {
+                dst[ms.clone()].copy_from_slice(tmp);
+            } else {
+                for (&v, o) in tmp.iter().zip(
+                    dst[phase + self.period * ms.start..]
+                        .iter_mut()
+                        .step_by(self.period),
+                ) {
+                    *o = v;
+                }
+            }
+        }
+    }
 }
 
 /// The forward with any kernel: every output pixel sums its kh·kw taps.
@@ -172,7 +332,9 @@ pub(crate) fn upfirdn2d_backward<T: CpuFloat>(
     dx
 }
 
-/// The separable forward's adjoint: its two passes transposed, in reverse order.
+/// The separable forward's adjoint: its two passes transposed, in reverse order. The row pass
+/// gathers with the transposed tap lists (for each input, the outputs that read it, in output
+/// order: the order in which a scatter would add them).
 fn backward_separable<T: CpuFloat>(
     g: &FirGeom,
     dy: &[T],
@@ -182,27 +344,38 @@ fn backward_separable<T: CpuFloat>(
     tx: &TapLists,
     dx: &mut [T],
 ) {
+    let mut transposed = vec![Vec::new(); g.w];
+    for (ox, tl) in tx.iter().enumerate() {
+        for &(fx, ix) in tl {
+            transposed[ix].push((fx, ox));
+        }
+    }
+    let across = Gather::new(&transposed, geom_period(&transposed));
     dx.par_chunks_mut(g.h * g.w)
         .zip(dy.par_chunks(g.oh * g.ow))
-        .for_each_init(Vec::new, |rows, (xp, yp)| {
-            rows.clear();
-            rows.resize(g.h * g.ow, T::ZERO);
-            for (yrow, tl) in yp.chunks(g.ow).zip(ty) {
-                for &(fy, iy) in tl {
-                    let w = a[fy];
-                    for (r, &d) in rows[iy * g.ow..][..g.ow].iter_mut().zip(yrow) {
-                        *r += w * d;
-                    }
-                }
-            }
-            for (xrow, hrow) in xp.chunks_mut(g.w).zip(rows.chunks(g.ow)) {
-                for (&d, tl) in hrow.iter().zip(tx) {
-                    for &(fx, ix) in tl {
-                        xrow[ix] += b[fx] * d;
-                    }
-                }
-            }
-        });
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(rows, tmp), (xp, yp)| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        rows.clear();
+                        rows.resize(g.h * g.ow, T::ZERO);
+                        for (yrow, tl) in yp.chunks(g.ow).zip(ty) {
+                            for &(fy, iy) in tl {
+                                let w = a[fy];
+                                for (r, &d) in rows[iy * g.ow..][..g.ow].iter_mut().zip(yrow) {
+                                    *r += w * d;
+                                }
+                            }
+                        }
+                        for (xrow, hrow) in xp.chunks_mut(g.w).zip(rows.chunks(g.ow)) {
+                            across.row(b, hrow, xrow, tmp);
+                        }
+                    },
+                )
+            },
+        );
 }
 
 /// The direct forward's adjoint.
@@ -252,9 +425,12 @@ mod tests {
             "a kernel that is not an outer product"
         );
         // Upsampling ×2, downsampling ×2 and a plain blur, on odd sizes.
-        for (up, down, pad0, pad1) in [(2, 1, 2, 1), (1, 2, 1, 1), (1, 1, 2, 1)] {
+        // Widths of 9 (mostly edges) and 40 (a long regular interior, the vector loops).
+        for ((up, down, pad0, pad1), (h, w)) in [(2, 1, 2, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 2, 2)]
+            .into_iter()
+            .flat_map(|geom| [(geom, (7, 9)), (geom, (6, 40))])
+        {
             let geom = UpFirDn { up, down, pad0, pad1 };
-            let (h, w) = (7, 9);
             let (oh, ow) = (geom.out_size(h, 4), geom.out_size(w, 4));
             let g = FirGeom {
                 planes: 3,
@@ -272,13 +448,54 @@ mod tests {
             let (ty, tx) = (taps(h, oh, 4, geom), taps(w, ow, 4, geom));
             let (a, b) = separable(&f, 4, 4).unwrap();
             let (mut fast, mut slow) = (vec![0.0; 3 * oh * ow], vec![0.0; 3 * oh * ow]);
-            forward_separable(&g, &x, &a, &b, &ty, &tx, &mut fast);
+            let fast_out = written_once(3 * oh * ow, |out| {
+                forward_separable(&g, &x, &a, &b, &ty, &tx, out)
+            });
+            fast.copy_from_slice(&fast_out);
             forward_direct(&g, &x, &f, 4, &ty, &tx, &mut slow);
             assert!(rel(&fast, &slow) < 1e-14, "forward up {up} down {down}");
             let (mut fast, mut slow) = (vec![0.0; 3 * h * w], vec![0.0; 3 * h * w]);
             backward_separable(&g, &dy, &a, &b, &ty, &tx, &mut fast);
             backward_direct(&g, &dy, &f, 4, &ty, &tx, &mut slow);
             assert!(rel(&fast, &slow) < 1e-14, "backward up {up} down {down}");
+        }
+    }
+
+    #[test]
+    fn the_gathered_rows_are_bitwise_the_plain_per_output_sums() {
+        let b = [0.125f32, 0.375, 0.375, 0.125];
+        for geom in [
+            UpFirDn {
+                up: 2,
+                down: 1,
+                pad0: 2,
+                pad1: 1,
+            },
+            UpFirDn {
+                up: 1,
+                down: 2,
+                pad0: 1,
+                pad1: 1,
+            },
+            UpFirDn {
+                up: 1,
+                down: 1,
+                pad0: 2,
+                pad1: 2,
+            },
+        ] {
+            for w in [3, 16, 33, 128] {
+                let ow = geom.out_size(w, 4);
+                let src: Vec<f32> = (0..w).map(|i| ((i * 7919 % 211) as f32 / 37.0).sin()).collect();
+                let lists = taps(w, ow, 4, geom);
+                let plain: Vec<f32> = lists
+                    .iter()
+                    .map(|l| l.iter().fold(0.0f32, |acc, &(t, i)| acc + b[t] * src[i]))
+                    .collect();
+                let (mut fast, mut tmp) = (vec![f32::NAN; ow], Vec::new());
+                Gather::new(&lists, geom_period(&lists)).row(&b, &src, &mut fast, &mut tmp);
+                assert_eq!(fast, plain, "{geom:?} width {w}");
+            }
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod sgemm;
 pub mod simd;
 
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -149,51 +150,74 @@ fn data<'a, T: CpuFloat>(op: &'static str, x: &'a Tensor<Cpu<T>>) -> Result<&'a 
     Ok(d)
 }
 
+/// A buffer of `n` elements filled by `fill`, which must write every one of them, without
+/// zero-filling it first: for an op that overwrites its whole output, a zeroed allocation is an
+/// extra pass over memory as large as the output (glibc's calloc clears reused memory), which at
+/// 128×128 costs about as much as the op itself.
+pub(crate) fn written_once<T: Copy>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut out = Vec::with_capacity(n);
+    fill(&mut out.spare_capacity_mut()[..n]);
+    // SAFETY: `fill` wrote all n elements (its contract: every caller writes its whole output).
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// dst = src (equal lengths).
+fn copy_into<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
+    assert_eq!(dst.len(), src.len());
+    for (d, &v) in dst.iter_mut().zip(src) {
+        d.write(v);
+    }
+}
+
 /// Below this many elements elementwise loops stay on the calling thread.
 const PAR_MIN: usize = 1 << 14;
 const CHUNK: usize = 1 << 12;
 
 fn map1<T: CpuFloat>(a: &[T], f: impl Fn(T) -> T + Sync + Send) -> Vec<T> {
-    let mut out = vec![T::ZERO; a.len()];
-    let run = |(o, a): (&mut [T], &[T])| {
+    let run = |(o, a): (&mut [MaybeUninit<T>], &[T])| {
         simd::vectorized(
             #[inline(always)]
             || {
                 for (o, &v) in o.iter_mut().zip(a) {
-                    *o = f(v);
+                    o.write(f(v));
                 }
             },
         )
     };
-    if a.len() < PAR_MIN {
-        run((&mut out, a));
-    } else {
-        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(run);
-    }
-    out
+    written_once(a.len(), |out| {
+        if a.len() < PAR_MIN {
+            run((out, a));
+        } else {
+            out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(run);
+        }
+    })
 }
 
+/// out[i] = f(a[i], b[i]); `b` is as long as `a` (checked by the callers).
 fn map2<T: CpuFloat>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync + Send) -> Vec<T> {
-    let mut out = vec![T::ZERO; a.len()];
-    let run = |((o, a), b): ((&mut [T], &[T]), &[T])| {
+    assert_eq!(a.len(), b.len(), "map2 operands");
+    type Chunks<'a, T> = ((&'a mut [MaybeUninit<T>], &'a [T]), &'a [T]);
+    let run = |((o, a), b): Chunks<'_, T>| {
         simd::vectorized(
             #[inline(always)]
             || {
                 for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                    *o = f(x, y);
+                    o.write(f(x, y));
                 }
             },
         )
     };
-    if a.len() < PAR_MIN {
-        run(((&mut out, a), b));
-    } else {
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK))
-            .zip(b.par_chunks(CHUNK))
-            .for_each(run);
-    }
-    out
+    written_once(a.len(), |out| {
+        if a.len() < PAR_MIN {
+            run(((out, a), b));
+        } else {
+            out.par_chunks_mut(CHUNK)
+                .zip(a.par_chunks(CHUNK))
+                .zip(b.par_chunks(CHUNK))
+                .for_each(run);
+        }
+    })
 }
 
 /// out[i] = f(i) for i < n.
@@ -436,17 +460,19 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             .map(|x| Ok((data(op, x)?, x.shape()[1])))
             .collect::<Result<Vec<_>>>()?;
         let hw = h * w;
-        let mut out = vec![T::ZERO; n * ctot * hw];
-        self.run(|| {
-            out.par_chunks_mut((ctot * hw).max(1))
-                .enumerate()
-                .for_each(|(img, o)| {
-                    let mut at = 0;
-                    for &(d, c) in &chans {
-                        o[at..at + c * hw].copy_from_slice(&d[img * c * hw..(img + 1) * c * hw]);
-                        at += c * hw;
-                    }
-                })
+        // Every image's channels are the inputs' channels, in order: all written.
+        let out = written_once(n * ctot * hw, |out| {
+            self.run(|| {
+                out.par_chunks_mut((ctot * hw).max(1))
+                    .enumerate()
+                    .for_each(|(img, o)| {
+                        let mut at = 0;
+                        for &(d, c) in &chans {
+                            copy_into(&mut o[at..at + c * hw], &d[img * c * hw..(img + 1) * c * hw]);
+                            at += c * hw;
+                        }
+                    })
+            })
         });
         Ok(Self::wrap(&[n, ctot, h, w], out))
     }
@@ -456,13 +482,14 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let (n, c, h, w) = shapes::slice_channels(op, x.shape(), start, len)?;
         let xs = data(op, x)?;
         let hw = h * w;
-        let mut out = vec![T::ZERO; n * len * hw];
-        self.run(|| {
-            out.par_chunks_mut((len * hw).max(1))
-                .enumerate()
-                .for_each(|(img, o)| {
-                    o.copy_from_slice(&xs[(img * c + start) * hw..(img * c + start + len) * hw])
-                })
+        let out = written_once(n * len * hw, |out| {
+            self.run(|| {
+                out.par_chunks_mut((len * hw).max(1))
+                    .enumerate()
+                    .for_each(|(img, o)| {
+                        copy_into(o, &xs[(img * c + start) * hw..(img * c + start + len) * hw])
+                    })
+            })
         });
         Ok(Self::wrap(&[n, len, h, w], out))
     }

@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::float::CpuFloat;
 use super::simd::{sum_f64, vectorized};
+use super::written_once;
 
 /// Shape of one GroupNorm call: x [n, c, hw] split into `groups` groups of c/groups channels.
 #[derive(Clone, Copy, Debug)]
@@ -45,42 +46,45 @@ pub(crate) fn group_norm<T: CpuFloat>(
     gamma: &[T],
     beta: &[T],
 ) -> (Vec<T>, GroupStats) {
-    let mut out = vec![T::ZERO; x.len()];
     let len = g.group_len();
     if len == 0 {
-        return (out, Vec::new());
+        return (vec![T::ZERO; x.len()], Vec::new());
     }
     let cg = g.c / g.groups;
-    let stats_of_groups = out
-        .par_chunks_mut(len)
-        .zip(x.par_chunks(len))
-        .enumerate()
-        .map(|(idx, (y, xs))| {
-            vectorized(
-                #[inline(always)]
-                || {
-                    let (mean, rstd) = stats(xs, g.eps);
-                    let c0 = (idx % g.groups) * cg;
-                    for (j, (yc, xc)) in y.chunks_mut(g.hw).zip(xs.chunks(g.hw)).enumerate() {
-                        // y = x·a + b with a = rstd·γ, b = β − mean·rstd·γ.
-                        let a = rstd * gamma[c0 + j].to_f64();
-                        let (a, b) = (T::from_f64(a), T::from_f64(beta[c0 + j].to_f64() - mean * a));
-                        if g.silu {
-                            for (o, &v) in yc.iter_mut().zip(xc) {
-                                let z = v * a + b;
-                                *o = z * z.sigmoid();
-                            }
-                        } else {
-                            for (o, &v) in yc.iter_mut().zip(xc) {
-                                *o = v * a + b;
+    let mut stats_of_groups = Vec::new();
+    // Every group's every channel plane is written below.
+    let out = written_once(x.len(), |out| {
+        stats_of_groups = out
+            .par_chunks_mut(len)
+            .zip(x.par_chunks(len))
+            .enumerate()
+            .map(|(idx, (y, xs))| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let (mean, rstd) = stats(xs, g.eps);
+                        let c0 = (idx % g.groups) * cg;
+                        for (j, (yc, xc)) in y.chunks_mut(g.hw).zip(xs.chunks(g.hw)).enumerate() {
+                            // y = x·a + b with a = rstd·γ, b = β − mean·rstd·γ.
+                            let a = rstd * gamma[c0 + j].to_f64();
+                            let (a, b) = (T::from_f64(a), T::from_f64(beta[c0 + j].to_f64() - mean * a));
+                            if g.silu {
+                                for (o, &v) in yc.iter_mut().zip(xc) {
+                                    let z = v * a + b;
+                                    o.write(z * z.sigmoid());
+                                }
+                            } else {
+                                for (o, &v) in yc.iter_mut().zip(xc) {
+                                    o.write(v * a + b);
+                                }
                             }
                         }
-                    }
-                    (mean, rstd)
-                },
-            )
-        })
-        .collect();
+                        (mean, rstd)
+                    },
+                )
+            })
+            .collect();
+    });
     (out, stats_of_groups)
 }
 

@@ -1,32 +1,46 @@
 //! Wider vectors for the CPU backend's own loops.
 //!
 //! The crate builds for the baseline x86-64 target (SSE2), so that one binary runs on every x86-64
-//! CPU; `gemm` picks its AVX2/AVX-512 kernels at run time, but the backend's elementwise loops,
+//! CPU; the GEMM kernels pick AVX2/AVX-512 at run time, but the backend's elementwise loops,
 //! GroupNorm and reductions would stay at 4-wide SSE2 without help. [`vectorized`] runs a closure
-//! compiled for AVX2 (8 f32 lanes) when the CPU has it: the closure is inlined into a function that
-//! carries `#[target_feature(enable = "avx2")]`, so LLVM vectorizes its loops at that width.
+//! compiled for AVX-512F (16 f32 lanes) or AVX2 (8 lanes), whichever this CPU has: the closure is
+//! inlined into a function that carries `#[target_feature(enable = …)]`, so LLVM vectorizes its
+//! loops at that width. `SRSDE_CPU_SIMD=avx2` or `=baseline` caps the level (tests, A/B runs).
 //!
-//! Only AVX2 is enabled, not FMA: without fast-math LLVM never contracts `a * b + c` into a fused
-//! multiply-add, so both paths round every operation the same way and give bitwise equal results.
+//! No fused multiply-add is ever emitted: without fast-math LLVM never contracts `a * b + c`, so
+//! every level rounds every operation the same way and gives bitwise equal results.
 //! The loops themselves are written to vectorize: fixed-width lane arrays for reductions
-//! (`[f64; LANES]`: a fixed summation order, so results do not depend on the thread count either)
-//! and branch-free arithmetic such as [`exp_f32`].
+//! (`[f64; LANES]`: a fixed summation order, independent of the vector width and of the thread
+//! count) and branch-free arithmetic such as [`exp_f32`].
 
 /// Lanes of the reductions' accumulator arrays (two AVX2 registers of f64).
 pub(crate) const LANES: usize = 8;
 
-/// Runs `f` compiled for AVX2 when this CPU has it, else as built (baseline). Pass the closure
+/// Runs `f` compiled for AVX-512F or AVX2 when this CPU has it, else as built (baseline). Pass the closure
 /// as `vectorized(#[inline(always)] || …)`: LLVM inlines it into the AVX2 function only when told
 /// to, and a closure it does not inline runs at baseline width.
 #[inline(always)]
 pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2() {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { run_avx2(f) };
+        match simd_level() {
+            Level::Avx512 => {
+                // SAFETY: the CPU supports AVX-512F (checked by simd_level).
+                return unsafe { run_avx512(f) };
+            }
+            Level::Avx2 => {
+                // SAFETY: the CPU supports AVX2 (checked by simd_level).
+                return unsafe { run_avx2(f) };
+            }
+            Level::Baseline => {}
         }
     }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
@@ -36,21 +50,39 @@ unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+/// The widest vectors this CPU has, capped by `SRSDE_CPU_SIMD` (`avx2` or `baseline`).
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+fn simd_level() -> Level {
     use std::sync::OnceLock;
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| {
-        std::env::var("SRSDE_CPU_SIMD").map_or(true, |v| v != "baseline") && is_x86_feature_detected!("avx2")
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = std::env::var("SRSDE_CPU_SIMD").unwrap_or_default();
+        if cap != "baseline" && cap != "avx2" && is_x86_feature_detected!("avx512f") {
+            Level::Avx512
+        } else if cap != "baseline" && is_x86_feature_detected!("avx2") {
+            Level::Avx2
+        } else {
+            Level::Baseline
+        }
     })
 }
 
-/// Which instruction set the backend's own loops run with ("avx2" or "baseline"; for reports).
+/// Which instruction set the backend's own loops run with ("avx512", "avx2" or "baseline"; for
+/// reports).
 pub fn level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2() {
-            return "avx2";
+        match simd_level() {
+            Level::Avx512 => return "avx512",
+            Level::Avx2 => return "avx2",
+            Level::Baseline => {}
         }
     }
     "baseline"
