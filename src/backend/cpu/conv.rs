@@ -395,26 +395,22 @@ fn conv2d_profiled<T: CpuFloat>(
     let _prof = profile::scope(kind, 2.0 * (g.n * o * k * p) as f64);
     let len = g.n * o * p;
     let prefilled = b.is_some() || epi.chan_bias.is_some() || epi.residual.is_some();
-    if len == 0 || !prefilled {
-        let mut out = vec![T::ZERO; len];
-        if len > 0 {
-            conv2d_into(g, x, w, b, epi, prefilled, SharedMut::new(&mut out));
-        }
-        return out;
-    }
-    // With an epilogue every task writes its output rows (`prefill`) before the products are
-    // added into them, so the buffer needs no zero-fill pass first (at 128×128 that pass costs
-    // as much memory traffic as the output itself).
+    // Every output element is written once before anything reads it (with an epilogue: by its
+    // task's `prefill`, then accumulated into; without: by the products, which then overwrite),
+    // so the buffer needs no zero-fill pass first (at 128×128 that pass costs as much memory
+    // traffic as the output itself).
     let mut out = Vec::with_capacity(len);
-    conv2d_into(g, x, w, b, epi, prefilled, SharedMut::spare(&mut out));
-    // SAFETY: every (image, output channel, position) was written by exactly one task's prefill
-    // and then accumulated into (the tasks cover all of them).
+    if len > 0 {
+        conv2d_into(g, x, w, b, epi, prefilled, SharedMut::spare(&mut out));
+    }
+    // SAFETY: as just said; every (image, output channel, position) belongs to exactly one task,
+    // and the tasks cover all of them.
     unsafe { out.set_len(len) };
     out
 }
 
-/// The body of [`conv2d_profiled`]: writes the output through `out_ptr` (zeroed unless
-/// `prefilled`).
+/// The body of [`conv2d_profiled`]: writes every output element through `out_ptr`, which
+/// holds no values yet.
 fn conv2d_into<T: CpuFloat>(
     g: &ConvGeom,
     x: &[T],
@@ -657,8 +653,16 @@ fn conv2d_direct<T: CpuFloat>(
                                         valid,
                                     )
                                 };
-                                for (d, &v) in dst.iter_mut().zip(src) {
-                                    *d += alpha * T::from_f32(v);
+                                if prefilled {
+                                    for (d, &v) in dst.iter_mut().zip(src) {
+                                        *d += alpha * T::from_f32(v);
+                                    }
+                                } else {
+                                    // The first write of these elements (0 + x, as a zeroed
+                                    // output would have given).
+                                    for (d, &v) in dst.iter_mut().zip(src) {
+                                        *d = T::ZERO + alpha * T::from_f32(v);
+                                    }
                                 }
                             }
                         }

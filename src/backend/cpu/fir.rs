@@ -321,15 +321,19 @@ pub(crate) fn upfirdn2d_backward<T: CpuFloat>(
     geom: UpFirDn,
 ) -> Vec<T> {
     let (ty, tx) = (taps(g.h, g.oh, kh, geom), taps(g.w, g.ow, kw, geom));
-    let mut dx = vec![T::ZERO; g.planes * g.h * g.w];
-    if dx.is_empty() || g.oh * g.ow == 0 {
-        return dx;
+    let n = g.planes * g.h * g.w;
+    if n == 0 || g.oh * g.ow == 0 {
+        return vec![T::ZERO; n];
     }
     match separable(f, kh, kw) {
-        Some((a, b)) => backward_separable(g, dy, &a, &b, &ty, &tx, &mut dx),
-        None => backward_direct(g, dy, f, kw, &ty, &tx, &mut dx),
+        // Written row by row, as the forward.
+        Some((a, b)) => written_once(n, |dx| backward_separable(g, dy, &a, &b, &ty, &tx, dx)),
+        None => {
+            let mut dx = vec![T::ZERO; n];
+            backward_direct(g, dy, f, kw, &ty, &tx, &mut dx);
+            dx
+        }
     }
-    dx
 }
 
 /// The separable forward's adjoint: its two passes transposed, in reverse order. The row pass
@@ -342,7 +346,7 @@ fn backward_separable<T: CpuFloat>(
     b: &[T],
     ty: &TapLists,
     tx: &TapLists,
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
 ) {
     let mut transposed = vec![Vec::new(); g.w];
     for (ox, tl) in tx.iter().enumerate() {
@@ -354,8 +358,8 @@ fn backward_separable<T: CpuFloat>(
     dx.par_chunks_mut(g.h * g.w)
         .zip(dy.par_chunks(g.oh * g.ow))
         .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(rows, tmp), (xp, yp)| {
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(rows, tmp, xbuf), (xp, yp)| {
                 vectorized(
                     #[inline(always)]
                     || {
@@ -369,8 +373,12 @@ fn backward_separable<T: CpuFloat>(
                                 }
                             }
                         }
+                        xbuf.resize(g.w, T::ZERO);
                         for (xrow, hrow) in xp.chunks_mut(g.w).zip(rows.chunks(g.ow)) {
-                            across.row(b, hrow, xrow, tmp);
+                            across.row(b, hrow, xbuf, tmp);
+                            for (d, &v) in xrow.iter_mut().zip(xbuf.iter()) {
+                                d.write(v);
+                            }
                         }
                     },
                 )
@@ -454,8 +462,8 @@ mod tests {
             fast.copy_from_slice(&fast_out);
             forward_direct(&g, &x, &f, 4, &ty, &tx, &mut slow);
             assert!(rel(&fast, &slow) < 1e-14, "forward up {up} down {down}");
-            let (mut fast, mut slow) = (vec![0.0; 3 * h * w], vec![0.0; 3 * h * w]);
-            backward_separable(&g, &dy, &a, &b, &ty, &tx, &mut fast);
+            let fast = written_once(3 * h * w, |dx| backward_separable(&g, &dy, &a, &b, &ty, &tx, dx));
+            let mut slow = vec![0.0; 3 * h * w];
             backward_direct(&g, &dy, &f, 4, &ty, &tx, &mut slow);
             assert!(rel(&fast, &slow) < 1e-14, "backward up {up} down {down}");
         }

@@ -1,6 +1,8 @@
 //! GroupNorm (+ optional fused SiLU), forward and backward. Statistics are accumulated in f64 with
 //! two passes (mean, then centred squares), variance is biased (as PyTorch), eps inside the sqrt;
 //! the backward's elementwise work runs in the element type, its sums in f64.
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::float::CpuFloat;
@@ -100,38 +102,41 @@ pub(crate) fn group_norm_backward<T: CpuFloat>(
     dy: &[T],
     saved: Option<&[(f64, f64)]>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let mut dx = vec![T::ZERO; x.len()];
     let len = g.group_len();
     if len == 0 {
-        return (dx, vec![T::ZERO; g.c], vec![T::ZERO; g.c]);
+        return (vec![T::ZERO; x.len()], vec![T::ZERO; g.c], vec![T::ZERO; g.c]);
     }
     let cg = g.c / g.groups;
     // Per (sample, group): the per-channel partial sums of dγ and dβ.
-    let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
-        .par_chunks_mut(len)
-        .zip(x.par_chunks(len))
-        .zip(dy.par_chunks(len))
-        .enumerate()
-        .map(|(idx, ((dxs, xs), dys))| {
-            vectorized(
-                #[inline(always)]
-                || {
-                    let stats_of_group = saved.map_or_else(|| stats(xs, g.eps), |st| st[idx]);
-                    group_backward(
-                        g,
-                        cg,
-                        (idx % g.groups) * cg,
-                        stats_of_group,
-                        gamma,
-                        beta,
-                        dxs,
-                        xs,
-                        dys,
-                    )
-                },
-            )
-        })
-        .collect();
+    let mut partial: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
+    // Each group's first pass writes all of its dx.
+    let dx = written_once(x.len(), |dx| {
+        partial = dx
+            .par_chunks_mut(len)
+            .zip(x.par_chunks(len))
+            .zip(dy.par_chunks(len))
+            .enumerate()
+            .map(|(idx, ((dxs, xs), dys))| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let stats_of_group = saved.map_or_else(|| stats(xs, g.eps), |st| st[idx]);
+                        group_backward(
+                            g,
+                            cg,
+                            (idx % g.groups) * cg,
+                            stats_of_group,
+                            gamma,
+                            beta,
+                            dxs,
+                            xs,
+                            dys,
+                        )
+                    },
+                )
+            })
+            .collect();
+    });
     let (mut dgamma, mut dbeta) = (vec![0.0f64; g.c], vec![0.0f64; g.c]);
     for (idx, (dg, db)) in partial.iter().enumerate() {
         let c0 = (idx % g.groups) * cg;
@@ -155,7 +160,7 @@ fn group_backward<T: CpuFloat>(
     (mean, rstd): (f64, f64),
     gamma: &[T],
     beta: &[T],
-    dxs: &mut [T],
+    dxs: &mut [MaybeUninit<T>],
     xs: &[T],
     dys: &[T],
 ) -> (Vec<f64>, Vec<f64>) {
@@ -174,7 +179,7 @@ fn group_backward<T: CpuFloat>(
             dxc.iter_mut().zip(xc).zip(dyc).zip(&mut dzs).zip(&mut dzx)
         {
             let (dz, xhat) = dz_xhat(xv, dyv, mean_t, rstd_t, gam, bet, g.silu);
-            *d = dz * gam;
+            d.write(dz * gam);
             *dz_out = dz;
             *dzx_out = dz * xhat;
         }
@@ -183,6 +188,8 @@ fn group_backward<T: CpuFloat>(
         sum_g += gam.to_f64() * dbet[j];
         sum_gx += gam.to_f64() * dgam[j];
     }
+    // SAFETY: the loop above wrote every element of dxs (all cg channel planes of hw).
+    let dxs = unsafe { &mut *(dxs as *mut [MaybeUninit<T>] as *mut [T]) };
     let m = xs.len() as f64;
     let (mg, mgx) = (T::from_f64(sum_g / m), T::from_f64(sum_gx / m));
     for (d, &xv) in dxs.iter_mut().zip(xs) {
