@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::float::CpuFloat;
 use super::matmul::{gemm, Mat, Par};
+use super::simd::{dot_f64, sum_f64, vectorized};
 
 const QUERY_BLOCK_ELEMS: usize = 1 << 22;
 
@@ -12,19 +13,28 @@ fn query_block(l: usize) -> usize {
     (QUERY_BLOCK_ELEMS / l.max(1)).clamp(1, l.max(1))
 }
 
-/// Row-wise softmax, in place, on a [rows, l] block (max-subtracted).
+/// Row-wise softmax, in place, on a [rows, l] block (max-subtracted): vector loops (the branch-free
+/// exp, lane sums in f64), rows in tasks of several.
 fn softmax_rows<T: CpuFloat>(s: &mut [T], l: usize) {
-    s.par_chunks_mut(l).for_each(|row| {
-        let m = row.iter().fold(row[0], |a, &b| a.max(b));
-        let mut sum = 0.0f64;
-        for v in row.iter_mut() {
-            *v = (*v - m).exp();
-            sum += v.to_f64();
-        }
-        let inv = T::from_f64(1.0 / sum);
-        row.iter_mut().for_each(|v| *v *= inv);
+    s.par_chunks_mut(l).with_min_len(ROWS_PER_TASK).for_each(|row| {
+        vectorized(
+            #[inline(always)]
+            || {
+                let m = row.iter().fold(row[0], |a, &b| a.max(b));
+                for v in row.iter_mut() {
+                    *v = (*v - m).exp_fast();
+                }
+                let inv = T::from_f64(1.0 / sum_f64(row, |v| v.to_f64()));
+                for v in row.iter_mut() {
+                    *v *= inv;
+                }
+            },
+        )
     });
 }
+
+/// Score rows per parallel task (a row of L = 256 is too little work for one).
+const ROWS_PER_TASK: usize = 16;
 
 /// P for queries [i0, i0+bq) of one sample (q, k: [C, L] slices at `base`).
 #[allow(clippy::too_many_arguments)] // a BLAS-style argument list reads best here
@@ -37,6 +47,7 @@ fn probs<T: CpuFloat>(
     i0: usize,
     bq: usize,
     s: &mut Vec<T>,
+    par: Par,
 ) {
     let scale = T::from_f64(1.0 / (c as f64).sqrt());
     s.resize(bq * l, T::ZERO);
@@ -48,9 +59,20 @@ fn probs<T: CpuFloat>(
         Mat::rm(k, base, c, l, l),
         scale,
         false,
-        Par::Pool,
+        par,
     );
     softmax_rows(s, l);
+}
+
+/// How the samples share the threads: one sample per task with serial products when there
+/// are at least as many samples as threads (the products at L = 256 are too small to split
+/// well), else one sample after another with the products split.
+fn per_sample(n: usize) -> Par {
+    if n >= rayon::current_num_threads() {
+        Par::Serial
+    } else {
+        Par::Pool
+    }
 }
 
 pub(crate) fn attention<T: CpuFloat>(q: &[T], k: &[T], v: &[T], n: usize, c: usize, l: usize) -> Vec<T> {
@@ -59,23 +81,33 @@ pub(crate) fn attention<T: CpuFloat>(q: &[T], k: &[T], v: &[T], n: usize, c: usi
         return out;
     }
     let bq = query_block(l);
-    let mut s = Vec::new();
-    for img in 0..n {
+    let par = per_sample(n);
+    let one = |img: usize, out_img: &mut [T], s: &mut Vec<T>| {
         let base = img * c * l;
         for i0 in (0..l).step_by(bq) {
             let b = bq.min(l - i0);
-            probs(q, k, base, c, l, i0, b, &mut s);
+            probs(q, k, base, c, l, i0, b, s, par);
             // out[:, i0..i0+b] = V · Pᵀ
             gemm(
-                &mut out,
-                base + i0,
+                out_img,
+                i0,
                 l,
                 Mat::rm(v, base, c, l, l),
-                Mat::rm_t(&s, 0, l, b, l),
+                Mat::rm_t(s, 0, l, b, l),
                 T::ONE,
                 false,
-                Par::Pool,
+                par,
             );
+        }
+    };
+    if par == Par::Serial {
+        out.par_chunks_mut(c * l)
+            .enumerate()
+            .for_each_init(Vec::new, |s, (img, o)| one(img, o, s));
+    } else {
+        let mut s = Vec::new();
+        for (img, o) in out.chunks_mut(c * l).enumerate() {
+            one(img, o, &mut s);
         }
     }
     out
@@ -102,64 +134,65 @@ pub(crate) fn attention_backward<T: CpuFloat>(
     }
     let scale = T::from_f64(1.0 / (c as f64).sqrt());
     let bq = query_block(l);
-    let (mut p, mut dp) = (Vec::new(), Vec::new());
-    for img in 0..n {
+    let par = per_sample(n);
+    let one = |img: usize, (dq, dk, dv): (&mut [T], &mut [T], &mut [T]), (p, dp): &mut (Vec<T>, Vec<T>)| {
         let base = img * c * l;
         for i0 in (0..l).step_by(bq) {
             let b = bq.min(l - i0);
             let acc = i0 > 0;
-            probs(q, k, base, c, l, i0, b, &mut p);
+            probs(q, k, base, c, l, i0, b, p, par);
             let dout_blk = Mat::rm(dout, base + i0, c, b, l);
-            gemm(
-                &mut dv,
-                base,
-                l,
-                dout_blk,
-                Mat::rm(&p, 0, b, l, l),
-                T::ONE,
-                acc,
-                Par::Pool,
-            );
+            gemm(dv, 0, l, dout_blk, Mat::rm(p, 0, b, l, l), T::ONE, acc, par);
             dp.resize(b * l, T::ZERO);
             let dout_t = Mat::rm_t(dout, base + i0, b, c, l);
+            gemm(dp, 0, l, dout_t, Mat::rm(v, base, c, l, l), T::ONE, false, par);
+            dp.par_chunks_mut(l)
+                .zip(p.par_chunks(l))
+                .with_min_len(ROWS_PER_TASK)
+                .for_each(|(dpr, pr)| {
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            let dot = T::from_f64(dot_f64(dpr, pr));
+                            for (d, &pv) in dpr.iter_mut().zip(pr) {
+                                *d = pv * (*d - dot);
+                            }
+                        },
+                    )
+                });
             gemm(
-                &mut dp,
-                0,
-                l,
-                dout_t,
-                Mat::rm(v, base, c, l, l),
-                T::ONE,
-                false,
-                Par::Pool,
-            );
-            dp.par_chunks_mut(l).zip(p.par_chunks(l)).for_each(|(dpr, pr)| {
-                let dot: f64 = dpr.iter().zip(pr).map(|(a, b)| (*a * *b).to_f64()).sum();
-                let dot = T::from_f64(dot);
-                for (d, &pv) in dpr.iter_mut().zip(pr) {
-                    *d = pv * (*d - dot);
-                }
-            });
-            gemm(
-                &mut dq,
-                base + i0,
+                dq,
+                i0,
                 l,
                 Mat::rm(k, base, c, l, l),
-                Mat::rm_t(&dp, 0, l, b, l),
+                Mat::rm_t(dp, 0, l, b, l),
                 scale,
                 false,
-                Par::Pool,
+                par,
             );
             let q_blk = Mat::rm(q, base + i0, c, b, l);
-            gemm(
-                &mut dk,
-                base,
-                l,
-                q_blk,
-                Mat::rm(&dp, 0, b, l, l),
-                scale,
-                acc,
-                Par::Pool,
+            gemm(dk, 0, l, q_blk, Mat::rm(dp, 0, b, l, l), scale, acc, par);
+        }
+    };
+    let per = c * l;
+    if par == Par::Serial {
+        dq.par_chunks_mut(per)
+            .zip(dk.par_chunks_mut(per))
+            .zip(dv.par_chunks_mut(per))
+            .enumerate()
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |scratch, (img, ((a, b), d))| one(img, (a, b, d), scratch),
             );
+    } else {
+        let mut scratch = (Vec::new(), Vec::new());
+        for (img, ((a, b), d)) in dq
+            .chunks_mut(per)
+            .zip(dk.chunks_mut(per))
+            .zip(dv.chunks_mut(per))
+            .enumerate()
+        {
+            one(img, (a, b, d), &mut scratch);
         }
     }
     (dq, dk, dv)

@@ -134,6 +134,25 @@ pub(crate) fn sum_f64<T: Copy>(xs: &[T], f: impl Fn(T) -> f64) -> f64 {
     total
 }
 
+/// Σ (aᵢ·bᵢ) (the product in T, rounded once, summed in f64) over [`LANES`] accumulators.
+#[inline(always)]
+pub(crate) fn dot_f64<T: super::float::CpuFloat>(a: &[T], b: &[T]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let whole = n - n % LANES;
+    for (ca, cb) in a[..whole].chunks_exact(LANES).zip(b[..whole].chunks_exact(LANES)) {
+        for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *s += (x * y).to_f64();
+        }
+    }
+    let mut total = fold_lanes(&acc);
+    for (&x, &y) in a[whole..].iter().zip(&b[whole..]) {
+        total += (x * y).to_f64();
+    }
+    total
+}
+
 /// The lanes of an accumulator added up in a fixed order.
 #[inline(always)]
 pub(crate) fn fold_lanes(acc: &[f64; LANES]) -> f64 {
