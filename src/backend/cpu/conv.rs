@@ -400,6 +400,7 @@ fn conv2d_profiled<T: CpuFloat>(
     // so the buffer needs no zero-fill pass first (at 128×128 that pass costs as much memory
     // traffic as the output itself).
     let mut out = Vec::with_capacity(len);
+    super::poison_in_debug(&mut out.spare_capacity_mut()[..len]);
     if len > 0 {
         conv2d_into(g, x, w, b, epi, prefilled, SharedMut::spare(&mut out));
     }

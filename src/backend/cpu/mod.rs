@@ -154,12 +154,25 @@ fn data<'a, T: CpuFloat>(op: &'static str, x: &'a Tensor<Cpu<T>>) -> Result<&'a 
 /// zero-filling it first: for an op that overwrites its whole output, a zeroed allocation is an
 /// extra pass over memory as large as the output (glibc's calloc clears reused memory), which at
 /// 128×128 costs about as much as the op itself.
-pub(crate) fn written_once<T: Copy>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+///
+/// Builds with debug assertions (the tests) fill the buffer with NaN first, so an element that
+/// `fill` misses shows up as a NaN in the op's checks instead of as stale memory.
+pub(crate) fn written_once<T: CpuFloat>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut out = Vec::with_capacity(n);
+    poison_in_debug(&mut out.spare_capacity_mut()[..n]);
     fill(&mut out.spare_capacity_mut()[..n]);
     // SAFETY: `fill` wrote all n elements (its contract: every caller writes its whole output).
     unsafe { out.set_len(n) };
     out
+}
+
+/// NaN into every element, in builds with debug assertions (else nothing).
+pub(crate) fn poison_in_debug<T: CpuFloat>(buf: &mut [MaybeUninit<T>]) {
+    if cfg!(debug_assertions) {
+        for v in buf {
+            v.write(T::from_f64(f64::NAN));
+        }
+    }
 }
 
 /// dst = src (equal lengths).
@@ -965,5 +978,20 @@ mod tests {
         }
         let (x, y) = (be.zeros(&[2, 3]).unwrap(), be.zeros(&[3, 2]).unwrap());
         assert!(be.add_into(x, &y).is_err(), "shapes must match");
+    }
+
+    #[test]
+    fn an_element_a_written_once_fill_misses_is_nan_in_test_builds() {
+        let v: Vec<f32> = written_once(5, |out| {
+            for (i, o) in out.iter_mut().enumerate().take(4) {
+                o.write(i as f32);
+            }
+        });
+        assert_eq!(&v[..4], &[0.0, 1.0, 2.0, 3.0]);
+        if cfg!(debug_assertions) {
+            assert!(v[4].is_nan(), "the missed element reads as poison");
+        } else {
+            println!("skipped the poison check: built without debug assertions (no poisoning)");
+        }
     }
 }
