@@ -208,7 +208,7 @@ assets/model/: guide-residual ve-res, non-commercial research use only, see its 
 else a sharded export in ~/.local/share/srsde-fast/model/.
 
 What it gives (rows LR | SR | HR; first column the bundled example, then held-out faces):
-docs/images/example_strip.png — measured on 298 held-out faces: PSNR 23.65 dB, CS 0.9153 vs
+docs/images/example_strip.png — measured on 298 held-out faces: PSNR 23.97 dB, CS 0.9208 vs
 bicubic 21.10 dB, 0.9049 (docs/eval/).";
 
 fn main() {
