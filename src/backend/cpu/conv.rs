@@ -20,9 +20,9 @@ impl<T> SharedMut<T> {
     pub fn new(s: &mut [T]) -> Self {
         SharedMut(s.as_mut_ptr())
     }
-    /// The spare capacity of `v` (not yet initialised: the users write it before `set_len`).
-    pub fn spare(v: &mut Vec<T>) -> Self {
-        SharedMut(v.spare_capacity_mut().as_mut_ptr() as *mut T)
+    /// A buffer not yet written (its users write every element before anything reads it).
+    pub fn uninit(s: &mut [std::mem::MaybeUninit<T>]) -> Self {
+        SharedMut(s.as_mut_ptr() as *mut T)
     }
     pub fn get(&self) -> *mut T {
         self.0
@@ -396,18 +396,14 @@ fn conv2d_profiled<T: CpuFloat>(
     let len = g.n * o * p;
     let prefilled = b.is_some() || epi.chan_bias.is_some() || epi.residual.is_some();
     // Every output element is written once before anything reads it (with an epilogue: by its
-    // task's `prefill`, then accumulated into; without: by the products, which then overwrite),
-    // so the buffer needs no zero-fill pass first (at 128×128 that pass costs as much memory
-    // traffic as the output itself).
-    let mut out = Vec::with_capacity(len);
-    super::poison_in_debug(&mut out.spare_capacity_mut()[..len]);
-    if len > 0 {
-        conv2d_into(g, x, w, b, epi, prefilled, SharedMut::spare(&mut out));
-    }
-    // SAFETY: as just said; every (image, output channel, position) belongs to exactly one task,
-    // and the tasks cover all of them.
-    unsafe { out.set_len(len) };
-    out
+    // task's `prefill`, then accumulated into; without: by the products, which then overwrite;
+    // every (image, output channel, position) belongs to exactly one task), so the buffer needs
+    // no zero-fill pass first (at 128×128 that pass costs as much memory traffic as the output).
+    super::written_once(len, |out| {
+        if len > 0 {
+            conv2d_into(g, x, w, b, epi, prefilled, SharedMut::uninit(out));
+        }
+    })
 }
 
 /// The body of [`conv2d_profiled`]: writes every output element through `out_ptr`, which

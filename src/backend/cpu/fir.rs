@@ -113,7 +113,7 @@ fn forward_separable<T: CpuFloat>(
     tx: &TapLists,
     out: &mut [MaybeUninit<T>],
 ) {
-    let across = Gather::new(tx, geom_period(tx));
+    let across = Gather::new(tx);
     out.par_chunks_mut(g.oh * g.ow)
         .zip(x.par_chunks(g.h * g.w))
         .for_each_init(
@@ -182,7 +182,8 @@ struct Gather<'a> {
 }
 
 impl<'a> Gather<'a> {
-    fn new(lists: &'a TapLists, (period, stride): (usize, usize)) -> Self {
+    fn new(lists: &'a TapLists) -> Self {
+        let (period, stride) = geom_period(lists);
         let n = lists.len();
         let mut covered = vec![false; n];
         let mut runs = Vec::new();
@@ -354,7 +355,7 @@ fn backward_separable<T: CpuFloat>(
             transposed[ix].push((fx, ox));
         }
     }
-    let across = Gather::new(&transposed, geom_period(&transposed));
+    let across = Gather::new(&transposed);
     dx.par_chunks_mut(g.h * g.w)
         .zip(dy.par_chunks(g.oh * g.ow))
         .for_each_init(
@@ -501,7 +502,7 @@ mod tests {
                     .map(|l| l.iter().fold(0.0f32, |acc, &(t, i)| acc + b[t] * src[i]))
                     .collect();
                 let (mut fast, mut tmp) = (vec![f32::NAN; ow], Vec::new());
-                Gather::new(&lists, geom_period(&lists)).row(&b, &src, &mut fast, &mut tmp);
+                Gather::new(&lists).row(&b, &src, &mut fast, &mut tmp);
                 assert_eq!(fast, plain, "{geom:?} width {w}");
             }
         }

@@ -167,7 +167,7 @@ pub(crate) fn written_once<T: CpuFloat>(n: usize, fill: impl FnOnce(&mut [MaybeU
 }
 
 /// NaN into every element, in builds with debug assertions (else nothing).
-pub(crate) fn poison_in_debug<T: CpuFloat>(buf: &mut [MaybeUninit<T>]) {
+fn poison_in_debug<T: CpuFloat>(buf: &mut [MaybeUninit<T>]) {
     if cfg!(debug_assertions) {
         for v in buf {
             v.write(T::from_f64(f64::NAN));
