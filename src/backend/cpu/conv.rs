@@ -673,7 +673,9 @@ fn conv2d_direct<T: CpuFloat>(
 
 /// The padded input rows oy0 − pad .. oy0 + rows − 1 − pad + kh − 1 of every channel of one image,
 /// each w + 2·pad wide, channel planes `plane` apart (+ kw of slack for the dropped columns of
-/// the last row): the slab of [`conv2d_direct`] and [`weight_grad_direct`].
+/// the last row): the slab of [`conv2d_direct`] and [`weight_grad_direct`]. Every element is
+/// written once (padding, rows past the band's and the slack as zeros), so the buffer is reused
+/// without being cleared first.
 fn fill_slab<T: CpuFloat>(
     g: &ConvGeom,
     x_img: &[T],
@@ -683,21 +685,25 @@ fn fill_slab<T: CpuFloat>(
     slab: &mut Vec<f32>,
 ) {
     let wp = g.w + 2 * g.pad;
-    slab.clear();
     slab.resize(g.c * plane + g.kw, 0.0);
-    for c in 0..g.c {
-        for sr in 0..rows + g.kh - 1 {
+    for (c, pl) in slab.chunks_exact_mut(plane).take(g.c).enumerate() {
+        for (sr, row) in pl.chunks_exact_mut(wp).enumerate() {
             let iy = (oy0 + sr) as isize - g.pad as isize;
-            if iy < 0 || iy >= g.h as isize {
+            if sr >= rows + g.kh - 1 || iy < 0 || iy >= g.h as isize {
+                row.fill(0.0);
                 continue;
             }
             let src = &x_img[(c * g.h + iy as usize) * g.w..][..g.w];
-            let dst = &mut slab[c * plane + sr * wp + g.pad..][..g.w];
-            for (d, &v) in dst.iter_mut().zip(src) {
+            let (left, rest) = row.split_at_mut(g.pad);
+            let (mid, right) = rest.split_at_mut(g.w);
+            left.fill(0.0);
+            for (d, &v) in mid.iter_mut().zip(src) {
                 *d = v.to_f32();
             }
+            right.fill(0.0);
         }
     }
+    slab[g.c * plane..].fill(0.0);
 }
 
 /// Where each tap (c, ky, kx), in the weights' order, starts in a slab: c·plane + ky·wp + kx.
@@ -713,17 +719,17 @@ fn tap_offsets(g: &ConvGeom, plane: usize, offsets: &mut Vec<usize>) {
     }
 }
 
-/// dWᵀ [K, O] (+)= Σ_q col[k, q]·dy[o, q] for one image of a stride-1 conv, without im2col: in
-/// the slab of [`conv2d_direct`], row k of the column matrix is the slab run that starts at tap k's
-/// offset, so the `sgemm` kernels read A (K rows) through the tap offsets and B = dy transposed
-/// into slab coordinates ([span, O], zero rows at the dropped columns). Bands of output rows as in
-/// the forward; `par` = Pool splits the K rows over the pool.
-#[allow(clippy::too_many_arguments)]
+/// [dWᵀ; dbᵀ] [K + 1, O] (+)= Σ_q col[k, q]·dy[o, q] for one image of a stride-1 conv, without
+/// im2col: in the slab of [`conv2d_direct`], row k of the column matrix is the slab run that starts
+/// at tap k's offset, so the `sgemm` kernels read A (K rows) through the tap offsets and B = dy
+/// transposed into slab coordinates ([span, O], zero rows at the dropped columns). Row K of A is
+/// a run of ones after the slab: its product with dY is the bias gradient, in the same GEMM.
+/// Bands of output rows as in the forward; `par` = Pool splits the K + 1 rows over the pool.
 fn weight_grad_direct<T: CpuFloat>(
     g: &ConvGeom,
     x_img: &[T],
     dy_img: &[T],
-    dw_t: &mut [T],
+    dwb_t: &mut [T],
     accumulate: bool,
     par: Par,
 ) {
@@ -734,24 +740,33 @@ fn weight_grad_direct<T: CpuFloat>(
         .clamp(1, g.oh.max(1));
     let plane = (band + g.kh - 1) * wp;
     let (mut slab, mut taps, mut dyp) = (Vec::new(), Vec::new(), Vec::<f32>::new());
-    let c_ptr = SharedMut::new(dw_t);
+    let c_ptr = SharedMut::new(dwb_t);
     for (bi, oy0) in (0..g.oh).step_by(band).enumerate() {
         let rows = band.min(g.oh - oy0);
         fill_slab(g, x_img, oy0, rows, plane, &mut slab);
         tap_offsets(g, plane, &mut taps);
         let span = rows * wp;
-        dyp.clear();
+        // The bias row: `span` ones after the slab and its slack.
+        taps.push(slab.len());
+        slab.resize(slab.len() + span, 1.0);
+        // Position-major dY: row (sr, col) of dyp holds the O channels' values there, the
+        // dropped columns ow..wp of each slab row zeros; every element written once.
         dyp.resize(span * o, 0.0);
-        // Position-major: each output row of dyp is written whole, the O source rows are read
-        // as O sequential streams (channel-major order wrote each cache line O times).
         for sr in 0..rows {
-            let at = (oy0 + sr) * g.ow;
-            for col in 0..g.ow {
-                let dst = &mut dyp[(sr * wp + col) * o..][..o];
-                for (oc, d) in dst.iter_mut().enumerate() {
-                    *d = dy_img[oc * g.p() + at + col].to_f32();
-                }
+            let row = &mut dyp[sr * wp * o..][..wp * o];
+            // SAFETY: T is f32 (direct_applies checked); the source is channels 0..o of output
+            // row oy0 + sr of this image (ow each, p apart), the destination its ow·o values.
+            unsafe {
+                sgemm::transpose(
+                    dy_img[(oy0 + sr) * g.ow..].as_ptr() as *const f32,
+                    g.p(),
+                    o,
+                    g.ow,
+                    row.as_mut_ptr(),
+                    o,
+                );
             }
+            row[g.ow * o..].fill(0.0);
         }
         let product = |m0: usize, m1: usize| sgemm::Product {
             m: m1 - m0,
@@ -771,24 +786,60 @@ fn weight_grad_direct<T: CpuFloat>(
         };
         let threads = rayon::current_num_threads();
         let parts = if par == Par::Pool {
-            (2 * threads).min(k.div_ceil(24)).max(1)
+            (2 * threads).min((k + 1).div_ceil(24)).max(1)
         } else {
             1
         };
-        let per = k.div_ceil(parts);
+        let per = (k + 1).div_ceil(parts);
         // SAFETY: A's rows are slab runs of `span` from the tap offsets (inside the slab with its
-        // slack, as in conv2d_direct); B is dyp [span, O]; each part writes rows m0..m1 of dWᵀ
-        // (T is f32: direct_applies checked).
+        // slack, as in conv2d_direct; the ones run is `span` long); B is dyp [span, O]; each part
+        // writes rows m0..m1 of [dWᵀ; dbᵀ] (T is f32: direct_applies checked).
         let run = |m0: usize| unsafe {
-            let done = sgemm::run(&product(m0, (m0 + per).min(k)));
+            let done = sgemm::run(&product(m0, (m0 + per).min(k + 1)));
             debug_assert!(done, "direct_applies checked the kernels");
         };
         if parts > 1 {
-            (0..k).into_par_iter().step_by(per).for_each(run);
+            (0..k + 1).into_par_iter().step_by(per).for_each(run);
         } else {
             run(0);
         }
     }
+}
+
+/// (dW, db) of a stride-1 conv through [`weight_grad_direct`]: one image per task when the batch
+/// feeds every thread (each image's [K + 1, O] summed in image order), else image by image on the
+/// whole pool.
+fn weight_bias_grad_direct<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    let (k, o, p) = (g.k(), g.o, g.p());
+    let img_in = g.c * g.h * g.w;
+    let _prof = profile::scope("gemm conv weight-grad", 2.0 * (g.n * o * k * p) as f64);
+    let one = |img: usize, dwb_t: &mut [T], accumulate: bool, par: Par| {
+        let (x_img, dy_img) = (&x[img * img_in..][..img_in], &dy[img * o * p..][..o * p]);
+        weight_grad_direct(g, x_img, dy_img, dwb_t, accumulate, par)
+    };
+    let mut dwb_t = vec![T::ZERO; (k + 1) * o];
+    if backward_per_image(g.n) {
+        let per_image: Vec<Vec<T>> = (0..g.n)
+            .into_par_iter()
+            .map(|img| {
+                let mut part = vec![T::ZERO; (k + 1) * o];
+                one(img, &mut part, false, Par::Serial);
+                part
+            })
+            .collect();
+        for part in &per_image {
+            for (d, &v) in dwb_t.iter_mut().zip(part) {
+                *d += v;
+            }
+        }
+    } else {
+        for img in 0..g.n {
+            one(img, &mut dwb_t, img > 0, Par::Pool);
+        }
+    }
+    let mut dw = vec![T::ZERO; o * k];
+    transpose(&dwb_t[..k * o], k, o, &mut dw);
+    (dw, dwb_t[k * o..].to_vec())
 }
 
 /// The columns of (image, positions q0..q0+nt): the filled tile `col`, or for pointwise convs
@@ -832,6 +883,13 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
+    let as_conv = input_grad_by_conv(g);
+    if p > 0 && as_conv && direct_applies::<T>(g) {
+        // dx as a forward conv; dW and db from one GEMM over the slab: no im2col.
+        let dx = input_grad_as_conv(g, w, dy);
+        let (dw, db) = weight_bias_grad_direct(g, x, dy);
+        return (dx, dw, db);
+    }
     let mut dw = vec![T::ZERO; o * k];
     let db = {
         let _prof = profile::scope("conv bias-grad", 0.0);
@@ -840,7 +898,6 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
     if p == 0 {
         return (vec![T::ZERO; g.n * img_in], dw, db);
     }
-    let as_conv = input_grad_by_conv(g);
     let mut dx = if as_conv {
         input_grad_as_conv(g, w, dy)
     } else {
@@ -1045,13 +1102,6 @@ fn backward_one_image<T: CpuFloat>(
             parts[part] += t.elapsed().as_secs_f64();
         }
     };
-    if dx_img.is_none() && direct_applies::<T>(g) {
-        let dy_img = &dy[img * o * p..][..o * p];
-        timed(1, &mut || {
-            weight_grad_direct(g, x_img, dy_img, dw_t, accumulate, par)
-        });
-        return;
-    }
     let (mut col, mut dcol, mut dyt) = (Vec::new(), Vec::new(), Vec::new());
     for q0 in (0..p).step_by(tile) {
         let q1 = (q0 + tile).min(p);
@@ -1197,10 +1247,18 @@ mod tests {
                 .collect()
         };
         // 3×3 pad 1, 3×3 stride 2, 1×1 pointwise, 1×1 stride 2, 3×3 unpadded (a smaller output);
-        // batch 3 (odd, more than the threads).
-        for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 0)] {
-            let g = shapes::conv2d("test", &[3, 5, 11, 9], &[7, 5, k, k], stride, pad).unwrap();
-            let (x, w, dy) = (rnd(3 * 5 * 11 * 9), rnd(7 * 5 * k * k), rnd(3 * 7 * g.oh * g.ow));
+        // batch 3 (odd, more than the threads); then a 3×3 conv whose weight gradient takes two
+        // bands of rows.
+        for (k, stride, pad, c, o, h, w_) in [
+            (3, 1, 1, 5, 7, 11, 9),
+            (3, 2, 1, 5, 7, 11, 9),
+            (1, 1, 0, 5, 7, 11, 9),
+            (1, 2, 0, 5, 7, 11, 9),
+            (3, 1, 0, 5, 7, 11, 9),
+            (3, 1, 1, 16, 16, 70, 64),
+        ] {
+            let g = shapes::conv2d("test", &[3, c, h, w_], &[o, c, k, k], stride, pad).unwrap();
+            let (x, w, dy) = (rnd(3 * c * h * w_), rnd(o * c * k * k), rnd(3 * o * g.oh * g.ow));
             let (want_dx, want_dw) = reference(&g, &x, &w, &dy);
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             // Both routes accumulate into zeroed buffers.
@@ -1209,15 +1267,29 @@ mod tests {
             let (mut dx2, mut dw2) = (vec![0.0; x.len()], vec![0.0; w.len()]);
             pool.install(|| conv2d_backward_images(&g, &x, &w, &dy, Some(&mut dx2), &mut dw2));
             // The public entry: dx as a forward conv of dy for stride 1, else by col2im.
-            let (dx3, dw3, _) = pool.install(|| conv2d_backward(&g, &x, &w, &dy));
+            let (dx3, dw3, db3) = pool.install(|| conv2d_backward(&g, &x, &w, &dy));
             assert_eq!(input_grad_by_conv(&g), k == 3 && stride == 1);
+            // db = Σ over images and positions of dY (on the direct route, a row of the GEMM).
+            let p = g.oh * g.ow;
+            let bias_ref = |n: usize| -> Vec<f64> {
+                (0..o)
+                    .map(|oc| {
+                        (0..n)
+                            .flat_map(|i| &dy[(i * o + oc) * p..][..p])
+                            .map(|&v| v as f64)
+                            .sum()
+                    })
+                    .collect()
+            };
+            let e = rel(&db3, &bias_ref(3));
+            assert!(e < 1e-5, "k {k} stride {stride}: db rel err {e}");
             // Batch 1 takes the pool-split route.
             let g1 = ConvGeom { n: 1, ..g };
-            let (dx1, dw1, _) =
-                pool.install(|| conv2d_backward(&g1, &x[..5 * 11 * 9], &w, &dy[..7 * g.oh * g.ow]));
-            let (want_dx1, want_dw1) = reference(&g1, &x[..5 * 11 * 9], &w, &dy[..7 * g.oh * g.ow]);
+            let img_in = c * h * w_;
+            let (dx1, dw1, db1) = pool.install(|| conv2d_backward(&g1, &x[..img_in], &w, &dy[..o * p]));
+            let (want_dx1, want_dw1) = reference(&g1, &x[..img_in], &w, &dy[..o * p]);
             assert!(
-                rel(&dx1, &want_dx1) < 1e-5 && rel(&dw1, &want_dw1) < 1e-5,
+                rel(&dx1, &want_dx1) < 1e-5 && rel(&dw1, &want_dw1) < 1e-5 && rel(&db1, &bias_ref(1)) < 1e-5,
                 "batch 1, k {k} stride {stride}"
             );
             for (name, got, want) in [

@@ -41,7 +41,7 @@ use self::fir::FirGeom;
 pub use self::float::CpuFloat;
 use self::norm::NormGeom;
 use super::shapes::{self, expect_shape};
-use super::{AdamStep, Backend, ConvEpilogue, Fir, Grads3, UpFirDn};
+use super::{AdamStep, AdamUpdate, Backend, ConvEpilogue, Fir, Grads3, UpFirDn};
 use crate::error::{Error, Result};
 use crate::rng;
 use crate::tensor::{same_shape, Tensor};
@@ -166,6 +166,33 @@ pub(crate) fn written_once<T: CpuFloat>(n: usize, fill: impl FnOnce(&mut [MaybeU
     out
 }
 
+/// [`written_once`] for an op with three outputs of `n` elements each.
+pub(crate) fn written_once3<T: CpuFloat>(
+    n: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<T>], &mut [MaybeUninit<T>], &mut [MaybeUninit<T>]),
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (mut a, mut b, mut c) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for buf in [&mut a, &mut b, &mut c] {
+        poison_in_debug(&mut buf.spare_capacity_mut()[..n]);
+    }
+    fill(
+        &mut a.spare_capacity_mut()[..n],
+        &mut b.spare_capacity_mut()[..n],
+        &mut c.spare_capacity_mut()[..n],
+    );
+    // SAFETY: `fill` wrote all n elements of each (its contract).
+    unsafe {
+        a.set_len(n);
+        b.set_len(n);
+        c.set_len(n);
+    }
+    (a, b, c)
+}
+
 /// NaN into every element, in builds with debug assertions (else nothing).
 fn poison_in_debug<T: CpuFloat>(buf: &mut [MaybeUninit<T>]) {
     if cfg!(debug_assertions) {
@@ -182,6 +209,18 @@ fn copy_into<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
         d.write(v);
     }
 }
+
+/// One chunk of [`Cpu::adam_update_many`]'s outputs (p′, m′, v′) with its inputs ((p, g), (m, v)).
+type ChunkOfAdam<'a, T> = (
+    (
+        (
+            (&'a mut [MaybeUninit<T>], &'a mut [MaybeUninit<T>]),
+            &'a mut [MaybeUninit<T>],
+        ),
+        (&'a [T], &'a [T]),
+    ),
+    (&'a [T], &'a [T]),
+);
 
 /// Below this many elements elementwise loops stay on the calling thread.
 const PAR_MIN: usize = 1 << 14;
@@ -886,39 +925,107 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         v: &Tensor<Self>,
         hp: &AdamStep,
     ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
+        let mut one = self.adam_update_many(&[p], &[g], &[m], &[v], hp)?;
+        Ok(one.pop().expect("one update for one parameter"))
+    }
+    /// All parameters in one parallel pass (tensors, and chunks of the large ones, as tasks):
+    /// each output element written once from the inputs, vectorized; elementwise, so the bits are
+    /// those of the host loop whatever the chunking.
+    fn adam_update_many(
+        &self,
+        params: &[&Tensor<Self>],
+        grads: &[&Tensor<Self>],
+        m: &[&Tensor<Self>],
+        v: &[&Tensor<Self>],
+        hp: &AdamStep,
+    ) -> Result<Vec<AdamUpdate<Self>>> {
         let _prof = profile::scope("adam_update", 0.0);
         let op = "adam_update";
-        hp.validate(p.shape(), g.shape(), m.shape(), v.shape())?;
-        let (ps, gs, ms, vs) = (data(op, p)?, data(op, g)?, data(op, m)?, data(op, v)?);
+        super::validate_list_lengths("adam_update_many", &[params.len(), grads.len(), m.len(), v.len()])?;
+        let mut inputs = Vec::with_capacity(params.len());
+        for i in 0..params.len() {
+            hp.validate(params[i].shape(), grads[i].shape(), m[i].shape(), v[i].shape())?;
+            inputs.push((
+                data(op, params[i])?,
+                data(op, grads[i])?,
+                data(op, m[i])?,
+                data(op, v[i])?,
+            ));
+        }
         let c = optim::AdamConsts::<T>::new(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.step);
         let scale = T::from_f64(hp.grad_scale);
-        let (mut p2, mut m2, mut v2) = (ps.to_vec(), ms.to_vec(), vs.to_vec());
-        // Elementwise, so running it chunk by chunk changes nothing.
-        self.run(|| {
-            p2.par_chunks_mut(CHUNK)
-                .zip(gs.par_chunks(CHUNK))
-                .zip(m2.par_chunks_mut(CHUNK))
-                .zip(v2.par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| optim::adam_update_with(p, g, m, v, scale, &c))
-        });
-        Ok((
-            Self::wrap(p.shape(), p2),
-            Self::wrap(p.shape(), m2),
-            Self::wrap(p.shape(), v2),
-        ))
+        let update = |(p, g, mm, vv): (&[T], &[T], &[T], &[T])| {
+            written_once3(p.len(), |p2, m2, v2| {
+                let chunk = |((((p2, m2), v2), (p, g)), (mm, vv)): ChunkOfAdam<T>| {
+                    simd::vectorized(
+                        #[inline(always)]
+                        || optim::adam_update_into((p, g, mm, vv), p2, m2, v2, scale, &c),
+                    )
+                };
+                p2.par_chunks_mut(CHUNK)
+                    .zip(m2.par_chunks_mut(CHUNK))
+                    .zip(v2.par_chunks_mut(CHUNK))
+                    .zip(p.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                    .zip(mm.par_chunks(CHUNK).zip(vv.par_chunks(CHUNK)))
+                    .for_each(chunk);
+            })
+        };
+        let updated: Vec<(Vec<T>, Vec<T>, Vec<T>)> =
+            self.run(|| inputs.par_iter().map(|&i| update(i)).collect());
+        Ok(updated
+            .into_iter()
+            .zip(params)
+            .map(|((p2, m2, v2), p)| {
+                (
+                    Self::wrap(p.shape(), p2),
+                    Self::wrap(p.shape(), m2),
+                    Self::wrap(p.shape(), v2),
+                )
+            })
+            .collect())
     }
     fn ema_update(&self, shadow: &Tensor<Self>, p: &Tensor<Self>, decay: f64) -> Result<Tensor<Self>> {
+        let mut one = self.ema_update_many(&[shadow], &[p], decay)?;
+        Ok(one.pop().expect("one shadow for one parameter"))
+    }
+    /// All shadows in one parallel pass, as [`Cpu::adam_update_many`].
+    fn ema_update_many(
+        &self,
+        shadows: &[&Tensor<Self>],
+        params: &[&Tensor<Self>],
+        decay: f64,
+    ) -> Result<Vec<Tensor<Self>>> {
         let _prof = profile::scope("ema_update", 0.0);
         let op = "ema_update";
-        super::validate_ema(shadow.shape(), p.shape(), decay)?;
-        let (ss, ps) = (data(op, shadow)?, data(op, p)?);
-        let mut out = ss.to_vec();
-        self.run(|| {
-            out.par_chunks_mut(CHUNK)
-                .zip(ps.par_chunks(CHUNK))
-                .for_each(|(s, p)| optim::ema_update(s, p, decay))
-        });
-        Ok(Self::wrap(shadow.shape(), out))
+        super::validate_list_lengths("ema_update_many", &[shadows.len(), params.len()])?;
+        let mut inputs = Vec::with_capacity(shadows.len());
+        for (s, p) in shadows.iter().zip(params) {
+            super::validate_ema(s.shape(), p.shape(), decay)?;
+            inputs.push((data(op, s)?, data(op, p)?));
+        }
+        let k = T::from_f64(1.0 - decay);
+        let update = |(s, p): (&[T], &[T])| {
+            written_once(s.len(), |out| {
+                out.par_chunks_mut(CHUNK)
+                    .zip(s.par_chunks(CHUNK).zip(p.par_chunks(CHUNK)))
+                    .for_each(|(o, (s, p))| {
+                        simd::vectorized(
+                            #[inline(always)]
+                            || {
+                                for ((o, &s), &p) in o.iter_mut().zip(s).zip(p) {
+                                    o.write(optim::ema_element(s, p, k));
+                                }
+                            },
+                        )
+                    })
+            })
+        };
+        let updated: Vec<Vec<T>> = self.run(|| inputs.par_iter().map(|&i| update(i)).collect());
+        Ok(updated
+            .into_iter()
+            .zip(shadows)
+            .map(|(out, s)| Self::wrap(s.shape(), out))
+            .collect())
     }
     fn squared_norms(&self, xs: &[&Tensor<Self>]) -> Result<Vec<f64>> {
         let _prof = profile::scope("squared_norms", 0.0);

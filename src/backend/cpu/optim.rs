@@ -3,6 +3,8 @@
 //! kernels/optim.cu and the reference the CUDA kernels are checked against; the CPU backend's
 //! `adam_update` / `ema_update` run them, in parallel over chunks (elementwise, so chunking does
 //! not change a single bit).
+use std::mem::MaybeUninit;
+
 use super::CpuFloat;
 
 /// Adam's per-update constants, computed in f64 exactly as torch's single-tensor Adam does and
@@ -68,11 +70,54 @@ pub(crate) fn adam_update_with<T: CpuFloat>(
 ) {
     debug_assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len());
     for i in 0..p.len() {
-        let gi = g[i] * grad_scale;
-        m[i] += c.w1 * (gi - m[i]);
-        v[i] = v[i] * c.b2 + c.w2 * gi * gi;
-        let denom = v[i].sqrt() / c.bc2_sqrt + c.eps;
-        p[i] -= c.step_size * (m[i] / denom);
+        (p[i], m[i], v[i]) = adam_element(p[i], g[i], m[i], v[i], grad_scale, c);
+    }
+}
+
+/// Adam on one element: (p′, m′, v′). The one place the update's arithmetic is written, so the
+/// in-place host loop and the backend's written-once loop round identically.
+#[inline(always)]
+pub(crate) fn adam_element<T: CpuFloat>(
+    p: T,
+    g: T,
+    m: T,
+    v: T,
+    grad_scale: T,
+    c: &AdamConsts<T>,
+) -> (T, T, T) {
+    let gi = g * grad_scale;
+    let m = m + c.w1 * (gi - m);
+    let v = v * c.b2 + c.w2 * gi * gi;
+    let denom = v.sqrt() / c.bc2_sqrt + c.eps;
+    (p - c.step_size * (m / denom), m, v)
+}
+
+/// [`adam_update_with`] into fresh outputs: (p2, m2, v2)[i] = the update of element i of (p, m, v),
+/// every output element written once (all slices of one length).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn adam_update_into<T: CpuFloat>(
+    (p, g, m, v): (&[T], &[T], &[T], &[T]),
+    p2: &mut [MaybeUninit<T>],
+    m2: &mut [MaybeUninit<T>],
+    v2: &mut [MaybeUninit<T>],
+    grad_scale: T,
+    c: &AdamConsts<T>,
+) {
+    let n = p.len();
+    let (g, m, v, p2, m2, v2) = (
+        &g[..n],
+        &m[..n],
+        &v[..n],
+        &mut p2[..n],
+        &mut m2[..n],
+        &mut v2[..n],
+    );
+    for i in 0..n {
+        let (pi, mi, vi) = adam_element(p[i], g[i], m[i], v[i], grad_scale, c);
+        p2[i].write(pi);
+        m2[i].write(mi);
+        v2[i].write(vi);
     }
 }
 
@@ -80,8 +125,14 @@ pub(crate) fn adam_update_with<T: CpuFloat>(
 pub fn ema_update<T: CpuFloat>(shadow: &mut [T], p: &[T], decay: f64) {
     let k = T::from_f64(1.0 - decay);
     for (s, &p) in shadow.iter_mut().zip(p) {
-        *s -= k * (*s - p);
+        *s = ema_element(*s, p, k);
     }
+}
+
+/// One element of the EMA: s − k·(s − p) with k = 1 − decay.
+#[inline(always)]
+pub(crate) fn ema_element<T: CpuFloat>(s: T, p: T, k: T) -> T {
+    s - k * (s - p)
 }
 
 /// Σx² of a slice, accumulated in f64 in index order (the per-tensor term of the global norm).

@@ -163,6 +163,94 @@ pub(crate) unsafe fn run_split(p: &Product) -> bool {
     true
 }
 
+/// dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols: dY's channel rows turned into the
+/// position-major rows that the weight gradient's B operand reads. 8×8 blocks through AVX
+/// registers where this CPU has the kernels, the edges (and other CPUs) one element at a time.
+/// A copy: the same bits on every route.
+///
+/// # Safety
+/// src[i·ld_src + j] readable and dst[j·ld_dst + i] writable for every i < rows, j < cols, and
+/// the two not overlapping.
+pub(crate) unsafe fn transpose(
+    src: *const f32,
+    ld_src: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut f32,
+    ld_dst: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::None {
+        return transpose_avx(src, ld_src, rows, cols, dst, ld_dst);
+    }
+    transpose_scalar(src, ld_src, 0..rows, 0..cols, dst, ld_dst);
+}
+
+#[inline(always)]
+unsafe fn transpose_scalar(
+    src: *const f32,
+    ld_src: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    dst: *mut f32,
+    ld_dst: usize,
+) {
+    for i in rows {
+        for j in cols.clone() {
+            *dst.add(j * ld_dst + i) = *src.add(i * ld_src + j);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_avx(
+    src: *const f32,
+    ld_src: usize,
+    rows: usize,
+    cols: usize,
+    dst: *mut f32,
+    ld_dst: usize,
+) {
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for i0 in (0..r8).step_by(8) {
+        for j0 in (0..c8).step_by(8) {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add((i0 + i) * ld_src + j0)));
+            // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves swapped.
+            let t: [__m256; 8] = std::array::from_fn(|i| {
+                let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+            ];
+            for j in 0..4 {
+                _mm256_storeu_ps(
+                    dst.add((j0 + j) * ld_dst + i0),
+                    _mm256_permute2f128_ps::<0x20>(u[j], u[j + 4]),
+                );
+                _mm256_storeu_ps(
+                    dst.add((j0 + j + 4) * ld_dst + i0),
+                    _mm256_permute2f128_ps::<0x31>(u[j], u[j + 4]),
+                );
+            }
+        }
+        transpose_scalar(src, ld_src, i0..i0 + 8, c8..cols, dst, ld_dst);
+    }
+    transpose_scalar(src, ld_src, r8..rows, 0..cols, dst, ld_dst);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
@@ -476,6 +564,29 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The transpose moves every element where it belongs, over shapes with and without 8×8
+    /// blocks and edges, on this CPU's route and the scalar one.
+    #[test]
+    fn transpose_puts_every_element_in_place() {
+        for (rows, cols) in [(1, 1), (8, 8), (16, 128), (13, 21), (3, 40), (64, 7)] {
+            let (ld_src, ld_dst) = (cols + 3, rows + 2);
+            let src: Vec<f32> = (0..rows * ld_src).map(|v| v as f32).collect();
+            let mut dst = vec![-1.0f32; cols * ld_dst];
+            let mut plain = dst.clone();
+            unsafe {
+                transpose(src.as_ptr(), ld_src, rows, cols, dst.as_mut_ptr(), ld_dst);
+                transpose_scalar(src.as_ptr(), ld_src, 0..rows, 0..cols, plain.as_mut_ptr(), ld_dst);
+            }
+            for j in 0..cols {
+                for i in 0..ld_dst {
+                    let want = if i < rows { src[i * ld_src + j] } else { -1.0 };
+                    assert_eq!(dst[j * ld_dst + i], want, "{rows}×{cols} at ({j},{i})");
+                }
+            }
+            assert_eq!(dst, plain);
         }
     }
 
