@@ -94,22 +94,43 @@ pub(crate) fn linear_backward<T: CpuFloat>(
 
 // ---- NIN -------------------------------------------------------------------------------------
 
+/// Whether a batch of `n` small products runs one image per task (serial GEMMs) rather than
+/// image by image with each product split over the pool: per-image tasks when the batch feeds
+/// every thread (the NIN products at 16×16 are ~2 MFLOP, too small to split well).
+fn images_in_parallel(n: usize) -> bool {
+    let threads = rayon::current_num_threads();
+    threads > 1 && n >= threads
+}
+
 /// y[n,o,p] = Σ_c x[n,c,p]·w[c,o] + b[o]; x [N,C,P], w [C,O].
 pub(crate) fn nin<T: CpuFloat>(x: &[T], w: &[T], b: &[T], n: usize, c: usize, o: usize, p: usize) -> Vec<T> {
     let _prof = profile::scope("gemm nin/linear", 2.0 * (n * c * o * p) as f64);
     let mut out = vec![T::ZERO; n * o * p];
-    for img in 0..n {
-        let y = &mut out[img * o * p..][..o * p];
+    let one = |img: usize, y: &mut [T], par: Par| {
         for (oc, row) in y.chunks_mut(p.max(1)).enumerate() {
             row.fill(b[oc]);
         }
         let xs = Mat::rm(x, img * c * p, c, p, p);
-        gemm(y, 0, p, Mat::rm_t(w, 0, o, c, o), xs, T::ONE, true, Par::Pool);
+        gemm(y, 0, p, Mat::rm_t(w, 0, o, c, o), xs, T::ONE, true, par);
+    };
+    if o * p == 0 {
+        return out;
+    }
+    if images_in_parallel(n) {
+        out.par_chunks_mut(o * p)
+            .enumerate()
+            .for_each(|(img, y)| one(img, y, Par::Serial));
+    } else {
+        for (img, y) in out.chunks_mut(o * p).enumerate() {
+            one(img, y, Par::Pool);
+        }
     }
     out
 }
 
-/// (dx [N,C,P], dw [C,O], db [O]) of `nin`.
+/// (dx [N,C,P], dw [C,O], db [O]) of `nin`. dx_img = W·dY_img; dW = Σ_img X_img·dY_imgᵀ with
+/// dY_img transposed first (so both products read B along contiguous rows, the layout of the
+/// f32 kernels), the images' dW summed in image order.
 pub(crate) fn nin_backward<T: CpuFloat>(
     x: &[T],
     w: &[T],
@@ -121,24 +142,47 @@ pub(crate) fn nin_backward<T: CpuFloat>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let _prof = profile::scope("gemm nin/linear", 4.0 * (n * c * o * p) as f64);
     let mut dx = vec![T::ZERO; n * c * p];
-    let mut dw = vec![T::ZERO; c * o];
-    for img in 0..n {
+    let db = channel_sums(dy, n, o, p);
+    if c * p == 0 || o == 0 {
+        return (dx, vec![T::ZERO; c * o], db);
+    }
+    // Image img's dx (written whole) and its dW [C, O].
+    let one = |img: usize, dx_img: &mut [T], par: Par| -> Vec<T> {
         let dys = Mat::rm(dy, img * o * p, o, p, p);
+        gemm(dx_img, 0, p, Mat::rm(w, 0, c, o, o), dys, T::ONE, false, par);
+        let mut dyt = vec![T::ZERO; p * o];
+        transpose(&dy[img * o * p..][..o * p], o, p, &mut dyt);
+        let mut dw_img = vec![T::ZERO; c * o];
+        let xs = Mat::rm(x, img * c * p, c, p, p);
         gemm(
-            &mut dx,
-            img * c * p,
-            p,
-            Mat::rm(w, 0, c, o, o),
-            dys,
+            &mut dw_img,
+            0,
+            o,
+            xs,
+            Mat::rm(&dyt, 0, p, o, o),
             T::ONE,
             false,
-            Par::Pool,
+            par,
         );
-        let xs = Mat::rm(x, img * c * p, c, p, p);
-        let dyt = Mat::rm_t(dy, img * o * p, p, o, p);
-        gemm(&mut dw, 0, o, xs, dyt, T::ONE, img > 0, Par::Pool);
+        dw_img
+    };
+    let per_image: Vec<Vec<T>> = if images_in_parallel(n) {
+        dx.par_chunks_mut(c * p)
+            .enumerate()
+            .map(|(img, dx_img)| one(img, dx_img, Par::Serial))
+            .collect()
+    } else {
+        dx.chunks_mut(c * p)
+            .enumerate()
+            .map(|(img, dx_img)| one(img, dx_img, Par::Pool))
+            .collect()
+    };
+    let mut dw = vec![T::ZERO; c * o];
+    for part in &per_image {
+        for (d, &v) in dw.iter_mut().zip(part) {
+            *d += v;
+        }
     }
-    let db = channel_sums(dy, n, o, p);
     (dx, dw, db)
 }
 
@@ -1163,8 +1207,26 @@ fn backward_one_image<T: CpuFloat>(
     }
 }
 
-/// dst [cols, rows] = srcᵀ for src [rows, cols].
+/// dst [cols, rows] = srcᵀ for src [rows, cols] (f32 in 8×8 AVX blocks, see `sgemm::transpose`).
 fn transpose<T: CpuFloat>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    assert!(
+        src.len() >= rows * cols && dst.len() >= rows * cols,
+        "transpose: out of bounds"
+    );
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32; both slices hold rows·cols elements (checked above), distinct borrows.
+        unsafe {
+            sgemm::transpose(
+                src.as_ptr() as *const f32,
+                cols,
+                rows,
+                cols,
+                dst.as_mut_ptr() as *mut f32,
+                rows,
+            )
+        };
+        return;
+    }
     for (r, row) in src.chunks(cols.max(1)).take(rows).enumerate() {
         for (c, &v) in row.iter().enumerate() {
             dst[c * rows + r] = v;
@@ -1231,6 +1293,45 @@ mod tests {
         let num: f64 = a.iter().zip(b).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
         let den: f64 = b.iter().map(|b| b * b).sum();
         (num / den.max(1e-30)).sqrt()
+    }
+
+    /// NIN forward and backward in f32 (per-image tasks, the f32 kernels, dY transposed in AVX
+    /// blocks) against the same ops in f64, at an attention block's size and at batch 1 (the
+    /// pool-split route).
+    #[test]
+    fn nin_in_f32_matches_f64() {
+        let mut seed = 5u64;
+        let mut rnd = |len: usize| -> Vec<f64> {
+            (0..len)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f64 / (1u64 << 24) as f64) - 0.5
+                })
+                .collect()
+        };
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (n, c, o, p) in [(4, 64, 64, 256), (1, 24, 40, 100), (3, 9, 13, 37)] {
+            let (x, w, b, dy) = (rnd(n * c * p), rnd(c * o), rnd(o), rnd(n * o * p));
+            // The f64 run on the f32-rounded inputs: the reference.
+            let r = |v: &[f64]| f32s(v).iter().map(|&x| x as f64).collect::<Vec<f64>>();
+            let (x64, w64, b64, dy64) = (r(&x), r(&w), r(&b), r(&dy));
+            let y64 = pool.install(|| nin(&x64, &w64, &b64, n, c, o, p));
+            let (dx64, dw64, db64) = pool.install(|| nin_backward(&x64, &w64, &dy64, n, c, o, p));
+            let y = pool.install(|| nin(&f32s(&x), &f32s(&w), &f32s(&b), n, c, o, p));
+            let (dx, dw, db) = pool.install(|| nin_backward(&f32s(&x), &f32s(&w), &f32s(&dy), n, c, o, p));
+            for (name, got, want) in [
+                ("y", &y, &y64),
+                ("dx", &dx, &dx64),
+                ("dw", &dw, &dw64),
+                ("db", &db, &db64),
+            ] {
+                let e = rel(got, want);
+                assert!(e < 1e-5, "nin {n}×{c}→{o}×{p}: {name} rel err {e}");
+            }
+        }
     }
 
     #[test]
