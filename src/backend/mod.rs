@@ -449,7 +449,7 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     }
     /// Σx² of each tensor (accumulated in f64), delivered to the host in one transfer: the terms
     /// of a global gradient norm with a single device synchronisation. The CPU backend sums each
-    /// tensor in index order (bit-identical to `crate::train::optim::global_norm`'s terms); a
+    /// tensor over fixed f64 lanes (bit-identical to `crate::train::optim::global_norm`'s terms); a
     /// device may sum in another order (f64, so the difference is ~1e-16 relative).
     fn squared_norms(&self, xs: &[&Tensor<Self>]) -> Result<Vec<f64>>;
 }

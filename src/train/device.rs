@@ -119,7 +119,7 @@ impl<B: Backend> DeviceAdam<B> {
             gs.push(g);
         }
         let c = &self.config;
-        // As optim::global_norm: per-tensor f64 sums in name order, summed, square root.
+        // As optim::global_norm: per-tensor f64 sums (fixed lanes) in name order, summed, square root.
         let norm = be.squared_norms(&gs)?.iter().sum::<f64>().sqrt();
         let scale = optim::clip_scale(norm, c.grad_clip);
         let lr = optim::warmup_lr(c.lr, c.warmup, completed);

@@ -45,7 +45,7 @@ pub fn warmup_lr(lr: f64, warmup: u64, completed: u64) -> f64 {
 pub fn global_norm<'a>(grads: impl IntoIterator<Item = &'a [f32]>) -> f64 {
     grads
         .into_iter()
-        .map(|g| g.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .map(crate::backend::cpu::optim::squared_norm)
         .sum::<f64>()
         .sqrt()
 }

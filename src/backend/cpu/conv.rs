@@ -1153,11 +1153,7 @@ fn backward_one_image<T: CpuFloat>(
         let dy_t = Mat::rm(dy, img * o * p + q0, o, nt, p);
         timed(1, &mut || {
             dyt.resize(nt * o, T::ZERO);
-            for oc in 0..o {
-                for (j, &v) in dy[(img * o + oc) * p + q0..][..nt].iter().enumerate() {
-                    dyt[j * o + oc] = v;
-                }
-            }
+            transpose_strided(&dy[img * o * p + q0..], p, o, nt, &mut dyt, o);
         });
         let pw = panel_width::<T>(nt);
         if !g.pointwise() {
@@ -1207,29 +1203,45 @@ fn backward_one_image<T: CpuFloat>(
     }
 }
 
-/// dst [cols, rows] = srcᵀ for src [rows, cols] (f32 in 8×8 AVX blocks, see `sgemm::transpose`).
+/// dst [cols, rows] = srcᵀ for src [rows, cols].
 fn transpose<T: CpuFloat>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    transpose_strided(src, cols, rows, cols, dst, rows);
+}
+
+/// dst[j·ld_dst + i] = src[i·ld_src + j] for i < rows, j < cols (f32 in 8×8 AVX blocks, see
+/// `sgemm::transpose`; a copy, the same bits on every route).
+fn transpose_strided<T: CpuFloat>(
+    src: &[T],
+    ld_src: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [T],
+    ld_dst: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
     assert!(
-        src.len() >= rows * cols && dst.len() >= rows * cols,
+        (rows - 1) * ld_src + cols <= src.len() && (cols - 1) * ld_dst + rows <= dst.len(),
         "transpose: out of bounds"
     );
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32; both slices hold rows·cols elements (checked above), distinct borrows.
+        // SAFETY: T is f32; every index is inside the slices (checked above), distinct borrows.
         unsafe {
             sgemm::transpose(
                 src.as_ptr() as *const f32,
-                cols,
+                ld_src,
                 rows,
                 cols,
                 dst.as_mut_ptr() as *mut f32,
-                rows,
+                ld_dst,
             )
         };
         return;
     }
-    for (r, row) in src.chunks(cols.max(1)).take(rows).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            dst[c * rows + r] = v;
+    for i in 0..rows {
+        for j in 0..cols {
+            dst[j * ld_dst + i] = src[i * ld_src + j];
         }
     }
 }

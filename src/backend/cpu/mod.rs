@@ -1033,7 +1033,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             .iter()
             .map(|x| data("squared_norms", x))
             .collect::<Result<Vec<_>>>()?;
-        // One tensor per task; each sums in index order, as the host reference does.
+        // One tensor per task; each sums over fixed lanes, as the host reference does.
         Ok(self.run(|| slices.par_iter().map(|s| optim::squared_norm(s)).collect()))
     }
 }

@@ -135,9 +135,14 @@ pub(crate) fn ema_element<T: CpuFloat>(s: T, p: T, k: T) -> T {
     s - k * (s - p)
 }
 
-/// Σx² of a slice, accumulated in f64 in index order (the per-tensor term of the global norm).
+/// Σx² of a slice, accumulated in f64 over fixed lanes (`simd::sum_f64`: vectorized, the same
+/// order at every vector width): the per-tensor term of the global norm, here and in
+/// `crate::train::optim::global_norm`.
 pub fn squared_norm<T: CpuFloat>(x: &[T]) -> f64 {
-    x.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>()
+    super::simd::vectorized(
+        #[inline(always)]
+        || super::simd::sum_f64(x, |v| v.to_f64() * v.to_f64()),
+    )
 }
 
 #[cfg(test)]
