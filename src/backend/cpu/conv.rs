@@ -942,17 +942,32 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
     if p == 0 {
         return (vec![T::ZERO; g.n * img_in], dw, db);
     }
-    let mut dx = if as_conv {
-        input_grad_as_conv(g, w, dy)
-    } else {
-        vec![T::ZERO; g.n * img_in]
+    let backward = |dx_scatter: Option<&mut [T]>, dw: &mut [T]| {
+        if backward_per_image(g.n) {
+            conv2d_backward_images(g, x, w, dy, dx_scatter, dw);
+        } else {
+            conv2d_backward_tiles(g, x, w, dy, dx_scatter, dw);
+        }
     };
-    let dx_scatter = (!as_conv).then_some(&mut dx[..]);
-    if backward_per_image(g.n) {
-        conv2d_backward_images(g, x, w, dy, dx_scatter, &mut dw);
+    let dx = if as_conv {
+        let dx = input_grad_as_conv(g, w, dy);
+        backward(None, &mut dw);
+        dx
+    } else if g.pointwise() {
+        // A pointwise conv's dx is written whole by its per-tile products (accumulate = false,
+        // which never read the destination): no zero-fill first.
+        super::written_once(g.n * img_in, |buf| {
+            // SAFETY: the products only write these elements (in test builds written_once has
+            // NaN-poisoned them, so an element they missed fails the checks).
+            let buf = unsafe { &mut *(buf as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+            backward(Some(buf), &mut dw);
+        })
     } else {
-        conv2d_backward_tiles(g, x, w, dy, dx_scatter, &mut dw);
-    }
+        // col2im adds into dx.
+        let mut dx = vec![T::ZERO; g.n * img_in];
+        backward(Some(&mut dx), &mut dw);
+        dx
+    };
     (dx, dw, db)
 }
 
