@@ -1286,6 +1286,18 @@ fn record_backward_parts(g: &ConvGeom, started: std::time::Instant, parts: [f64;
 mod tests {
     use super::*;
 
+    /// `len` values in [−0.5, 0.5) from a 64-bit LCG (the same stream every run).
+    fn uniform(seed: &mut u64, len: usize) -> Vec<f64> {
+        (0..len)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f64 / (1u64 << 24) as f64) - 0.5
+            })
+            .collect()
+    }
+
     /// Direct f64 conv backward: dx[n,c,iy,ix] += w[o,c,ky,kx]·dy[n,o,oy,ox], dw += x·dy.
     fn reference(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
         let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
@@ -1328,16 +1340,7 @@ mod tests {
     #[test]
     fn nin_in_f32_matches_f64() {
         let mut seed = 5u64;
-        let mut rnd = |len: usize| -> Vec<f64> {
-            (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f64 / (1u64 << 24) as f64) - 0.5
-                })
-                .collect()
-        };
+        let mut rnd = |len: usize| uniform(&mut seed, len);
         let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (n, c, o, p) in [(4, 64, 64, 256), (1, 24, 40, 100), (3, 9, 13, 37)] {
@@ -1364,16 +1367,8 @@ mod tests {
     #[test]
     fn both_backward_routes_match_a_direct_reference() {
         let mut seed = 1u64;
-        let mut rnd = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        };
+        let mut rnd =
+            |len: usize| -> Vec<f32> { uniform(&mut seed, len).into_iter().map(|v| v as f32).collect() };
         // 3×3 pad 1, 3×3 stride 2, 1×1 pointwise, 1×1 stride 2, 3×3 unpadded (a smaller output);
         // batch 3 (odd, more than the threads); then a 3×3 conv whose weight gradient takes two
         // bands of rows.
@@ -1437,16 +1432,8 @@ mod tests {
     #[test]
     fn the_epilogue_matches_the_separate_ops() {
         let mut seed = 7u64;
-        let mut rnd = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        };
+        let mut rnd =
+            |len: usize| -> Vec<f32> { uniform(&mut seed, len).into_iter().map(|v| v as f32).collect() };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         // Batch 1 (channel-block route) and batch 3 (tile route); 3×3 and 1×1.
         for (n, k, pad) in [(1, 3, 1), (3, 3, 1), (3, 1, 0)] {
@@ -1487,16 +1474,8 @@ mod tests {
     #[test]
     fn the_forward_matches_a_direct_sum() {
         let mut seed = 11u64;
-        let mut rnd = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        };
+        let mut rnd =
+            |len: usize| -> Vec<f32> { uniform(&mut seed, len).into_iter().map(|v| v as f32).collect() };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (n, c, h, w, o, k, stride, pad) in [
             (3, 5, 11, 9, 7, 3, 1, 1),
