@@ -246,7 +246,23 @@ impl<'a> Gather<'a> {
         let runs_start = if s > 1 { s * plen } else { 0 };
         tmp.clear();
         tmp.resize(runs_start, T::ZERO);
-        if s > 1 {
+        if s == 2 {
+            // The common case (×2 down), as a loop LLVM vectorizes (a stride-2 load group).
+            let (even, odd) = tmp.split_at_mut(plen);
+            let pairs = src.len() / 2;
+            for ((e, o), pair) in even
+                .iter_mut()
+                .zip(odd.iter_mut())
+                .zip(src.chunks_exact(2))
+                .take(pairs)
+            {
+                *e = pair[0];
+                *o = pair[1];
+            }
+            if src.len() % 2 == 1 {
+                even[pairs] = src[src.len() - 1];
+            }
+        } else if s > 1 {
             for (j, chunk) in src.chunks(s).enumerate() {
                 for (r, &v) in chunk.iter().enumerate() {
                     tmp[r * plen + j] = v;
