@@ -912,13 +912,15 @@ fn column_matrix<'a, T: 'static>(
 
 /// (dx, dw, db) of conv2d.
 ///
-/// dW = Σ_tiles dy_tile · col_tileᵀ, over column tiles built as in the forward. dx, for stride-1
-/// convs, is itself a forward convolution: dy convolved with the flipped, transposed kernel
-/// (padding k − 1 − pad) — see [`input_grad_as_conv`]; it runs on the forward's tiled path and
-/// writes dx directly. Other convs (stride 2) compute dcol = wᵀ · dy_tile per tile and scatter it
-/// back (col2im). With a batch that feeds every thread, one image per task
-/// ([`conv2d_backward_images`]); else image by image, each tile's products split over the pool
-/// and col2im parallel over input channels so no two threads add into the same pixel.
+/// dx, for stride-1 convs wider than 1×1, is itself a forward convolution: dy convolved with the
+/// flipped, transposed kernel (padding k − 1 − pad) — see [`input_grad_as_conv`]; it runs on the
+/// forward's path and writes dx directly. Their dW and db come from one GEMM over the input slab
+/// ([`weight_bias_grad_direct`]) when the f32 kernels run them. Otherwise dW = Σ_tiles dy_tile ·
+/// col_tileᵀ over column tiles built as in the forward, db is a channel sum, and dx of other convs
+/// (1×1: one product per tile; stride 2: dcol = wᵀ · dy_tile scattered back by col2im). With a
+/// batch that feeds every thread, one image per task ([`conv2d_backward_images`]); else image by
+/// image, each tile's products split over the pool and col2im parallel over input channels so no
+/// two threads add into the same pixel.
 pub(crate) fn conv2d_backward<T: CpuFloat>(
     g: &ConvGeom,
     x: &[T],
