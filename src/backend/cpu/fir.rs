@@ -102,8 +102,11 @@ pub(crate) fn upfirdn2d<T: CpuFloat>(
 
 type TapLists = [Vec<(usize, usize)>];
 
-/// The forward with a kernel a ⊗ b: rows[iy][ox] = Σ b·x[iy][ix], then out[oy] = Σ a·rows[iy]
-/// (whole rows).
+/// The forward with a kernel a ⊗ b, as two 1-D passes. The row pass (a gather per row, the costly
+/// one) runs on whichever of the input's and the output's rows are fewer: rows first,
+/// rows[iy][ox] = Σ b·x[iy][ix], then out[oy] = Σ a·rows[iy] (up-sampling, same size); or, when
+/// the output has fewer rows (down-sampling), columns first, cols[oy] = Σ a·x[iy] over whole rows,
+/// then out[oy][ox] = Σ b·cols[oy][ix].
 fn forward_separable<T: CpuFloat>(
     g: &FirGeom,
     x: &[T],
@@ -114,6 +117,7 @@ fn forward_separable<T: CpuFloat>(
     out: &mut [MaybeUninit<T>],
 ) {
     let across = Gather::new(tx);
+    let columns_first = g.oh < g.h;
     out.par_chunks_mut(g.oh * g.ow)
         .zip(x.par_chunks(g.h * g.w))
         .for_each_init(
@@ -122,19 +126,26 @@ fn forward_separable<T: CpuFloat>(
                 vectorized(
                     #[inline(always)]
                     || {
+                        acc.resize(g.ow, T::ZERO);
+                        if columns_first {
+                            rows.resize(g.oh * g.w, T::ZERO);
+                            for (crow, tl) in rows.chunks_mut(g.w).zip(ty) {
+                                column_sum(a, tl, xp, g.w, crow);
+                            }
+                            for (yrow, crow) in y.chunks_mut(g.ow).zip(rows.chunks(g.w)) {
+                                across.row(b, crow, acc, tmp);
+                                for (o, &v) in yrow.iter_mut().zip(acc.iter()) {
+                                    o.write(v);
+                                }
+                            }
+                            return;
+                        }
                         rows.resize(g.h * g.ow, T::ZERO);
                         for (xrow, hrow) in xp.chunks(g.w).zip(rows.chunks_mut(g.ow)) {
                             across.row(b, xrow, hrow, tmp);
                         }
                         for (yrow, tl) in y.chunks_mut(g.ow).zip(ty) {
-                            acc.clear();
-                            acc.resize(g.ow, T::ZERO);
-                            for &(fy, iy) in tl {
-                                let (w, src) = (a[fy], &rows[iy * g.ow..][..g.ow]);
-                                for (o, &v) in acc.iter_mut().zip(src) {
-                                    *o += w * v;
-                                }
-                            }
+                            column_sum(a, tl, rows, g.ow, acc);
                             for (o, &v) in yrow.iter_mut().zip(acc.iter()) {
                                 o.write(v);
                             }
@@ -143,6 +154,31 @@ fn forward_separable<T: CpuFloat>(
                 )
             },
         );
+}
+
+/// dst = Σ over `taps` (weight index, row index) of w[tap]·src row, rows `width` long: one output
+/// row of a column pass, summed from zero in list order.
+#[inline(always)]
+fn column_sum<T: CpuFloat>(w: &[T], taps: &[(usize, usize)], src: &[T], width: usize, dst: &mut [T]) {
+    dst.fill(T::ZERO);
+    for &(t, r) in taps {
+        let (wt, row) = (w[t], &src[r * width..][..width]);
+        for (o, &v) in dst.iter_mut().zip(row) {
+            *o += wt * v;
+        }
+    }
+}
+
+/// For each input index, the (tap, output index) pairs of the outputs that read it, in output
+/// order (the order in which a scatter would add them).
+fn transpose_lists(lists: &TapLists, n_in: usize) -> Vec<Vec<(usize, usize)>> {
+    let mut transposed = vec![Vec::new(); n_in];
+    for (o, tl) in lists.iter().enumerate() {
+        for &(t, i) in tl {
+            transposed[i].push((t, o));
+        }
+    }
+    transposed
 }
 
 /// The period (in outputs) and stride (in inputs per period) of a tap-list array's regular
@@ -353,9 +389,10 @@ pub(crate) fn upfirdn2d_backward<T: CpuFloat>(
     }
 }
 
-/// The separable forward's adjoint: its two passes transposed, in reverse order. The row pass
-/// gathers with the transposed tap lists (for each input, the outputs that read it, in output
-/// order: the order in which a scatter would add them).
+/// The separable forward's adjoint: its two passes transposed, each a gather with the transposed
+/// tap lists (for each input, the outputs that read it, in output order: the order in which a
+/// scatter would add them). As in the forward, the row pass runs on the fewer rows: dY's when it
+/// has fewer rows than dx (the adjoint of down-sampling), else dx's.
 fn backward_separable<T: CpuFloat>(
     g: &FirGeom,
     dy: &[T],
@@ -365,13 +402,10 @@ fn backward_separable<T: CpuFloat>(
     tx: &TapLists,
     dx: &mut [MaybeUninit<T>],
 ) {
-    let mut transposed = vec![Vec::new(); g.w];
-    for (ox, tl) in tx.iter().enumerate() {
-        for &(fx, ix) in tl {
-            transposed[ix].push((fx, ox));
-        }
-    }
-    let across = Gather::new(&transposed);
+    let across_t = transpose_lists(tx, g.w);
+    let across = Gather::new(&across_t);
+    let down_t = transpose_lists(ty, g.h);
+    let rows_first = g.oh < g.h;
     dx.par_chunks_mut(g.h * g.w)
         .zip(dy.par_chunks(g.oh * g.ow))
         .for_each_init(
@@ -380,17 +414,26 @@ fn backward_separable<T: CpuFloat>(
                 vectorized(
                     #[inline(always)]
                     || {
-                        rows.clear();
-                        rows.resize(g.h * g.ow, T::ZERO);
-                        for (yrow, tl) in yp.chunks(g.ow).zip(ty) {
-                            for &(fy, iy) in tl {
-                                let w = a[fy];
-                                for (r, &d) in rows[iy * g.ow..][..g.ow].iter_mut().zip(yrow) {
-                                    *r += w * d;
+                        xbuf.resize(g.w, T::ZERO);
+                        if rows_first {
+                            // rows[oy] = the row adjoint of dY's row oy (w wide); then each dx row
+                            // gathers the rows that its column taps read.
+                            rows.resize(g.oh * g.w, T::ZERO);
+                            for (yrow, hrow) in yp.chunks(g.ow).zip(rows.chunks_mut(g.w)) {
+                                across.row(b, yrow, hrow, tmp);
+                            }
+                            for (xrow, tl) in xp.chunks_mut(g.w).zip(&down_t) {
+                                column_sum(a, tl, rows, g.w, xbuf);
+                                for (d, &v) in xrow.iter_mut().zip(xbuf.iter()) {
+                                    d.write(v);
                                 }
                             }
+                            return;
                         }
-                        xbuf.resize(g.w, T::ZERO);
+                        rows.resize(g.h * g.ow, T::ZERO);
+                        for (hrow, tl) in rows.chunks_mut(g.ow).zip(&down_t) {
+                            column_sum(a, tl, yp, g.ow, hrow);
+                        }
                         for (xrow, hrow) in xp.chunks_mut(g.w).zip(rows.chunks(g.ow)) {
                             across.row(b, hrow, xbuf, tmp);
                             for (d, &v) in xrow.iter_mut().zip(xbuf.iter()) {
