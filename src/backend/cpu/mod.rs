@@ -14,8 +14,8 @@
 //!   one image per task with single-threaded GEMMs when the batch feeds every thread (per-image dW
 //!   summed in image order), else image by image on the pool.
 //!   `SRSDE_CPU_PROFILE=1` (or `bench --train --device cpu`) times every op (`cpu::profile`).
-//! - GroupNorm statistics are two-pass in f64 (biased variance, eps inside the sqrt), with SiLU
-//!   optionally fused into the same pass.
+//! - GroupNorm statistics are two-pass (blocks of 1024 summed in the element type, the blocks in
+//!   f64; biased variance, eps inside the sqrt), with SiLU optionally fused into the same pass.
 //! - Attention computes softmax(QᵀK/√C) over blocks of queries (bounded score matrix).
 //! - `upfirdn2d` precomputes per-axis tap lists (zero-insert, pad/crop, flipped FIR, decimate);
 //!   its backward scatters along the same lists, so it is the exact adjoint.

@@ -1,12 +1,13 @@
-//! GroupNorm (+ optional fused SiLU), forward and backward. Statistics are accumulated in f64 with
-//! two passes (mean, then centred squares), variance is biased (as PyTorch), eps inside the sqrt;
-//! the backward's elementwise work runs in the element type, its sums in f64.
+//! GroupNorm (+ optional fused SiLU), forward and backward. Statistics take two passes (mean, then
+//! centred squares), summed in blocks in the element type and across blocks in f64; variance is
+//! biased (as PyTorch), eps inside the sqrt; the backward's elementwise work runs in the element
+//! type, its sums in f64.
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use super::float::CpuFloat;
-use super::simd::{sum_f64, vectorized};
+use super::simd::vectorized;
 use super::written_once;
 
 /// Shape of one GroupNorm call: x [n, c, hw] split into `groups` groups of c/groups channels.
@@ -26,16 +27,44 @@ impl NormGeom {
 }
 
 /// (mean, 1/sqrt(var + eps)) of one group's elements: two passes (mean, then centred squares),
-/// each summed in f64 over fixed lanes.
+/// each summed in blocks of [`BLOCK`] elements over 16 f32 lanes and the block sums added in f64
+/// (so a long group keeps f64 accuracy while the inner loop runs at the f32 vector width).
 #[inline(always)]
 fn stats<T: CpuFloat>(xs: &[T], eps: f64) -> (f64, f64) {
     let m = xs.len().max(1) as f64;
-    let mean = sum_f64(xs, |v| v.to_f64()) / m;
-    let var = sum_f64(xs, |v| {
-        let d = v.to_f64() - mean;
+    let mean = block_sum(xs, |v| v) / m;
+    let mean_t = T::from_f64(mean);
+    let var = block_sum(xs, |v| {
+        let d = v - mean_t;
         d * d
     }) / m;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Elements per block of [`block_sum`].
+const BLOCK: usize = 1024;
+
+/// Σ f(xᵢ): within each block of BLOCK elements over 16 lanes in T, the blocks' sums in f64, in a
+/// fixed order (the same at every vector width).
+#[inline(always)]
+fn block_sum<T: CpuFloat>(xs: &[T], f: impl Fn(T) -> T) -> f64 {
+    let mut total = 0.0f64;
+    for block in xs.chunks(BLOCK) {
+        let mut acc = [T::ZERO; 16];
+        let chunks = block.chunks_exact(16);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += f(v);
+            }
+        }
+        let mut sum = acc.iter().fold(0.0f64, |s, &a| s + a.to_f64());
+        for &v in rest {
+            sum += f(v).to_f64();
+        }
+        total += sum;
+    }
+    total
 }
 
 /// Each (sample, group)'s (mean, rstd), in order: what a recorded forward keeps for the backward
@@ -183,8 +212,8 @@ fn group_backward<T: CpuFloat>(
             *dz_out = dz;
             *dzx_out = dz * xhat;
         }
-        dgam[j] = sum_f64(&dzx, |v| v.to_f64());
-        dbet[j] = sum_f64(&dzs, |v| v.to_f64());
+        dgam[j] = block_sum(&dzx, |v| v);
+        dbet[j] = block_sum(&dzs, |v| v);
         sum_g += gam.to_f64() * dbet[j];
         sum_gx += gam.to_f64() * dgam[j];
     }
@@ -210,4 +239,26 @@ fn dz_xhat<T: CpuFloat>(xv: T, dyv: T, mean: T, rstd: T, gam: T, bet: T, silu: b
         dz = dz * s * (T::ONE + z * (T::ONE - s));
     }
     (dz, xhat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statistics of a long group far from zero (f32 block sums, f64 across blocks) against
+    /// f64 two-pass sums: the mean and 1/σ stay far below f32 precision of the activations.
+    #[test]
+    fn f32_block_statistics_keep_f64_accuracy() {
+        for (n, offset) in [(65_536 + 7, 100.0f32), (4099, -3.0), (5, 0.5)] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| offset + ((i * 7919 % 1000) as f32 / 500.0 - 1.0))
+                .collect();
+            let (mean, rstd) = stats(&xs, 1e-6);
+            let m64 = xs.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var64 = xs.iter().map(|&v| (v as f64 - m64).powi(2)).sum::<f64>() / n as f64;
+            let r64 = 1.0 / (var64 + 1e-6).sqrt();
+            assert!(((mean - m64) / m64).abs() < 1e-6, "n {n}: mean {mean} vs {m64}");
+            assert!(((rstd - r64) / r64).abs() < 1e-5, "n {n}: rstd {rstd} vs {r64}");
+        }
+    }
 }
