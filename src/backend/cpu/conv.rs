@@ -7,7 +7,7 @@ use super::float::CpuFloat;
 use super::matmul::{gemm, gemm_unchecked, Mat, Par};
 use super::profile;
 use super::sgemm;
-use super::simd::{sum_f64, vectorized};
+use super::simd::{block_sum, vectorized};
 use crate::backend::shapes;
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one output buffer.
@@ -196,7 +196,7 @@ pub(crate) fn channel_sums<T: CpuFloat>(y: &[T], n: usize, c: usize, p: usize) -
                 let plane = &y[(img * c + ch) * p..][..p];
                 acc += vectorized(
                     #[inline(always)]
-                    || sum_f64(plane, |v| v.to_f64()),
+                    || block_sum(plane, |v| v),
                 );
             }
             T::from_f64(acc)

@@ -474,7 +474,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
                 .map(|i| {
                     T::from_f64(simd::vectorized(
                         #[inline(always)]
-                        || simd::sum_f64(&xs[i * hw..(i + 1) * hw], |v| v.to_f64()),
+                        || simd::block_sum(&xs[i * hw..(i + 1) * hw], |v| v),
                     ))
                 })
                 .collect()

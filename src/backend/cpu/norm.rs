@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::float::CpuFloat;
-use super::simd::vectorized;
+use super::simd::{block_sum, vectorized};
 use super::written_once;
 
 /// Shape of one GroupNorm call: x [n, c, hw] split into `groups` groups of c/groups channels.
@@ -27,7 +27,7 @@ impl NormGeom {
 }
 
 /// (mean, 1/sqrt(var + eps)) of one group's elements: two passes (mean, then centred squares),
-/// each summed in blocks of [`BLOCK`] elements over 16 f32 lanes and the block sums added in f64
+/// each summed in blocks (`simd::block_sum`) over 16 f32 lanes and the block sums added in f64
 /// (so a long group keeps f64 accuracy while the inner loop runs at the f32 vector width).
 #[inline(always)]
 fn stats<T: CpuFloat>(xs: &[T], eps: f64) -> (f64, f64) {
@@ -39,32 +39,6 @@ fn stats<T: CpuFloat>(xs: &[T], eps: f64) -> (f64, f64) {
         d * d
     }) / m;
     (mean, 1.0 / (var + eps).sqrt())
-}
-
-/// Elements per block of [`block_sum`].
-const BLOCK: usize = 1024;
-
-/// Σ f(xᵢ): within each block of BLOCK elements over 16 lanes in T, the blocks' sums in f64, in a
-/// fixed order (the same at every vector width).
-#[inline(always)]
-fn block_sum<T: CpuFloat>(xs: &[T], f: impl Fn(T) -> T) -> f64 {
-    let mut total = 0.0f64;
-    for block in xs.chunks(BLOCK) {
-        let mut acc = [T::ZERO; 16];
-        let chunks = block.chunks_exact(16);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                *a += f(v);
-            }
-        }
-        let mut sum = acc.iter().fold(0.0f64, |s, &a| s + a.to_f64());
-        for &v in rest {
-            sum += f(v).to_f64();
-        }
-        total += sum;
-    }
-    total
 }
 
 /// Each (sample, group)'s (mean, rstd), in order: what a recorded forward keeps for the backward
