@@ -207,9 +207,9 @@ Without --model the model is $SRSDE_MODEL if set, else the one bundled in the bi
 assets/model/: guide-residual ve-res, non-commercial research use only, see its MODEL_CARD.md),
 else a sharded export in ~/.local/share/srsde-fast/model/.
 
-What it gives (rows LR | SR | HR; first column the bundled example, then held-out faces):
-docs/images/example_strip.png — measured on 298 held-out faces: PSNR 23.97 dB, CS 0.9208 vs
-bicubic 21.10 dB, 0.9049 (docs/eval/).";
+What it gives (rows LR | SR | HR of the bundled example): docs/images/example_strip.png —
+measured on 298 held-out faces: PSNR 24.06 dB, CS 0.9238 vs bicubic 21.10 dB, 0.9049
+(docs/eval/).";
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
