@@ -102,6 +102,18 @@ fn images_in_parallel(n: usize) -> bool {
     threads > 1 && n >= threads
 }
 
+/// The per-image parts of a weight gradient (each `len` long) added up in image order, onto
+/// zeros: the same sum whatever the number of threads that computed the parts.
+fn sum_in_image_order<'a, T: CpuFloat>(len: usize, parts: impl IntoIterator<Item = &'a [T]>) -> Vec<T> {
+    let mut total = vec![T::ZERO; len];
+    for part in parts {
+        for (d, &v) in total.iter_mut().zip(part) {
+            *d += v;
+        }
+    }
+    total
+}
+
 /// y[n,o,p] = Σ_c x[n,c,p]·w[c,o] + b[o]; x [N,C,P], w [C,O].
 pub(crate) fn nin<T: CpuFloat>(x: &[T], w: &[T], b: &[T], n: usize, c: usize, o: usize, p: usize) -> Vec<T> {
     let _prof = profile::scope("gemm nin/linear", 2.0 * (n * c * o * p) as f64);
@@ -177,12 +189,7 @@ pub(crate) fn nin_backward<T: CpuFloat>(
             .map(|(img, dx_img)| one(img, dx_img, Par::Pool))
             .collect()
     };
-    let mut dw = vec![T::ZERO; c * o];
-    for part in &per_image {
-        for (d, &v) in dw.iter_mut().zip(part) {
-            *d += v;
-        }
-    }
+    let dw = sum_in_image_order(c * o, per_image.iter().map(Vec::as_slice));
     (dx, dw, db)
 }
 
@@ -861,8 +868,7 @@ fn weight_bias_grad_direct<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec
         let (x_img, dy_img) = (&x[img * img_in..][..img_in], &dy[img * o * p..][..o * p]);
         weight_grad_direct(g, x_img, dy_img, dwb_t, accumulate, par)
     };
-    let mut dwb_t = vec![T::ZERO; (k + 1) * o];
-    if backward_per_image(g.n) {
+    let dwb_t = if backward_per_image(g.n) {
         let per_image: Vec<Vec<T>> = (0..g.n)
             .into_par_iter()
             .map(|img| {
@@ -871,16 +877,14 @@ fn weight_bias_grad_direct<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec
                 part
             })
             .collect();
-        for part in &per_image {
-            for (d, &v) in dwb_t.iter_mut().zip(part) {
-                *d += v;
-            }
-        }
+        sum_in_image_order((k + 1) * o, per_image.iter().map(Vec::as_slice))
     } else {
+        let mut dwb_t = vec![T::ZERO; (k + 1) * o];
         for img in 0..g.n {
             one(img, &mut dwb_t, img > 0, Par::Pool);
         }
-    }
+        dwb_t
+    };
     let mut dw = vec![T::ZERO; o * k];
     transpose(&dwb_t[..k * o], k, o, &mut dw);
     (dw, dwb_t[k * o..].to_vec())
@@ -1072,7 +1076,7 @@ fn backward_per_image(n: usize) -> bool {
     static IMAGES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let images =
         *IMAGES.get_or_init(|| std::env::var("SRSDE_CPU_CONV_BACKWARD").map_or(true, |v| v != "tiles"));
-    images && rayon::current_num_threads() > 1 && n >= rayon::current_num_threads()
+    images && images_in_parallel(n)
 }
 
 /// The conv backward with one image per task: each task builds its column tiles (sized for one
@@ -1118,15 +1122,12 @@ fn conv2d_backward_images<T: CpuFloat>(
         None => (0..g.n).into_par_iter().map(|img| one(img, None)).collect(),
     };
     let mut parts = [0.0f64; 4];
-    let mut dw_t = vec![T::ZERO; dw.len()];
-    for (dw_img, p) in &per_image {
-        for (d, &v) in dw_t.iter_mut().zip(dw_img) {
-            *d += v;
-        }
+    for (_, p) in &per_image {
         for (a, b) in parts.iter_mut().zip(p) {
             *a += b;
         }
     }
+    let dw_t = sum_in_image_order(dw.len(), per_image.iter().map(|(dw_img, _)| dw_img.as_slice()));
     transpose(&dw_t, g.k(), g.o, dw);
     record_backward_parts(g, started, parts);
 }

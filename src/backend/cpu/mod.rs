@@ -1011,11 +1011,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
                     .for_each(|(o, (s, p))| {
                         simd::vectorized(
                             #[inline(always)]
-                            || {
-                                for ((o, &s), &p) in o.iter_mut().zip(s).zip(p) {
-                                    o.write(optim::ema_element(s, p, k));
-                                }
-                            },
+                            || optim::ema_update_into(s, p, o, k),
                         )
                     })
             })

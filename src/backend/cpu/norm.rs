@@ -1,7 +1,7 @@
 //! GroupNorm (+ optional fused SiLU), forward and backward. Statistics take two passes (mean, then
-//! centred squares), summed in blocks in the element type and across blocks in f64; variance is
-//! biased (as PyTorch), eps inside the sqrt; the backward's elementwise work runs in the element
-//! type, its sums in f64.
+//! centred squares); every sum (these, and the backward's dγ and dβ) runs in blocks in the element
+//! type, the blocks added in f64 (`simd::block_sum`). Variance is biased (as PyTorch), eps inside
+//! the sqrt; the backward's elementwise work runs in the element type.
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;

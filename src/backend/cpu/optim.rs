@@ -77,14 +77,7 @@ pub(crate) fn adam_update_with<T: CpuFloat>(
 /// Adam on one element: (p′, m′, v′). The one place the update's arithmetic is written, so the
 /// in-place host loop and the backend's written-once loop round identically.
 #[inline(always)]
-pub(crate) fn adam_element<T: CpuFloat>(
-    p: T,
-    g: T,
-    m: T,
-    v: T,
-    grad_scale: T,
-    c: &AdamConsts<T>,
-) -> (T, T, T) {
+fn adam_element<T: CpuFloat>(p: T, g: T, m: T, v: T, grad_scale: T, c: &AdamConsts<T>) -> (T, T, T) {
     let gi = g * grad_scale;
     let m = m + c.w1 * (gi - m);
     let v = v * c.b2 + c.w2 * gi * gi;
@@ -129,9 +122,18 @@ pub fn ema_update<T: CpuFloat>(shadow: &mut [T], p: &[T], decay: f64) {
     }
 }
 
+/// [`ema_update`] into a fresh output: out[i] = the update of shadow element i (slices of one
+/// length, every output element written once); `k` = 1 − decay, rounded.
+#[inline(always)]
+pub(crate) fn ema_update_into<T: CpuFloat>(shadow: &[T], p: &[T], out: &mut [MaybeUninit<T>], k: T) {
+    for ((o, &s), &p) in out.iter_mut().zip(shadow).zip(p) {
+        o.write(ema_element(s, p, k));
+    }
+}
+
 /// One element of the EMA: s − k·(s − p) with k = 1 − decay.
 #[inline(always)]
-pub(crate) fn ema_element<T: CpuFloat>(s: T, p: T, k: T) -> T {
+fn ema_element<T: CpuFloat>(s: T, p: T, k: T) -> T {
     s - k * (s - p)
 }
 

@@ -154,7 +154,7 @@ pub(crate) fn dot_f64<T: super::float::CpuFloat>(a: &[T], b: &[T]) -> f64 {
 }
 
 /// Elements per block of [`block_sum`].
-pub(crate) const BLOCK: usize = 1024;
+const BLOCK: usize = 1024;
 
 /// Σ f(xᵢ): within each block of BLOCK elements over 16 lanes in T, the blocks' sums in f64, in a
 /// fixed order (the same at every vector width). Twice the vector width of [`sum_f64`] and no
