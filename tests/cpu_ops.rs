@@ -1091,3 +1091,66 @@ fn upfirdn2d_throughput() {
         }
     }
 }
+
+/// `scale_many` is `affine(x, s, 0)` of each tensor, bit for bit (f32, the sign of zero too),
+/// and rejects lists of different lengths.
+#[test]
+fn scale_many_is_affine_of_each() {
+    let be = Cpu::<f32>::new();
+    let mut first = rnd(1000, 41);
+    first[3] = -0.0;
+    let xs = [
+        be.from_f64(&[10, 100], &first).unwrap(),
+        be.from_f64(&[7], &rnd(7, 42)).unwrap(),
+        be.from_f64(&[0], &[]).unwrap(),
+    ];
+    let refs: Vec<_> = xs.iter().collect();
+    let scales = [std::f64::consts::FRAC_1_SQRT_2, -3.0, 2.0];
+    let got = be.scale_many(&refs, &scales).unwrap();
+    assert_eq!(got.len(), 3);
+    for ((x, &s), y) in xs.iter().zip(&scales).zip(&got) {
+        assert_eq!(y.shape(), x.shape());
+        let want: Vec<u32> = be
+            .to_f32(&be.affine(x, s, 0.0).unwrap())
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let bits: Vec<u32> = be.to_f32(y).unwrap().iter().map(|v| v.to_bits()).collect();
+        assert_eq!(bits, want);
+    }
+    assert!(be.scale_many(&refs, &scales[..2]).is_err());
+}
+
+/// `axpby_into` is `axpby`, bit for bit, whether it reuses the accumulator's buffer (nothing else
+/// holds it) or not (a clone is alive).
+#[test]
+fn axpby_into_is_axpby_in_place_or_not() {
+    let be = Cpu::<f32>::new();
+    let shape = [3, 5, 70, 70];
+    let n = shape.iter().product();
+    let (acc, b) = (
+        be.from_f64(&shape, &rnd(n, 43)).unwrap(),
+        be.from_f64(&shape, &rnd(n, 44)).unwrap(),
+    );
+    let bits = |t: &Tensor<Cpu<f32>>| {
+        be.to_f32(t)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<u32>>()
+    };
+    let want = bits(&be.axpby(0.7, &acc, -1.3, &b).unwrap());
+    let held = acc.clone();
+    assert_eq!(
+        bits(&be.axpby_into(0.7, acc, -1.3, &b).unwrap()),
+        want,
+        "shared buffer"
+    );
+    assert_eq!(
+        bits(&be.axpby_into(0.7, held, -1.3, &b).unwrap()),
+        want,
+        "own buffer"
+    );
+    assert!(be.axpby_into(1.0, be.zeros(&[2]).unwrap(), 1.0, &b).is_err());
+}

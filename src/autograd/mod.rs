@@ -27,11 +27,23 @@ impl<B: Backend> Var<B> {
     }
 }
 
-type BackwardFn<B> = Box<dyn Fn(&B, &Tensor<B>) -> Result<Vec<Option<Tensor<B>>>>>;
+/// One gradient per input of a node (None where an input needs none).
+type InputGrads<B> = Vec<Option<Tensor<B>>>;
+type BackwardFn<B> = Box<dyn Fn(&B, &Tensor<B>) -> Result<InputGrads<B>>>;
 
 struct Node<B: Backend> {
     inputs: Vec<Option<usize>>,
     backward: Option<BackwardFn<B>>, // None for leaves (parameters)
+    /// Per input: the constant factor its gradient carries on top of what `backward` returns
+    /// (1 for most ops; the skip connection's 1/√2, a `scale`'s s). Kept as a pending factor
+    /// instead of a pass over the gradient: see [`Graph::backward`].
+    scales: Vec<f64>,
+}
+
+/// A gradient and the constant factor it still has to be multiplied by.
+struct Pending<B: Backend> {
+    grad: Tensor<B>,
+    scale: f64,
 }
 
 /// Gradients after `Graph::backward`, by parameter name.
@@ -44,6 +56,8 @@ pub struct Graph<B: Backend> {
     recording: bool,
     nodes: RefCell<Vec<Node<B>>>,
     params: RefCell<HashMap<String, usize>>,
+    /// Whether `backward` keeps constant factors pending (the CPU) or applies them node by node.
+    defer_factors: bool,
 }
 
 impl<B: Backend> Graph<B> {
@@ -61,6 +75,7 @@ impl<B: Backend> Graph<B> {
             recording,
             nodes: RefCell::new(Vec::new()),
             params: RefCell::new(HashMap::new()),
+            defer_factors: backend.is_cpu(),
         }
     }
     pub fn backend(&self) -> &B {
@@ -90,7 +105,7 @@ impl<B: Backend> Graph<B> {
                 node: Some(id),
             };
         }
-        let id = self.push(Vec::new(), None);
+        let id = self.push(Vec::new(), None, Vec::new());
         self.params.borrow_mut().insert(name.to_string(), id);
         Var {
             value: t.clone(),
@@ -98,9 +113,13 @@ impl<B: Backend> Graph<B> {
         }
     }
 
-    fn push(&self, inputs: Vec<Option<usize>>, backward: Option<BackwardFn<B>>) -> usize {
+    fn push(&self, inputs: Vec<Option<usize>>, backward: Option<BackwardFn<B>>, scales: Vec<f64>) -> usize {
         let mut nodes = self.nodes.borrow_mut();
-        nodes.push(Node { inputs, backward });
+        nodes.push(Node {
+            inputs,
+            backward,
+            scales,
+        });
         nodes.len() - 1
     }
 
@@ -117,11 +136,24 @@ impl<B: Backend> Graph<B> {
         inputs: &[&Var<B>],
         backward: impl Fn(&B, &Tensor<B>) -> Result<Vec<Option<Tensor<B>>>> + 'static,
     ) -> Var<B> {
+        self.record_scaled(value, inputs, vec![1.0; inputs.len()], backward)
+    }
+
+    /// [`Graph::record`] for an op whose input k's gradient is `scales[k]` times what `backward`
+    /// returns for it: the factor stays pending (no pass over the gradient for it).
+    fn record_scaled(
+        &self,
+        value: Tensor<B>,
+        inputs: &[&Var<B>],
+        scales: Vec<f64>,
+        backward: impl Fn(&B, &Tensor<B>) -> Result<Vec<Option<Tensor<B>>>> + 'static,
+    ) -> Var<B> {
+        debug_assert_eq!(scales.len(), inputs.len());
         if !self.records(inputs) {
             return Var { value, node: None };
         }
         let ids = inputs.iter().map(|v| v.node).collect();
-        let id = self.push(ids, Some(Box::new(backward)));
+        let id = self.push(ids, Some(Box::new(backward)), scales);
         Var {
             value,
             node: Some(id),
@@ -130,14 +162,31 @@ impl<B: Backend> Graph<B> {
 
     /// Reverse pass from a scalar-per-sample or scalar output `out`, seeded with `seed`
     /// (dL/d(out), same shape as out). Returns the gradient of every parameter reached.
+    ///
+    /// Every gradient travels with a pending constant factor: a backward rule is linear in the
+    /// upstream gradient, so a node runs on the bare gradient and its inputs' factors multiply
+    /// (the 1/√2 of every skip connection costs no pass). Two gradients meeting with the same
+    /// factor (the two branches of a residual block) add as they are; with different factors they
+    /// are combined in one axpby. A parameter's gradient is multiplied by its factor at the end,
+    /// all in one `scale_many`.
+    ///
+    /// That is the CPU's way (a pass over a 128×128 gradient saved per skip connection). A device
+    /// applies each node's factors as it goes instead (one pass over the incoming gradient when they
+    /// are all equal, as before), because its `scale_many` would still cost a launch per
+    /// parameter at the end.
     pub fn backward(&self, out: &Var<B>, seed: Tensor<B>) -> Result<Gradients<B>> {
+        let lazy = self.defer_factors;
         let root = out
             .node
             .ok_or_else(|| Error::Other("backward: output is not tracked".into()))?;
         same_shape("backward seed", out.shape(), seed.shape())?;
         let nodes = self.nodes.borrow();
-        let mut grads: Vec<Option<Tensor<B>>> = vec![None; root + 1];
-        grads[root] = Some(seed);
+        let be = &self.backend;
+        let mut grads: Vec<Option<Pending<B>>> = (0..=root).map(|_| None).collect();
+        grads[root] = Some(Pending {
+            grad: seed,
+            scale: 1.0,
+        });
         for id in (0..=root).rev() {
             let Some(g) = grads[id].take() else { continue };
             let node = &nodes[id];
@@ -145,21 +194,44 @@ impl<B: Backend> Graph<B> {
                 grads[id] = Some(g); // leaf: keep
                 continue;
             };
-            let input_grads = bw(&self.backend, &g)?;
-            for (inp, ig) in node.inputs.iter().zip(input_grads) {
+            let (input_grads, factors) = if lazy {
+                (bw(be, &g.grad)?, node.scales.clone())
+            } else {
+                apply_factors(be, bw, &g.grad, &node.scales)?
+            };
+            for ((inp, ig), &factor) in node.inputs.iter().zip(input_grads).zip(&factors) {
                 if let (Some(i), Some(ig)) = (inp, ig) {
+                    let scale = g.scale * factor;
                     grads[*i] = Some(match grads[*i].take() {
-                        Some(acc) => self.backend.add_into(acc, &ig)?,
-                        None => ig,
+                        Some(acc) if acc.scale == scale => Pending {
+                            grad: be.add_into(acc.grad, &ig)?,
+                            scale,
+                        },
+                        Some(acc) => Pending {
+                            grad: be.axpby_into(acc.scale, acc.grad, scale, &ig)?,
+                            scale: 1.0,
+                        },
+                        None => Pending { grad: ig, scale },
                     });
                 }
             }
         }
         let mut by_name = HashMap::new();
+        let mut to_scale = Vec::new();
         for (name, &id) in self.params.borrow().iter() {
-            if let Some(g) = grads.get(id).and_then(|g| g.clone()) {
-                by_name.insert(name.clone(), g);
+            if let Some(Some(g)) = grads.get(id) {
+                if g.scale == 1.0 {
+                    by_name.insert(name.clone(), g.grad.clone());
+                } else {
+                    to_scale.push((name.clone(), &g.grad, g.scale));
+                }
             }
+        }
+        let tensors: Vec<&Tensor<B>> = to_scale.iter().map(|(_, t, _)| *t).collect();
+        let scales: Vec<f64> = to_scale.iter().map(|(_, _, s)| *s).collect();
+        let scaled = be.scale_many(&tensors, &scales)?;
+        for ((name, _, _), grad) in to_scale.into_iter().zip(scaled) {
+            by_name.insert(name, grad);
         }
         Ok(Gradients { by_name })
     }
@@ -174,27 +246,20 @@ impl<B: Backend> Graph<B> {
     /// alpha·a + beta·b.
     pub fn axpby(&self, alpha: f64, a: &Var<B>, beta: f64, b: &Var<B>) -> Result<Var<B>> {
         let y = self.backend.axpby(alpha, &a.value, beta, &b.value)?;
-        Ok(self.record(y, &[a, b], move |be, g| {
-            let ga = be.affine(g, alpha, 0.0)?;
-            // (x + h)/√2 scales both the same: one pass serves both inputs.
-            let gb = if beta == alpha {
-                ga.clone()
-            } else {
-                be.affine(g, beta, 0.0)?
-            };
-            Ok(vec![Some(ga), Some(gb)])
+        Ok(self.record_scaled(y, &[a, b], vec![alpha, beta], |_, g| {
+            Ok(vec![Some(g.clone()), Some(g.clone())])
         }))
     }
 
     pub fn scale(&self, x: &Var<B>, s: f64) -> Result<Var<B>> {
         let y = self.backend.affine(&x.value, s, 0.0)?;
-        Ok(self.record(y, &[x], move |be, g| Ok(vec![Some(be.affine(g, s, 0.0)?)])))
+        Ok(self.record_scaled(y, &[x], vec![s], |_, g| Ok(vec![Some(g.clone())])))
     }
 
     /// scale·x + shift.
     pub fn affine(&self, x: &Var<B>, scale: f64, shift: f64) -> Result<Var<B>> {
         let y = self.backend.affine(&x.value, scale, shift)?;
-        Ok(self.record(y, &[x], move |be, g| Ok(vec![Some(be.affine(g, scale, 0.0)?)])))
+        Ok(self.record_scaled(y, &[x], vec![scale], |_, g| Ok(vec![Some(g.clone())])))
     }
 
     pub fn mul(&self, a: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
@@ -288,8 +353,9 @@ impl<B: Backend> Graph<B> {
 
     /// conv2d, then + chan_bias[n, o], then alpha·y + beta·r for `residual` = (r, alpha, beta):
     /// one fused backend op ([`Backend::conv2d_fused`]). Recorded as one node whose backward runs
-    /// the separate ops' backward in their order (the skip's scaling, the channel-bias sum, the
-    /// conv's backward), so the gradients equal those of composing the ops by hand.
+    /// the separate ops' backward in their order (the skip's scaling as pending factors, the
+    /// channel-bias sum, the conv's backward), so the gradients equal those of composing the ops
+    /// by hand.
     #[allow(clippy::too_many_arguments)] // the conv's arguments plus the epilogue
     pub fn conv2d_fused(
         &self,
@@ -318,27 +384,23 @@ impl<B: Backend> Graph<B> {
         let (y, xv) = be.conv2d_fused_saving(&x.value, &w.value, Some(&b.value), stride, pad, &epi)?;
         let wv = w.value.clone();
         let has_cb = chan_bias.is_some();
-        let skip = residual.map(|(_, alpha, beta)| (alpha, beta));
-        Ok(self.record(y, &inputs, move |be, g| {
-            // The skip connection: alpha·y + beta·r (a plain add when both are 1).
-            let (gy, gr) = match skip {
-                None => (g.clone(), None),
-                Some((a, b)) if a == 1.0 && b == 1.0 => (g.clone(), Some(g.clone())),
-                Some((a, b)) => {
-                    let ga = be.affine(g, a, 0.0)?;
-                    // skip_rescale's (x + h)/√2 scales both the same: one pass serves both.
-                    let gb = if b == a { ga.clone() } else { be.affine(g, b, 0.0)? };
-                    (ga, Some(gb))
-                }
-            };
-            let gcb = if has_cb { Some(be.sum_spatial(&gy)?) } else { None };
-            let gc = be.conv2d_backward_saved(&xv, &wv, &gy, stride, pad)?;
+        let has_skip = residual.is_some();
+        // The skip connection alpha·y + beta·r: the conv's inputs and the channel bias get
+        // alpha·g, the residual beta·g, both as pending factors (no pass over g).
+        let (alpha, beta) = residual.map_or((1.0, 1.0), |(_, a, b)| (a, b));
+        let mut scales = vec![alpha; inputs.len()];
+        if has_skip {
+            scales[inputs.len() - 1] = beta;
+        }
+        Ok(self.record_scaled(y, &inputs, scales, move |be, g| {
+            let gcb = if has_cb { Some(be.sum_spatial(g)?) } else { None };
+            let gc = be.conv2d_backward_saved(&xv, &wv, g, stride, pad)?;
             let mut grads = vec![Some(gc.dx), Some(gc.dw), Some(gc.db)];
             if has_cb {
                 grads.push(gcb);
             }
-            if skip.is_some() {
-                grads.push(gr);
+            if has_skip {
+                grads.push(Some(g.clone()));
             }
             Ok(grads)
         }))
@@ -390,5 +452,89 @@ impl<B: Backend> Graph<B> {
         }
         let mask = self.constant(self.backend.dropout_mask(x.shape(), p, seed, offset)?);
         self.mul(x, &mask)
+    }
+}
+
+/// A node's backward with its inputs' constant factors applied now (devices; see
+/// [`Graph::backward`]): when all are equal, one pass over the incoming gradient before the rule
+/// runs; else one pass over each input's gradient after it. Returns the gradients and factors of 1.
+fn apply_factors<B: Backend>(
+    be: &B,
+    bw: &BackwardFn<B>,
+    g: &Tensor<B>,
+    factors: &[f64],
+) -> Result<(InputGrads<B>, Vec<f64>)> {
+    let ones = vec![1.0; factors.len()];
+    let first = factors.first().copied().unwrap_or(1.0);
+    if factors.iter().all(|&f| f == first) {
+        let grads = if first == 1.0 {
+            bw(be, g)?
+        } else {
+            bw(be, &be.affine(g, first, 0.0)?)?
+        };
+        return Ok((grads, ones));
+    }
+    let grads = bw(be, g)?
+        .into_iter()
+        .zip(factors)
+        .map(|(ig, &f)| match ig {
+            Some(t) if f != 1.0 => be.affine(&t, f, 0.0).map(Some),
+            other => Ok(other),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((grads, ones))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+
+    /// Parameter gradients of a graph with every op that carries a factor (a conv with a scaled
+    /// skip connection, axpby with unequal factors meeting an input's other gradient, scale,
+    /// affine), in f64, with factors pending or applied node by node.
+    fn gradients(defer_factors: bool) -> HashMap<String, Vec<f64>> {
+        let be = Cpu::<f64>::new();
+        let mut g = Graph::training(&be);
+        g.defer_factors = defer_factors;
+        let p = |name: &str, shape: &[usize], seed: u64| g.param(name, &be.randn(shape, seed, 0).unwrap());
+        let x = p("x", &[2, 4, 6, 6], 1);
+        let (w0, b0) = (p("w0", &[4, 4, 3, 3], 2), p("b0", &[4], 3));
+        let (w1, b1) = (p("w1", &[4, 4, 3, 3], 4), p("b1", &[4], 5));
+        let temb = p("temb", &[2, 4], 6);
+        let s = std::f64::consts::FRAC_1_SQRT_2;
+        let h = g.conv2d_fused(&x, &w0, &b0, 1, 1, Some(&temb), None).unwrap();
+        let y = g
+            .conv2d_fused(&h, &w1, &b1, 1, 1, None, Some((&x, s, s)))
+            .unwrap();
+        let z = g.axpby(0.3, &y, 1.7, &x).unwrap();
+        let u = g.scale(&z, 0.5).unwrap();
+        let v = g.affine(&u, -2.0, 0.1).unwrap();
+        let loss = g.sum_squares_per_sample(&v).unwrap();
+        let grads = g
+            .backward(&loss, be.from_f64(&[2], &[1.0, 0.5]).unwrap())
+            .unwrap();
+        grads
+            .by_name
+            .iter()
+            .map(|(k, t)| (k.clone(), be.to_f64(t).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn pending_factors_give_the_gradients_of_applied_ones() {
+        let (pending, applied) = (gradients(true), gradients(false));
+        assert_eq!(pending.len(), 6);
+        for (name, want) in &applied {
+            let got = &pending[name];
+            let norm = want.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let diff = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(norm > 0.0 && diff <= 1e-13 * norm, "{name}: {diff:e} of {norm:e}");
+        }
     }
 }

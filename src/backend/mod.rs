@@ -208,6 +208,12 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     }
     /// alpha·a + beta·b (same shape).
     fn axpby(&self, alpha: f64, a: &Tensor<Self>, beta: f64, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// alpha·acc + beta·b, reusing `acc`'s storage when nothing else holds it (the autograd's
+    /// accumulation of gradients with different pending factors). Same result as `axpby`.
+    /// Default: `axpby`.
+    fn axpby_into(&self, alpha: f64, acc: Tensor<Self>, beta: f64, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        self.axpby(alpha, &acc, beta, b)
+    }
     /// a ⊙ b (same shape).
     fn mul(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
     /// scale·x + shift.
@@ -452,4 +458,14 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     /// tensor over fixed f64 lanes (bit-identical to `crate::train::optim::global_norm`'s terms); a
     /// device may sum in another order (f64, so the difference is ~1e-16 relative).
     fn squared_norms(&self, xs: &[&Tensor<Self>]) -> Result<Vec<f64>>;
+    /// `affine(xs[i], scales[i], 0)` of many tensors, bit for bit: the pending constant factors
+    /// of the parameter gradients at the end of a backward pass (autograd), in one pass instead of
+    /// a call per tensor. Default: one `affine` per tensor.
+    fn scale_many(&self, xs: &[&Tensor<Self>], scales: &[f64]) -> Result<Vec<Tensor<Self>>> {
+        validate_list_lengths("scale_many", &[xs.len(), scales.len()])?;
+        xs.iter()
+            .zip(scales)
+            .map(|(x, &s)| self.affine(x, s, 0.0))
+            .collect()
+    }
 }

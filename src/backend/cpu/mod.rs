@@ -132,6 +132,47 @@ impl<T: CpuFloat> Cpu<T> {
         }
     }
 
+    /// acc[i] = f(acc[i], b[i]) in acc's own buffer when nothing else holds it, else
+    /// `fresh(acc, b)` (a new tensor, same values): the autograd's gradient accumulation.
+    fn update_in_place(
+        &self,
+        op: &'static str,
+        acc: Tensor<Self>,
+        b: &Tensor<Self>,
+        f: impl Fn(T, T) -> T + Sync + Send,
+        fresh: impl FnOnce(&Tensor<Self>, &Tensor<Self>) -> Result<Tensor<Self>>,
+    ) -> Result<Tensor<Self>> {
+        same_shape(op, acc.shape(), b.shape())?;
+        let shape = acc.shape().to_vec();
+        let mut buf = acc.into_buf();
+        let Some(acc) = Arc::get_mut(&mut buf) else {
+            return fresh(&Tensor::from_buf(shape, buf), b);
+        };
+        let y = data(op, b)?;
+        if acc.len() != y.len() {
+            return Err(Error::shape(
+                op,
+                format!("buffer of {} elements for shape {shape:?}", acc.len()),
+            ));
+        }
+        let run = |(o, y): (&mut [T], &[T])| {
+            simd::vectorized(
+                #[inline(always)]
+                || {
+                    for (o, &v) in o.iter_mut().zip(y) {
+                        *o = f(*o, v);
+                    }
+                },
+            )
+        };
+        if acc.len() < PAR_MIN {
+            run((&mut acc[..], y));
+        } else {
+            self.run(|| acc.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(run));
+        }
+        Ok(Tensor::from_buf(shape, buf))
+    }
+
     fn wrap(shape: &[usize], data: Vec<T>) -> Tensor<Self> {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Tensor::from_buf(shape.to_vec(), Arc::new(data))
@@ -362,35 +403,19 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     /// In place when `acc`'s buffer is not shared (no allocation, no fresh pages).
     fn add_into(&self, acc: Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>> {
         let _prof = profile::scope("add", 0.0);
-        same_shape("add", acc.shape(), b.shape())?;
-        let shape = acc.shape().to_vec();
-        let mut buf = acc.into_buf();
-        let Some(acc) = Arc::get_mut(&mut buf) else {
-            return self.add(&Tensor::from_buf(shape, buf), b);
-        };
-        let y = data("add", b)?;
-        if acc.len() != y.len() {
-            return Err(Error::shape(
-                "add",
-                format!("buffer of {} elements for shape {shape:?}", acc.len()),
-            ));
-        }
-        let run = |(o, y): (&mut [T], &[T])| {
-            simd::vectorized(
-                #[inline(always)]
-                || {
-                    for (o, &v) in o.iter_mut().zip(y) {
-                        *o += v;
-                    }
-                },
-            )
-        };
-        if acc.len() < PAR_MIN {
-            run((&mut acc[..], y));
-        } else {
-            self.run(|| acc.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(run));
-        }
-        Ok(Tensor::from_buf(shape, buf))
+        self.update_in_place("add", acc, b, |o, v| o + v, |a, b| self.add(a, b))
+    }
+    /// In place when `acc`'s buffer is not shared; `axpby`'s arithmetic.
+    fn axpby_into(&self, alpha: f64, acc: Tensor<Self>, beta: f64, b: &Tensor<Self>) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("axpby", 0.0);
+        let (al, be) = (T::from_f64(alpha), T::from_f64(beta));
+        self.update_in_place(
+            "axpby",
+            acc,
+            b,
+            move |o, v| al * o + be * v,
+            |a, b| self.axpby(alpha, a, beta, b),
+        )
     }
     fn axpby(&self, alpha: f64, a: &Tensor<Self>, beta: f64, b: &Tensor<Self>) -> Result<Tensor<Self>> {
         let _prof = profile::scope("axpby", 0.0);
@@ -1031,6 +1056,39 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             .collect::<Result<Vec<_>>>()?;
         // One tensor per task; each sums over fixed lanes, as the host reference does.
         Ok(self.run(|| slices.par_iter().map(|s| optim::squared_norm(s)).collect()))
+    }
+    fn scale_many(&self, xs: &[&Tensor<Self>], scales: &[f64]) -> Result<Vec<Tensor<Self>>> {
+        let _prof = profile::scope("scale_many", 0.0);
+        super::validate_list_lengths("scale_many", &[xs.len(), scales.len()])?;
+        let slices = xs
+            .iter()
+            .map(|x| data("scale_many", x))
+            .collect::<Result<Vec<_>>>()?;
+        // One tensor per task (parameter gradients are small); `affine`'s arithmetic (s·v + 0).
+        let scaled: Vec<Vec<T>> = self.run(|| {
+            slices
+                .par_iter()
+                .zip(scales)
+                .map(|(xs, &s)| {
+                    let s = T::from_f64(s);
+                    written_once(xs.len(), |out| {
+                        simd::vectorized(
+                            #[inline(always)]
+                            || {
+                                for (o, &v) in out.iter_mut().zip(*xs) {
+                                    o.write(s * v + T::ZERO);
+                                }
+                            },
+                        )
+                    })
+                })
+                .collect()
+        });
+        Ok(scaled
+            .into_iter()
+            .zip(xs)
+            .map(|(data, x)| Self::wrap(x.shape(), data))
+            .collect())
     }
 }
 
