@@ -1064,23 +1064,14 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             .iter()
             .map(|x| data("scale_many", x))
             .collect::<Result<Vec<_>>>()?;
-        // One tensor per task (parameter gradients are small); `affine`'s arithmetic (s·v + 0).
+        // One tensor per task (parameter gradients are small), each through `affine`'s loop.
         let scaled: Vec<Vec<T>> = self.run(|| {
             slices
                 .par_iter()
                 .zip(scales)
                 .map(|(xs, &s)| {
                     let s = T::from_f64(s);
-                    written_once(xs.len(), |out| {
-                        simd::vectorized(
-                            #[inline(always)]
-                            || {
-                                for (o, &v) in out.iter_mut().zip(*xs) {
-                                    o.write(s * v + T::ZERO);
-                                }
-                            },
-                        )
-                    })
+                    map1(xs, move |v| s * v + T::ZERO)
                 })
                 .collect()
         });
