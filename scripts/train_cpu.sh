@@ -12,6 +12,8 @@
 #        bash scripts/train_cpu.sh            # in the foreground; add `&` or nohup for the background
 # Settings of a fresh run (ignored on resume, where the checkpoint's are kept): PRESET, NF, CH_MULT,
 # BATCH, LR, WARMUP, EMA, NOISE_DIST.
+# LR_DECAY=STEPS [LR_FINAL=LR]: anneal the learning rate (`train --lr-decay`), also on resume, where
+# it starts at the checkpoint's step; giving the same values again keeps the decay under way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES="${MINUTES:-120}"
@@ -40,6 +42,10 @@ cp "$BIN" "$RUN_DIR/srsde-fast.bin.tmp" && mv "$RUN_DIR/srsde-fast.bin.tmp" "$RU
 common=(--data "$DATA" --out "$RUN_DIR" --steps 100000000 --max-minutes "$MINUTES"
         --ckpt-every 25 --val-every 100 --grid-every 0 --log-every 5 --device "$DEVICE")
 [ "$DEVICE" = cuda ] && common+=(--precision "${PRECISION:-bf16}")
+if [ -n "${LR_DECAY:-}" ]; then
+    common+=(--lr-decay "$LR_DECAY")
+    [ -n "${LR_FINAL:-}" ] && common+=(--lr-final "$LR_FINAL")
+fi
 
 if [ -f "$RUN_DIR/checkpoint.safetensors" ]; then
     echo "resuming $RUN_DIR" >&2

@@ -126,7 +126,7 @@ enum Cmd {
     /// Train a score network on a folder of faces (DSM loss, Adam, EMA, resumable checkpoints).
     Train {
         #[command(flatten)]
-        args: srsde_fast::train::run::TrainArgs,
+        args: Box<srsde_fast::train::run::TrainArgs>,
         /// Where to train: the whole step (forward, backward, Adam, EMA) runs on that backend.
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,

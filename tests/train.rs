@@ -20,7 +20,9 @@ use srsde_fast::train::checkpoint::{self, Checkpoint, CHECKPOINT_FILE};
 use srsde_fast::train::data::{epoch_permutation, load_sample, FaceCache, FaceFolder, Loader, LoaderOptions};
 use srsde_fast::train::init::paper_init;
 use srsde_fast::train::loss::{draw_times, dsm_loss};
-use srsde_fast::train::optim::{adam_update, clip_scale, global_norm, warmup_lr, Adam, AdamConfig, Ema};
+use srsde_fast::train::optim::{
+    adam_update, clip_scale, global_norm, scheduled_lr, warmup_lr, Adam, AdamConfig, Ema, LrDecay,
+};
 use srsde_fast::train::run::{train, StopReason, TrainOptions, Trainer};
 
 fn faces_dir() -> PathBuf {
@@ -166,6 +168,7 @@ fn adam_matches_torch_formula_with_warmup_and_clip() {
         eps: 1e-8,
         warmup: 2,
         grad_clip: 1.0,
+        decay: None,
     };
     let p0 = vec![0.5f32, -1.0, 2.0];
     let q0 = vec![0.25f32];
@@ -230,6 +233,37 @@ fn optimizer_pieces() {
     assert_eq!(warmup_lr(2e-4, 5000, 2500), 1e-4);
     assert_eq!(warmup_lr(2e-4, 5000, 9000), 2e-4);
     assert_eq!(warmup_lr(2e-4, 0, 0), 2e-4);
+    // The decay takes over from its start: from → to along a half cosine, then stays at `to`.
+    let decay = LrDecay {
+        start: 100,
+        steps: 50,
+        from: 4e-4,
+        to: 1e-4,
+    };
+    let mut cfg = AdamConfig {
+        lr: 4e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        warmup: 80,
+        grad_clip: 1.0,
+        decay: Some(decay),
+    };
+    assert_eq!(scheduled_lr(&cfg, 40), 2e-4, "warm-up before the decay");
+    assert_eq!(scheduled_lr(&cfg, 100), 4e-4);
+    assert!((scheduled_lr(&cfg, 125) - 2.5e-4).abs() < 1e-15);
+    assert!((scheduled_lr(&cfg, 150) - 1e-4).abs() < 1e-15);
+    assert_eq!(scheduled_lr(&cfg, 10_000), 1e-4);
+    assert!(scheduled_lr(&cfg, 110) > scheduled_lr(&cfg, 120));
+    cfg.decay = None;
+    assert_eq!(scheduled_lr(&cfg, 10_000), 4e-4);
+    assert!(LrDecay { steps: 0, ..decay }.validate().is_err());
+    assert!(LrDecay {
+        to: f64::NAN,
+        ..decay
+    }
+    .validate()
+    .is_err());
     assert_eq!(clip_scale(0.5, 1.0), 1.0);
     assert!((clip_scale(4.0, 1.0) - 1.0 / (4.0 + 1e-6)).abs() < 1e-15);
     assert_eq!(clip_scale(100.0, -1.0), 1.0);
@@ -574,6 +608,69 @@ fn resume_continues_exactly() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("--resume"), "{e}");
+}
+
+/// The (step, lr) pairs of a run's log.
+fn logged_lrs(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["lr"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn lr_decay_set_on_resume_anneals_and_resumes_exactly() {
+    let data = face_subset("decay", 6);
+    let (a, b) = (scratch("decay_a"), scratch("decay_b"));
+    let stop = AtomicBool::new(false);
+    let be = CpuF32::new();
+    let with_decay = |out: &Path, steps: u64| {
+        let mut o = tiny_options(&data, out, steps);
+        o.resume = true;
+        o.lr_decay = Some(4);
+        o.lr_final = Some(1e-4);
+        o
+    };
+    // Run a: 3 steps at the constant (warm-up) schedule, then resumed with a decay to step 8.
+    train(&be, &tiny_options(&data, &a, 3), &stop).unwrap();
+    train(&be, &with_decay(&a, 8), &stop).unwrap();
+    let ck = Checkpoint::load(&a).unwrap();
+    let want = LrDecay {
+        start: 3,
+        steps: 4,
+        from: 2e-3 * 3.0 / 5.0, // where the warm-up (5 steps) had got to after 3
+        to: 1e-4,
+    };
+    let d = ck.hyper.lr_decay.expect("the checkpoint keeps the decay");
+    assert_eq!((d.start, d.steps, d.to), (want.start, want.steps, want.to));
+    assert!((d.from - want.from).abs() < 1e-15, "{d:?}");
+    let lrs = logged_lrs(&a);
+    assert_eq!(lrs.len(), 8);
+    for &(step, lr) in &lrs[3..] {
+        // Log line `step` is the update after step − 1 completed ones.
+        let expect = want.lr(step - 1);
+        assert!(
+            (lr - expect).abs() <= 1e-12 * expect,
+            "step {step}: lr {lr} vs {expect}"
+        );
+    }
+    assert!(lrs[3].1 > lrs[4].1 && lrs[4].1 > lrs[5].1, "annealing: {lrs:?}");
+    assert!((lrs[7].1 - 1e-4).abs() < 1e-15, "after the decay: the final lr");
+
+    // Run b: the same, but stopped at 5 and resumed with the same flags: the decay under way is
+    // kept, and the run ends bit for bit where run a did.
+    train(&be, &tiny_options(&data, &b, 3), &stop).unwrap();
+    train(&be, &with_decay(&b, 5), &stop).unwrap();
+    train(&be, &with_decay(&b, 8), &stop).unwrap();
+    let cb = Checkpoint::load(&b).unwrap();
+    assert_eq!(cb.hyper.lr_decay, ck.hyper.lr_decay);
+    assert_eq!(cb.params, ck.params, "weights");
+    assert_eq!(cb.ema, ck.ema, "EMA");
+    assert_eq!(logged_lrs(&b), lrs);
 }
 
 #[test]

@@ -63,6 +63,7 @@ pub fn adam_config(h: &Hyper) -> AdamConfig {
         eps: h.adam_eps,
         warmup: h.warmup,
         grad_clip: h.grad_clip,
+        decay: h.lr_decay,
     }
 }
 
@@ -437,6 +438,7 @@ pub fn training_record(ck: &Checkpoint) -> serde_json::Value {
             "batch": h.batch,
             "lr": h.lr,
             "warmup": h.warmup,
+            "lr_decay": h.lr_decay,
             "ema_rate": h.ema_rate,
             "seed": h.seed,
             "val_fraction": h.val_fraction,

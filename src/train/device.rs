@@ -122,7 +122,7 @@ impl<B: Backend> DeviceAdam<B> {
         // As optim::global_norm: per-tensor f64 sums (fixed lanes) in name order, summed, square root.
         let norm = be.squared_norms(&gs)?.iter().sum::<f64>().sqrt();
         let scale = optim::clip_scale(norm, c.grad_clip);
-        let lr = optim::warmup_lr(c.lr, c.warmup, completed);
+        let lr = optim::scheduled_lr(c, completed);
         let hp = AdamStep {
             lr,
             beta1: c.beta1,

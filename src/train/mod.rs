@@ -77,6 +77,10 @@ pub struct Hyper {
     /// with the training they had already had; None for a fresh run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<InitFrom>,
+    /// The learning rate's decay after the warm-up (absent: constant, as the original). Unlike the
+    /// other settings it may be set or changed on resume (`train --lr-decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_decay: Option<crate::train::optim::LrDecay>,
     /// The noise levels' distribution (absent in older checkpoints: the paper's).
     #[serde(default, skip_serializing_if = "NoiseDist::is_paper")]
     pub noise_dist: NoiseDist,
@@ -162,6 +166,7 @@ impl Hyper {
             seed: 42,
             val_fraction: crate::train::data::VAL_FRACTION,
             init: None,
+            lr_decay: None,
             noise_dist: NoiseDist::Paper,
         }
     }
@@ -179,6 +184,9 @@ impl Hyper {
         }
         if self.adam_eps.is_nan() || self.adam_eps <= 0.0 {
             return bad("Adam eps must be > 0".into());
+        }
+        if let Some(d) = &self.lr_decay {
+            d.validate()?;
         }
         if !(0.0..=1.0).contains(&self.ema_rate) {
             return bad(format!("EMA rate {} must lie in [0, 1]", self.ema_rate));

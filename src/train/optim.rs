@@ -2,7 +2,9 @@
 //!
 //! * learning rate lr·min(step/warmup, 1) where `step` counts the steps completed *before* this
 //!   one (`state['step']` is incremented after `optimize_fn`), so the very first update uses lr = 0:
-//!   it still advances Adam's moments and step count but leaves the weights unchanged;
+//!   it still advances Adam's moments and step count but leaves the weights unchanged; beyond the
+//!   original, an optional cosine decay ([`LrDecay`], `train --lr-decay`) takes over from its
+//!   first step on (the original keeps lr constant);
 //! * `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the global L2 norm over all gradients,
 //!   every gradient multiplied by min(max_norm / (norm + 1e-6), 1);
 //! * `torch.optim.Adam` (no weight decay, bias-corrected, single-tensor float32 arithmetic);
@@ -30,6 +32,51 @@ pub struct AdamConfig {
     pub warmup: u64,
     /// Max global grad norm; negative disables clipping.
     pub grad_clip: f64,
+    /// A decay of the learning rate after the warm-up (None: constant, as the original).
+    pub decay: Option<LrDecay>,
+}
+
+/// A half-cosine decay of the learning rate from `from` at completed step `start` to `to` at
+/// `start + steps`, and `to` after it. Not in the original (its lr is constant after the warm-up):
+/// a run trained at a constant lr on small batches stops improving at a noise floor that a lower lr
+/// gets under, so a run that has plateaued is annealed (`train --lr-decay`).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LrDecay {
+    pub start: u64,
+    pub steps: u64,
+    pub from: f64,
+    pub to: f64,
+}
+
+impl LrDecay {
+    /// The learning rate after `completed` steps (`from` before the decay starts).
+    pub fn lr(&self, completed: u64) -> f64 {
+        if completed <= self.start {
+            return self.from;
+        }
+        let done = ((completed - self.start) as f64 / self.steps.max(1) as f64).min(1.0);
+        self.to + (self.from - self.to) * 0.5 * (1.0 + (std::f64::consts::PI * done).cos())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let ok = |v: f64| v.is_finite() && v >= 0.0;
+        if self.steps == 0 || !ok(self.from) || !ok(self.to) {
+            return Err(Error::Config(format!(
+                "learning-rate decay over {} steps from {} to {}: needs ≥ 1 step and finite rates ≥ 0",
+                self.steps, self.from, self.to
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The learning rate of the update that follows `completed` earlier steps: the warm-up, then the
+/// decay once it has started.
+pub fn scheduled_lr(c: &AdamConfig, completed: u64) -> f64 {
+    match c.decay {
+        Some(d) if completed >= d.start => d.lr(completed),
+        _ => warmup_lr(c.lr, c.warmup, completed),
+    }
 }
 
 /// The learning rate of the update that follows `completed` earlier steps.
@@ -132,7 +179,7 @@ impl Adam {
         let c = &self.config;
         let norm = global_norm(self.m.keys().map(|n| grads[n].as_slice()));
         let scale = clip_scale(norm, c.grad_clip);
-        let lr = warmup_lr(c.lr, c.warmup, completed);
+        let lr = scheduled_lr(c, completed);
         self.steps += 1;
         for (name, m) in self.m.iter_mut() {
             let v = self.v.get_mut(name).expect("m and v share keys");

@@ -21,6 +21,7 @@ use crate::train::checkpoint::{adam_config, Checkpoint, TrainState, CHECKPOINT_F
 use crate::train::data::{Batch, FaceFolder, Loader, LoaderOptions};
 use crate::train::device::{DeviceAdam, DeviceEma};
 use crate::train::loss::{draw_noise, draw_train_times, dropout_seed, dsm_loss};
+use crate::train::optim::{scheduled_lr, LrDecay};
 use crate::train::validate::{write_grid, ValSet};
 use crate::train::Hyper;
 
@@ -276,6 +277,11 @@ pub struct TrainOptions {
     pub sigma_data: Option<f64>,
     /// The training noise levels' distribution (None: the paper's t ~ U[eps, 1]).
     pub noise_dist: Option<crate::train::NoiseDist>,
+    /// Anneal the learning rate over this many steps (a half cosine), from where the run is (after
+    /// the warm-up of a new run; at the checkpoint's step on resume) down to `lr_final`.
+    pub lr_decay: Option<u64>,
+    /// The learning rate the decay ends at (None: a tenth of the run's lr).
+    pub lr_final: Option<f64>,
 }
 
 impl TrainOptions {
@@ -312,6 +318,8 @@ impl TrainOptions {
             sigma_max: None,
             sigma_data: None,
             noise_dist: None,
+            lr_decay: None,
+            lr_final: None,
         }
     }
 
@@ -359,7 +367,37 @@ impl TrainOptions {
         h.seed = self.seed.unwrap_or(h.seed);
         h.val_fraction = self.val_fraction.unwrap_or(h.val_fraction);
         h.noise_dist = self.noise_dist.unwrap_or(h.noise_dist);
+        h.lr_decay = self.new_lr_decay(&h, h.warmup);
         h
+    }
+
+    /// The `--lr-decay` of a new run whose decay starts after `start` completed steps.
+    fn new_lr_decay(&self, h: &Hyper, start: u64) -> Option<LrDecay> {
+        self.lr_decay.map(|steps| LrDecay {
+            start,
+            steps,
+            from: scheduled_lr(&adam_config(h), start),
+            to: self.lr_final.unwrap_or(h.lr / 10.0),
+        })
+    }
+
+    /// The decay of a resumed run at `step`: the checkpoint's unless `--lr-decay` is given; given
+    /// with the checkpoint's own steps and final lr it changes nothing (so repeating the command
+    /// that set it resumes exactly), else a new decay starts here from the lr the run is at.
+    fn resumed_lr_decay(&self, h: &Hyper, step: u64) -> Option<LrDecay> {
+        let Some(steps) = self.lr_decay else {
+            return h.lr_decay;
+        };
+        let to = self.lr_final.unwrap_or(h.lr / 10.0);
+        match h.lr_decay {
+            Some(d) if d.steps == steps && d.to == to => Some(d),
+            _ => Some(LrDecay {
+                start: step,
+                steps,
+                from: scheduled_lr(&adam_config(h), step),
+                to,
+            }),
+        }
     }
 
     /// On resume, every setting given explicitly must agree with the checkpoint.
@@ -517,6 +555,7 @@ fn trainer_from_init<B: Backend>(backend: &B, opts: &TrainOptions, src: &Path) -
     let mut hyper = opts.hyper(c);
     hyper.preset = format!("init-from {}", src.display());
     hyper.warmup = opts.warmup.unwrap_or(FINETUNE_WARMUP);
+    hyper.lr_decay = opts.new_lr_decay(&hyper, hyper.warmup);
     let (steps, images, runs) = init.totals;
     hyper.init = Some(crate::train::InitFrom {
         source: src.display().to_string(),
@@ -664,8 +703,20 @@ pub fn train<B: Backend>(backend: &B, opts: &TrainOptions, stop: &AtomicBool) ->
                 ckpt_path.display()
             )));
         }
-        let ck = Checkpoint::load(&ckpt_path)?;
+        let mut ck = Checkpoint::load(&ckpt_path)?;
         opts.check_resume(&ck)?;
+        ck.hyper.lr_decay = opts.resumed_lr_decay(&ck.hyper, ck.state.step);
+        ck.hyper.validate()?;
+        ck.adam.config = adam_config(&ck.hyper);
+        if let (Some(d), true) = (ck.hyper.lr_decay, opts.progress) {
+            eprintln!(
+                "learning rate: cosine decay from {:e} at step {} to {:e} at step {}",
+                d.from,
+                d.start,
+                d.to,
+                d.start + d.steps
+            );
+        }
         let next = ck.state.next_sample;
         (Trainer::from_checkpoint(backend, ck)?, next)
     } else {
@@ -956,6 +1007,15 @@ pub struct TrainArgs {
     /// `log-normal:MEAN,STD` of ln σ, truncated to [σ_min, σ_max] (EDM's; VE only) [default: paper].
     #[arg(long, value_parser = parse_noise_dist)]
     pub noise_dist: Option<crate::train::NoiseDist>,
+    /// Anneal the learning rate along a half cosine over this many steps, down to --lr-final: from
+    /// the end of the warm-up of a new run, or from the checkpoint's step and current lr on --resume
+    /// (the one setting a resumed run may change; repeating the same --lr-decay/--lr-final keeps
+    /// the decay already under way). Not in the paper (constant lr) [default: no decay].
+    #[arg(long, value_name = "STEPS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub lr_decay: Option<u64>,
+    /// The learning rate --lr-decay ends at [default: a tenth of --lr].
+    #[arg(long, requires = "lr_decay")]
+    pub lr_final: Option<f64>,
 }
 
 fn parse_noise_dist(s: &str) -> std::result::Result<crate::train::NoiseDist, String> {
@@ -995,6 +1055,8 @@ impl TrainArgs {
             sigma_max: self.sigma_max,
             sigma_data: self.sigma_data,
             noise_dist: self.noise_dist,
+            lr_decay: self.lr_decay,
+            lr_final: self.lr_final,
         }
     }
 }
