@@ -671,6 +671,22 @@ fn lr_decay_set_on_resume_anneals_and_resumes_exactly() {
     assert_eq!(cb.params, ck.params, "weights");
     assert_eq!(cb.ema, ck.ema, "EMA");
     assert_eq!(logged_lrs(&b), lrs);
+
+    // A new run with --lr-decay decays from the end of its warm-up, to a tenth of its lr.
+    let c = scratch("decay_c");
+    let mut fresh = tiny_options(&data, &c, 2);
+    fresh.lr_decay = Some(4);
+    train(&be, &fresh, &stop).unwrap();
+    let d = Checkpoint::load(&c).unwrap().hyper.lr_decay;
+    assert_eq!(
+        d,
+        Some(LrDecay {
+            start: 5,
+            steps: 4,
+            from: 2e-3,
+            to: 2e-4,
+        })
+    );
 }
 
 #[test]

@@ -21,7 +21,7 @@ use crate::train::checkpoint::{adam_config, Checkpoint, TrainState, CHECKPOINT_F
 use crate::train::data::{Batch, FaceFolder, Loader, LoaderOptions};
 use crate::train::device::{DeviceAdam, DeviceEma};
 use crate::train::loss::{draw_noise, draw_train_times, dropout_seed, dsm_loss};
-use crate::train::optim::{scheduled_lr, LrDecay};
+use crate::train::optim::{scheduled_lr, warmup_lr, LrDecay};
 use crate::train::validate::{write_grid, ValSet};
 use crate::train::Hyper;
 
@@ -376,7 +376,7 @@ impl TrainOptions {
         self.lr_decay.map(|steps| LrDecay {
             start,
             steps,
-            from: scheduled_lr(&adam_config(h), start),
+            from: warmup_lr(h.lr, h.warmup, start),
             to: self.lr_final.unwrap_or(h.lr / 10.0),
         })
     }
