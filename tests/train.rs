@@ -549,6 +549,18 @@ fn tiny_cpu_run_lowers_the_loss() {
     assert!(out.join(CHECKPOINT_FILE).is_file());
 }
 
+/// The (step, `field`) pairs of a run's log.
+fn logged(run: &Path, field: &str) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v[field].as_f64().unwrap())
+        })
+        .collect()
+}
+
 #[test]
 fn resume_continues_exactly() {
     let data = face_subset("resume", 6);
@@ -571,14 +583,7 @@ fn resume_continues_exactly() {
     assert_eq!((second.start_step, second.end_step), (3, 6));
     let joined: Vec<f64> = first.losses.iter().chain(&second.losses).copied().collect();
     assert_eq!(joined, full.losses, "losses of the resumed run differ");
-    let logged: Vec<(u64, f64)> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect();
+    let logged = logged(&b, "loss");
     // (serde_json's float parsing is not exactly round-trip; compare to 1e-12.)
     assert_eq!(
         logged.iter().map(|l| l.0).collect::<Vec<_>>(),
@@ -610,18 +615,6 @@ fn resume_continues_exactly() {
     assert!(e.contains("--resume"), "{e}");
 }
 
-/// The (step, lr) pairs of a run's log.
-fn logged_lrs(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("train_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["lr"].as_f64().unwrap())
-        })
-        .collect()
-}
-
 #[test]
 fn lr_decay_set_on_resume_anneals_and_resumes_exactly() {
     let data = face_subset("decay", 6);
@@ -648,7 +641,7 @@ fn lr_decay_set_on_resume_anneals_and_resumes_exactly() {
     let d = ck.hyper.lr_decay.expect("the checkpoint keeps the decay");
     assert_eq!((d.start, d.steps, d.to), (want.start, want.steps, want.to));
     assert!((d.from - want.from).abs() < 1e-15, "{d:?}");
-    let lrs = logged_lrs(&a);
+    let lrs = logged(&a, "lr");
     assert_eq!(lrs.len(), 8);
     for &(step, lr) in &lrs[3..] {
         // Log line `step` is the update after step − 1 completed ones.
@@ -670,7 +663,7 @@ fn lr_decay_set_on_resume_anneals_and_resumes_exactly() {
     assert_eq!(cb.hyper.lr_decay, ck.hyper.lr_decay);
     assert_eq!(cb.params, ck.params, "weights");
     assert_eq!(cb.ema, ck.ema, "EMA");
-    assert_eq!(logged_lrs(&b), lrs);
+    assert_eq!(logged(&b, "lr"), lrs);
 
     // A new run with --lr-decay decays from the end of its warm-up, to a tenth of its lr.
     let c = scratch("decay_c");
