@@ -1154,3 +1154,89 @@ fn axpby_into_is_axpby_in_place_or_not() {
     );
     assert!(be.axpby_into(1.0, be.zeros(&[2]).unwrap(), 1.0, &b).is_err());
 }
+
+/// The ops that read a channel concatenation's parts in place (the U-Net's up path: GroupNorm_0
+/// and the 1×1 shortcut over [features, skip]) against concatenating first, forward and
+/// backward, in f64 and f32 (every route): GroupNorm bit for bit (each group is read, in place or
+/// gathered, as the same values), the 1×1 conv to rounding (its sum over channels is split at the
+/// part boundary). Parts whose boundary falls inside a group, and three parts.
+#[test]
+fn channel_parts_ops_match_the_concatenation() {
+    use srsde_fast::backend::cpu::CpuF32;
+    fn check<B: Backend>(be: &B, tol: f64) {
+        let f = |shape: &[usize], seed: u64| be.from_f64(shape, &rnd(shape.iter().product(), seed)).unwrap();
+        let v = |x: &Tensor<B>| be.to_f64(x).unwrap();
+        let bits = |x: &Tensor<B>| -> Vec<u64> { v(x).iter().map(|a| a.to_bits()).collect() };
+        assert!(be.reads_channel_parts());
+        for (case, channels) in [vec![8usize, 8], vec![6, 10], vec![3, 4, 5]].iter().enumerate() {
+            let (n, h, w, groups) = (3usize, 5usize, 7usize, 4usize);
+            let parts: Vec<Tensor<B>> = channels
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| f(&[n, c, h, w], 10 * case as u64 + i as u64))
+                .collect();
+            let refs: Vec<&Tensor<B>> = parts.iter().collect();
+            let cat = be.concat_channels(&refs).unwrap();
+            let ctot: usize = channels.iter().sum();
+            let (gamma, beta) = (f(&[ctot], 91), f(&[ctot], 92));
+            let dy = f(&[n, ctot, h, w], 93);
+
+            let (y, st) = be
+                .group_norm_parts_saving(&refs, &gamma, &beta, groups, 1e-6, true)
+                .unwrap();
+            let (y_ref, st_ref) = be
+                .group_norm_saving(&cat, &gamma, &beta, groups, 1e-6, true)
+                .unwrap();
+            assert_eq!(bits(&y), bits(&y_ref), "case {case}: group_norm forward");
+            let pg = be
+                .group_norm_parts_backward_saved(&refs, &st, &gamma, &beta, &dy, groups, 1e-6, true)
+                .unwrap();
+            let (dxs, dg, db) = (pg.dx, pg.dw, pg.db);
+            let gr = be
+                .group_norm_backward_saved(&cat, &st_ref, &gamma, &beta, &dy, groups, 1e-6, true)
+                .unwrap();
+            assert_eq!(bits(&dg), bits(&gr.dw), "case {case}: dγ");
+            assert_eq!(bits(&db), bits(&gr.db), "case {case}: dβ");
+            let want = be.split_channels(&gr.dx, &refs).unwrap();
+            for (i, (got, want)) in dxs.iter().zip(&want).enumerate() {
+                assert_eq!(got.shape(), parts[i].shape());
+                assert_eq!(bits(got), bits(want), "case {case}: group_norm dx of part {i}");
+            }
+
+            let o = 5;
+            let (wt, b) = (f(&[o, ctot, 1, 1], 94), f(&[o], 95));
+            let y = be.conv1x1_parts(&refs, &wt, &b).unwrap();
+            let y_ref = be.conv2d(&cat, &wt, Some(&b), 1, 0).unwrap();
+            assert_eq!(y.shape(), y_ref.shape());
+            assert_close(&format!("case {case}: conv1x1 forward"), &v(&y), &v(&y_ref), tol);
+            let dy = f(&[n, o, h, w], 96);
+            let pg = be.conv1x1_parts_backward(&refs, &wt, &dy).unwrap();
+            let (dxs, dw, db) = (pg.dx, pg.dw, pg.db);
+            let gr = be.conv2d_backward(&cat, &wt, &dy, 1, 0).unwrap();
+            assert_close(&format!("case {case}: conv1x1 dw"), &v(&dw), &v(&gr.dw), tol);
+            assert_eq!(dw.shape(), gr.dw.shape());
+            assert_close(&format!("case {case}: conv1x1 db"), &v(&db), &v(&gr.db), tol);
+            let want = be.split_channels(&gr.dx, &refs).unwrap();
+            for (i, (got, want)) in dxs.iter().zip(&want).enumerate() {
+                assert_eq!(got.shape(), parts[i].shape());
+                assert_close(
+                    &format!("case {case}: conv1x1 dx of part {i}"),
+                    &v(got),
+                    &v(want),
+                    tol,
+                );
+            }
+        }
+        // Parts that do not line up are refused.
+        let (a, c) = (f(&[2, 4, 5, 5], 1), f(&[2, 4, 5, 6], 2));
+        let (g4, b4) = (f(&[8], 3), f(&[8], 4));
+        assert!(be
+            .group_norm_parts_saving(&[&a, &c], &g4, &b4, 2, 1e-6, true)
+            .is_err());
+        assert!(be
+            .conv1x1_parts(&[&a, &c], &f(&[3, 8, 1, 1], 5), &f(&[3], 6))
+            .is_err());
+    }
+    check(&b64(), 1e-13);
+    check(&CpuF32::new(), 1e-6);
+}

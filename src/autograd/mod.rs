@@ -406,6 +406,55 @@ impl<B: Backend> Graph<B> {
         }))
     }
 
+    /// `group_norm` of the channel concatenation of `parts`, which a backend that
+    /// [`reads_channel_parts`](Backend::reads_channel_parts) never builds (its backward hands
+    /// each part its own gradient). Inputs: the parts, γ, β.
+    pub fn group_norm_parts(
+        &self,
+        parts: &[&Var<B>],
+        gamma: &Var<B>,
+        beta: &Var<B>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<Var<B>> {
+        let be = &self.backend;
+        let values: Vec<&Tensor<B>> = parts.iter().map(|v| &v.value).collect();
+        let (y, stats) = be.group_norm_parts_saving(&values, &gamma.value, &beta.value, groups, eps, silu)?;
+        let mut inputs = parts.to_vec();
+        inputs.extend([gamma, beta]);
+        if !self.records(&inputs) {
+            return Ok(Var { value: y, node: None });
+        }
+        let pv: Vec<Tensor<B>> = values.into_iter().cloned().collect();
+        let (gv, bv) = (gamma.value.clone(), beta.value.clone());
+        Ok(self.record(y, &inputs, move |be, g| {
+            let refs: Vec<&Tensor<B>> = pv.iter().collect();
+            let gr = be.group_norm_parts_backward_saved(&refs, &stats, &gv, &bv, g, groups, eps, silu)?;
+            let mut grads: Vec<Option<Tensor<B>>> = gr.dx.into_iter().map(Some).collect();
+            grads.extend([Some(gr.dw), Some(gr.db)]);
+            Ok(grads)
+        }))
+    }
+
+    /// A 1×1 conv of the channel concatenation of `parts` ([`Backend::conv1x1_parts`]).
+    /// Inputs: the parts, w, b.
+    pub fn conv1x1_parts(&self, parts: &[&Var<B>], w: &Var<B>, b: &Var<B>) -> Result<Var<B>> {
+        let values: Vec<&Tensor<B>> = parts.iter().map(|v| &v.value).collect();
+        let y = self.backend.conv1x1_parts(&values, &w.value, &b.value)?;
+        let mut inputs = parts.to_vec();
+        inputs.extend([w, b]);
+        let pv: Vec<Tensor<B>> = values.into_iter().cloned().collect();
+        let wv = w.value.clone();
+        Ok(self.record(y, &inputs, move |be, g| {
+            let refs: Vec<&Tensor<B>> = pv.iter().collect();
+            let gr = be.conv1x1_parts_backward(&refs, &wv, g)?;
+            let mut grads: Vec<Option<Tensor<B>>> = gr.dx.into_iter().map(Some).collect();
+            grads.extend([Some(gr.dw), Some(gr.db)]);
+            Ok(grads)
+        }))
+    }
+
     pub fn group_norm(
         &self,
         x: &Var<B>,

@@ -161,6 +161,14 @@ pub fn conv2d_fused_composed<B: Backend>(
     Ok(y)
 }
 
+/// Gradients of an op over a channel concatenation's parts: each part's dx, then the weight's
+/// and the bias's (γ's and β's for a GroupNorm).
+pub struct PartsGrads<B: Backend> {
+    pub dx: Vec<Tensor<B>>,
+    pub dw: Tensor<B>,
+    pub db: Tensor<B>,
+}
+
 /// Gradients of an op with parameters: input, weight, bias.
 pub struct Grads3<B: Backend> {
     pub dx: Tensor<B>,
@@ -356,6 +364,82 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         eps: f64,
         silu: bool,
     ) -> Result<Grads3<Self>>;
+
+    // ---- a channel concatenation read in place -------------------------------------------------
+    /// Whether this backend's `*_parts` ops read a channel concatenation's parts in place (the
+    /// CPU). Where not, the model concatenates once and runs the plain ops; the defaults below
+    /// (concatenate, run, slice) are correct but would concatenate once per op.
+    fn reads_channel_parts(&self) -> bool {
+        false
+    }
+    /// `group_norm_saving` of the channel concatenation of `parts` (equal N, H, W).
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_parts_saving(
+        &self,
+        parts: &[&Tensor<Self>],
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<(Tensor<Self>, Self::NormSaved)> {
+        self.group_norm_saving(&self.concat_channels(parts)?, gamma, beta, groups, eps, silu)
+    }
+    /// Gradients of `group_norm_parts_saving`: dx of each part, dγ, dβ.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_parts_backward_saved(
+        &self,
+        parts: &[&Tensor<Self>],
+        saved: &Self::NormSaved,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<PartsGrads<Self>> {
+        let x = self.concat_channels(parts)?;
+        let gr = self.group_norm_backward_saved(&x, saved, gamma, beta, dy, groups, eps, silu)?;
+        Ok(PartsGrads {
+            dx: self.split_channels(&gr.dx, parts)?,
+            dw: gr.dw,
+            db: gr.db,
+        })
+    }
+    /// A 1×1 conv (stride 1, no padding) of the channel concatenation of `parts`.
+    fn conv1x1_parts(
+        &self,
+        parts: &[&Tensor<Self>],
+        w: &Tensor<Self>,
+        b: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        self.conv2d(&self.concat_channels(parts)?, w, Some(b), 1, 0)
+    }
+    /// Gradients of `conv1x1_parts`: dx of each part, dw, db.
+    fn conv1x1_parts_backward(
+        &self,
+        parts: &[&Tensor<Self>],
+        w: &Tensor<Self>,
+        dy: &Tensor<Self>,
+    ) -> Result<PartsGrads<Self>> {
+        let gr = self.conv2d_backward(&self.concat_channels(parts)?, w, dy, 1, 0)?;
+        Ok(PartsGrads {
+            dx: self.split_channels(&gr.dx, parts)?,
+            dw: gr.dw,
+            db: gr.db,
+        })
+    }
+    /// `x` cut along its channels into tensors with the channel counts of `like`.
+    fn split_channels(&self, x: &Tensor<Self>, like: &[&Tensor<Self>]) -> Result<Vec<Tensor<Self>>> {
+        let mut start = 0;
+        like.iter()
+            .map(|p| {
+                let c = p.shape().get(1).copied().unwrap_or(0);
+                start += c;
+                self.slice_channels(x, start - c, c)
+            })
+            .collect()
+    }
 
     // ---- attention ----------------------------------------------------------------------------
     /// Spatial self-attention of score_sde's AttnBlockpp core: with L = H·W,

@@ -455,7 +455,10 @@ impl<B: Backend> Ncsnpp<B> {
         for level in (0..levels).rev() {
             for _ in 0..=cfg.model.num_res_blocks {
                 let skip = hs.pop().expect("skip connection");
-                h = run(mi, &g.concat_channels(&[&h, &skip])?)?;
+                h = match &mods[mi] {
+                    Module::Res(r) => r.forward_parts(&cx, &[&h, &skip], &act_temb)?,
+                    _ => run(mi, &g.concat_channels(&[&h, &skip])?)?,
+                };
                 capture(mi, &h);
                 mi += 1;
             }

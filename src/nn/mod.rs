@@ -118,6 +118,12 @@ impl Conv2d {
         let b = cx.p(&join(&self.prefix, "bias"))?;
         cx.g.conv2d_fused(x, &w, &b, self.stride, self.pad, chan_bias, residual)
     }
+    /// A 1×1 conv of the channel concatenation of `parts` (`Graph::conv1x1_parts`).
+    pub fn forward_parts<B: Backend>(&self, cx: &Ctx<B>, parts: &[&Var<B>]) -> Result<Var<B>> {
+        let w = cx.p(&join(&self.prefix, "weight"))?;
+        let b = cx.p(&join(&self.prefix, "bias"))?;
+        cx.g.conv1x1_parts(parts, &w, &b)
+    }
 }
 
 /// nn.Linear (weight (out, in)).
@@ -164,6 +170,12 @@ impl GroupNorm {
         let w = cx.p(&join(&self.prefix, "weight"))?;
         let b = cx.p(&join(&self.prefix, "bias"))?;
         cx.g.group_norm(x, &w, &b, self.groups(), Self::EPS, silu)
+    }
+    /// `forward` of the channel concatenation of `parts` (`Graph::group_norm_parts`).
+    pub fn forward_parts<B: Backend>(&self, cx: &Ctx<B>, parts: &[&Var<B>], silu: bool) -> Result<Var<B>> {
+        let w = cx.p(&join(&self.prefix, "weight"))?;
+        let b = cx.p(&join(&self.prefix, "bias"))?;
+        cx.g.group_norm_parts(parts, &w, &b, self.groups(), Self::EPS, silu)
     }
 }
 
@@ -319,6 +331,41 @@ impl ResBlock {
         if let Some(c) = self.shortcut() {
             x = c.forward(cx, &x)?;
         }
+        let s = if self.skip_rescale {
+            std::f64::consts::FRAC_1_SQRT_2
+        } else {
+            1.0
+        };
+        self.conv1().forward_fused(cx, &h, None, Some((&x, s, s)))
+    }
+}
+
+impl ResBlock {
+    /// `forward` of the channel concatenation of `parts` (the up path's features and skip
+    /// connection). Where the backend [`reads_channel_parts`](Backend::reads_channel_parts) (the
+    /// CPU), the block's two readers of it, GroupNorm_0 and the 1×1 shortcut, read the parts in
+    /// place: no concatenation forward, no slicing of its gradient backward. Else (or in a block
+    /// that resamples, or has no shortcut) the parts are concatenated first.
+    pub fn forward_parts<B: Backend>(
+        &self,
+        cx: &Ctx<B>,
+        parts: &[&Var<B>],
+        act_temb: &Var<B>,
+    ) -> Result<Var<B>> {
+        let g = cx.g;
+        let shortcut = self.shortcut();
+        let in_place =
+            parts.len() > 1 && g.backend().reads_channel_parts() && self.resample == Resample::None;
+        let Some(shortcut) = shortcut.filter(|_| in_place) else {
+            return self.forward(cx, &g.concat_channels(parts)?, act_temb);
+        };
+        // The ops of `forward`, in its order.
+        let h = self.gn0().forward_parts(cx, parts, true)?;
+        let t = self.dense0().forward(cx, act_temb)?;
+        let h = self.conv0().forward_fused(cx, &h, Some(&t), None)?;
+        let h = self.gn1().forward(cx, &h, true)?;
+        let h = cx.dropout(&h)?;
+        let x = shortcut.forward_parts(cx, parts)?;
         let s = if self.skip_rescale {
             std::f64::consts::FRAC_1_SQRT_2
         } else {

@@ -193,6 +193,139 @@ pub(crate) fn nin_backward<T: CpuFloat>(
     (dx, dw, db)
 }
 
+/// A 1×1 conv (weight [O, ΣC_i] row-major, bias [O]) of the channel concatenation of `parts`
+/// (each (x [N, C_i, P], C_i)), without building it: per image the output rows start at the bias
+/// and each part adds its product with its columns of W (one GEMM per part over the same rows).
+pub(crate) fn pointwise_parts<T: CpuFloat>(
+    parts: &[(&[T], usize)],
+    w: &[T],
+    b: &[T],
+    n: usize,
+    o: usize,
+    p: usize,
+) -> Vec<T> {
+    let ctot: usize = parts.iter().map(|part| part.1).sum();
+    let _prof = profile::scope("gemm conv forward", 2.0 * (n * ctot * o * p) as f64);
+    let one = |img: usize, y: &mut [T], par: Par| {
+        for (oc, row) in y.chunks_mut(p.max(1)).enumerate() {
+            row.fill(b[oc]);
+        }
+        let mut c0 = 0;
+        for &(x, c) in parts {
+            if c > 0 {
+                let xs = Mat::rm(x, img * c * p, c, p, p);
+                gemm(y, 0, p, Mat::rm(w, c0, o, c, ctot), xs, T::ONE, true, par);
+            }
+            c0 += c;
+        }
+    };
+    let mut out = vec![T::ZERO; n * o * p];
+    if o * p == 0 {
+        return out;
+    }
+    if images_in_parallel(n) {
+        out.par_chunks_mut(o * p)
+            .enumerate()
+            .for_each(|(img, y)| one(img, y, Par::Serial));
+    } else {
+        for (img, y) in out.chunks_mut(o * p).enumerate() {
+            one(img, y, Par::Pool);
+        }
+    }
+    out
+}
+
+/// (dx of each part, dw [O, ΣC_i], db [O]) of [`pointwise_parts`]: each part's dx = W_iᵀ·dY
+/// written whole (no concatenated gradient to slice), then dWᵀ = X·dYᵀ per part into its rows
+/// (dY transposed first, as [`nin_backward`]), the images' dW summed in image order.
+pub(crate) fn pointwise_parts_backward<T: CpuFloat>(
+    parts: &[(&[T], usize)],
+    w: &[T],
+    dy: &[T],
+    n: usize,
+    o: usize,
+    p: usize,
+) -> (Vec<Vec<T>>, Vec<T>, Vec<T>) {
+    let ctot: usize = parts.iter().map(|part| part.1).sum();
+    let flops = 2.0 * (n * ctot * o * p) as f64;
+    let db = {
+        let _prof = profile::scope("conv bias-grad", 0.0);
+        channel_sums(dy, n, o, p)
+    };
+    let mut dx: Vec<Vec<T>> = parts.iter().map(|&(_, c)| vec![T::ZERO; n * c * p]).collect();
+    if ctot * p == 0 || o == 0 {
+        return (dx, vec![T::ZERO; o * ctot], db);
+    }
+    let par_images = images_in_parallel(n);
+    let for_images = |f: &(dyn Fn(usize, Par) + Sync)| {
+        if par_images {
+            (0..n).into_par_iter().for_each(|img| f(img, Par::Serial));
+        } else {
+            (0..n).for_each(|img| f(img, Par::Pool));
+        }
+    };
+    {
+        let _prof = profile::scope("gemm conv input-grad", flops);
+        let dests: Vec<SharedMut<T>> = dx.iter_mut().map(|v| SharedMut::new(v)).collect();
+        for_images(&|img, par| {
+            let dys = Mat::rm(dy, img * o * p, o, p, p);
+            let mut c0 = 0;
+            for (i, &(_, c)) in parts.iter().enumerate() {
+                if c > 0 {
+                    // SAFETY: image img's planes of part i are written by this call only.
+                    let dx_img =
+                        unsafe { std::slice::from_raw_parts_mut(dests[i].get().add(img * c * p), c * p) };
+                    gemm(
+                        dx_img,
+                        0,
+                        p,
+                        Mat::rm_t(w, c0, c, o, ctot),
+                        dys,
+                        T::ONE,
+                        false,
+                        par,
+                    );
+                }
+                c0 += c;
+            }
+        });
+    }
+    let _prof = profile::scope("gemm conv weight-grad", flops);
+    // Image img's dWᵀ [ΣC_i, O].
+    let one = |img: usize, par: Par| -> Vec<T> {
+        let mut dyt = vec![T::ZERO; p * o];
+        transpose(&dy[img * o * p..][..o * p], o, p, &mut dyt);
+        let mut dwt = vec![T::ZERO; ctot * o];
+        let mut c0 = 0;
+        for &(x, c) in parts {
+            if c > 0 {
+                let xs = Mat::rm(x, img * c * p, c, p, p);
+                gemm(
+                    &mut dwt,
+                    c0 * o,
+                    o,
+                    xs,
+                    Mat::rm(&dyt, 0, p, o, o),
+                    T::ONE,
+                    false,
+                    par,
+                );
+            }
+            c0 += c;
+        }
+        dwt
+    };
+    let per_image: Vec<Vec<T>> = if par_images {
+        (0..n).into_par_iter().map(|img| one(img, Par::Serial)).collect()
+    } else {
+        (0..n).map(|img| one(img, Par::Pool)).collect()
+    };
+    let dwt = sum_in_image_order(ctot * o, per_image.iter().map(Vec::as_slice));
+    let mut dw = vec![T::ZERO; o * ctot];
+    transpose(&dwt, ctot, o, &mut dw);
+    (dx, dw, db)
+}
+
 /// Σ over batch and positions of a [N,C,P] tensor → [C].
 pub(crate) fn channel_sums<T: CpuFloat>(y: &[T], n: usize, c: usize, p: usize) -> Vec<T> {
     (0..c)

@@ -41,7 +41,7 @@ use self::fir::FirGeom;
 pub use self::float::CpuFloat;
 use self::norm::NormGeom;
 use super::shapes::{self, expect_shape};
-use super::{AdamStep, AdamUpdate, Backend, ConvEpilogue, Fir, Grads3, UpFirDn};
+use super::{AdamStep, AdamUpdate, Backend, ConvEpilogue, Fir, Grads3, PartsGrads, UpFirDn};
 use crate::error::{Error, Result};
 use crate::rng;
 use crate::tensor::{same_shape, Tensor};
@@ -821,6 +821,126 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         Ok(grads(gr, x.shape(), gamma.shape(), beta.shape()))
     }
 
+    // ---- a channel concatenation read in place -------------------------------------------------
+    fn reads_channel_parts(&self) -> bool {
+        true
+    }
+    fn group_norm_parts_saving(
+        &self,
+        parts: &[&Tensor<Self>],
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<(Tensor<Self>, Arc<norm::GroupStats>)> {
+        let _prof = profile::scope("group_norm", 0.0);
+        let op = "group_norm_parts";
+        let (shape, xp) = channel_parts(op, parts)?;
+        let (_, c, h, w) = shapes::group_norm(op, &shape, gamma.shape(), beta.shape(), groups)?;
+        let g = NormGeom {
+            c,
+            hw: h * w,
+            groups,
+            eps,
+            silu,
+        };
+        let (gs, bs) = (data(op, gamma)?, data(op, beta)?);
+        let (y, stats) = self.run(|| norm::group_norm_parts(&g, &xp, gs, bs));
+        Ok((Self::wrap(&shape, y), Arc::new(stats)))
+    }
+    fn group_norm_parts_backward_saved(
+        &self,
+        parts: &[&Tensor<Self>],
+        saved: &Arc<norm::GroupStats>,
+        gamma: &Tensor<Self>,
+        beta: &Tensor<Self>,
+        dy: &Tensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> Result<PartsGrads<Self>> {
+        let _prof = profile::scope("group_norm_backward", 0.0);
+        let op = "group_norm_parts_backward";
+        let (shape, xp) = channel_parts(op, parts)?;
+        let (n, c, h, w) = shapes::group_norm(op, &shape, gamma.shape(), beta.shape(), groups)?;
+        same_shape(op, &shape, dy.shape())?;
+        if saved.len() != n * groups {
+            return Err(Error::shape(
+                op,
+                format!("{} saved group statistics for {} groups", saved.len(), n * groups),
+            ));
+        }
+        let g = NormGeom {
+            c,
+            hw: h * w,
+            groups,
+            eps,
+            silu,
+        };
+        let (gs, bs, ds) = (data(op, gamma)?, data(op, beta)?, data(op, dy)?);
+        let (dx, dg, db) = self.run(|| norm::group_norm_parts_backward(&g, &xp, gs, bs, ds, Some(saved)));
+        let dx = dx
+            .into_iter()
+            .zip(parts)
+            .map(|(d, p)| Self::wrap(p.shape(), d))
+            .collect();
+        Ok(PartsGrads {
+            dx,
+            dw: Self::wrap(gamma.shape(), dg),
+            db: Self::wrap(beta.shape(), db),
+        })
+    }
+    fn conv1x1_parts(
+        &self,
+        parts: &[&Tensor<Self>],
+        w: &Tensor<Self>,
+        b: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        let _prof = profile::scope("conv2d", 0.0);
+        let op = "conv1x1_parts";
+        let (shape, _) = channel_parts(op, parts)?;
+        let g = shapes::conv2d(op, &shape, w.shape(), 1, 0)?;
+        if g.kh != 1 || g.kw != 1 {
+            return Err(Error::shape(op, format!("weight {:?} is not 1×1", w.shape())));
+        }
+        expect_shape(op, "bias", b.shape(), &[g.o])?;
+        let xs = parts_data(op, parts)?;
+        let (ws, bs) = (data(op, w)?, data(op, b)?);
+        Ok(Self::wrap(
+            &[g.n, g.o, g.oh, g.ow],
+            self.run(|| conv::pointwise_parts(&xs, ws, bs, g.n, g.o, g.p())),
+        ))
+    }
+    fn conv1x1_parts_backward(
+        &self,
+        parts: &[&Tensor<Self>],
+        w: &Tensor<Self>,
+        dy: &Tensor<Self>,
+    ) -> Result<PartsGrads<Self>> {
+        let _prof = profile::scope("conv2d_backward", 0.0);
+        let op = "conv1x1_parts_backward";
+        let (shape, _) = channel_parts(op, parts)?;
+        let g = shapes::conv2d(op, &shape, w.shape(), 1, 0)?;
+        if g.kh != 1 || g.kw != 1 {
+            return Err(Error::shape(op, format!("weight {:?} is not 1×1", w.shape())));
+        }
+        expect_shape(op, "dy", dy.shape(), &[g.n, g.o, g.oh, g.ow])?;
+        let xs = parts_data(op, parts)?;
+        let (ws, ds) = (data(op, w)?, data(op, dy)?);
+        let (dx, dw, db) = self.run(|| conv::pointwise_parts_backward(&xs, ws, ds, g.n, g.o, g.p()));
+        let dx = dx
+            .into_iter()
+            .zip(parts)
+            .map(|(d, p)| Self::wrap(p.shape(), d))
+            .collect();
+        Ok(PartsGrads {
+            dx,
+            dw: Self::wrap(w.shape(), dw),
+            db: Self::wrap(&[g.o], db),
+        })
+    }
+
     // ---- attention ----------------------------------------------------------------------------
     fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<Tensor<Self>> {
         let _prof = profile::scope("attention", 0.0);
@@ -1081,6 +1201,27 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             .map(|(data, x)| Self::wrap(x.shape(), data))
             .collect())
     }
+}
+
+/// Each part's data and channel count, in order.
+fn parts_data<'a, T: CpuFloat>(
+    op: &'static str,
+    parts: &[&'a Tensor<Cpu<T>>],
+) -> Result<Vec<(&'a [T], usize)>> {
+    parts.iter().map(|p| Ok((data(op, p)?, p.shape()[1]))).collect()
+}
+
+/// The shape of the channel concatenation of `parts` (checked as `concat_channels` checks it)
+/// and the parts as a GroupNorm reads them.
+fn channel_parts<'a, T: CpuFloat>(
+    op: &'static str,
+    parts: &[&'a Tensor<Cpu<T>>],
+) -> Result<(Vec<usize>, norm::ChannelParts<'a, T>)> {
+    let (n, c, h, w) = shapes::concat_channels(op, parts.iter().map(|x| x.shape()))?;
+    Ok((
+        vec![n, c, h, w],
+        norm::ChannelParts::new(parts_data(op, parts)?, h * w),
+    ))
 }
 
 fn norm_geom<T: CpuFloat>(

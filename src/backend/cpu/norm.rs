@@ -6,9 +6,11 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::conv::SharedMut;
 use super::float::CpuFloat;
 use super::simd::{block_sum, vectorized};
 use super::written_once;
+use std::borrow::Cow;
 
 /// Shape of one GroupNorm call: x [n, c, hw] split into `groups` groups of c/groups channels.
 #[derive(Clone, Copy, Debug)]
@@ -23,6 +25,52 @@ pub(crate) struct NormGeom {
 impl NormGeom {
     fn group_len(&self) -> usize {
         self.c / self.groups * self.hw
+    }
+}
+
+/// Where a GroupNorm's input channels live: the parts of a channel concatenation, each
+/// [N, C_i, HW] (one part: a plain tensor). A group that lies inside one part is read in place;
+/// one that straddles two is gathered into a copy (same values, so the same results as the
+/// concatenated tensor's).
+pub(crate) struct ChannelParts<'a, T> {
+    parts: Vec<(&'a [T], usize)>,
+    hw: usize,
+}
+
+impl<'a, T: CpuFloat> ChannelParts<'a, T> {
+    /// `parts`: (data, channels) of each part, in channel order.
+    pub fn new(parts: Vec<(&'a [T], usize)>, hw: usize) -> Self {
+        ChannelParts { parts, hw }
+    }
+
+    /// (part, its first channel, channels, offset in the group) of each run of the channels
+    /// c0..c0 + cg of the concatenation inside one part.
+    fn runs(&self, c0: usize, cg: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        let mut start = 0;
+        self.parts.iter().enumerate().filter_map(move |(i, &(_, c))| {
+            let (lo, hi) = (start.max(c0), (start + c).min(c0 + cg));
+            let run = (lo < hi).then(|| (i, lo - start, hi - lo, (lo - c0) * self.hw));
+            start += c;
+            run
+        })
+    }
+
+    /// Image img's channels c0..c0 + cg as one slice.
+    fn group(&self, img: usize, c0: usize, cg: usize) -> Cow<'a, [T]> {
+        let hw = self.hw;
+        let mut runs = self.runs(c0, cg).peekable();
+        let first = runs.next().expect("a group inside the concatenation");
+        if runs.peek().is_none() {
+            let (i, pc0, n, _) = first;
+            let (x, c) = self.parts[i];
+            return Cow::Borrowed(&x[(img * c + pc0) * hw..][..n * hw]);
+        }
+        let mut out = Vec::with_capacity(cg * hw);
+        for (i, pc0, n, _) in std::iter::once(first).chain(runs) {
+            let (x, c) = self.parts[i];
+            out.extend_from_slice(&x[(img * c + pc0) * hw..][..n * hw]);
+        }
+        Cow::Owned(out)
     }
 }
 
@@ -51,19 +99,31 @@ pub(crate) fn group_norm<T: CpuFloat>(
     gamma: &[T],
     beta: &[T],
 ) -> (Vec<T>, GroupStats) {
+    group_norm_parts(g, &ChannelParts::new(vec![(x, g.c)], g.hw), gamma, beta)
+}
+
+/// [`group_norm`] of the channel concatenation of `x`'s parts, without building it.
+pub(crate) fn group_norm_parts<T: CpuFloat>(
+    g: &NormGeom,
+    x: &ChannelParts<'_, T>,
+    gamma: &[T],
+    beta: &[T],
+) -> (Vec<T>, GroupStats) {
+    let total = x.parts.iter().map(|p| p.0.len()).sum::<usize>();
     let len = g.group_len();
     if len == 0 {
-        return (vec![T::ZERO; x.len()], Vec::new());
+        return (vec![T::ZERO; total], Vec::new());
     }
     let cg = g.c / g.groups;
     let mut stats_of_groups = Vec::new();
     // Every group's every channel plane is written below.
-    let out = written_once(x.len(), |out| {
+    let out = written_once(total, |out| {
         stats_of_groups = out
             .par_chunks_mut(len)
-            .zip(x.par_chunks(len))
             .enumerate()
-            .map(|(idx, (y, xs))| {
+            .map(|(idx, y)| {
+                let xs = x.group(idx / g.groups, (idx % g.groups) * cg, cg);
+                let xs = &xs[..];
                 vectorized(
                     #[inline(always)]
                     || {
@@ -105,41 +165,80 @@ pub(crate) fn group_norm_backward<T: CpuFloat>(
     dy: &[T],
     saved: Option<&[(f64, f64)]>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let parts = ChannelParts::new(vec![(x, g.c)], g.hw);
+    let (mut dx, dgamma, dbeta) = group_norm_parts_backward(g, &parts, gamma, beta, dy, saved);
+    (dx.pop().expect("one part"), dgamma, dbeta)
+}
+
+/// [`group_norm_backward`] of the channel concatenation of `x`'s parts: dx comes back as one
+/// tensor per part (no concatenated gradient to slice).
+pub(crate) fn group_norm_parts_backward<T: CpuFloat>(
+    g: &NormGeom,
+    x: &ChannelParts<'_, T>,
+    gamma: &[T],
+    beta: &[T],
+    dy: &[T],
+    saved: Option<&[(f64, f64)]>,
+) -> (Vec<Vec<T>>, Vec<T>, Vec<T>) {
     let len = g.group_len();
+    let mut dx: Vec<Vec<MaybeUninit<T>>> = x
+        .parts
+        .iter()
+        .map(|p| {
+            let mut v = Vec::with_capacity(p.0.len());
+            // SAFETY: MaybeUninit needs no initialisation; every element is written below
+            // (each group's dx covers its channel planes, the groups cover every channel).
+            unsafe { v.set_len(p.0.len()) };
+            super::poison_in_debug(&mut v);
+            v
+        })
+        .collect();
     if len == 0 {
-        return (vec![T::ZERO; x.len()], vec![T::ZERO; g.c], vec![T::ZERO; g.c]);
+        let dx = x.parts.iter().map(|p| vec![T::ZERO; p.0.len()]).collect();
+        return (dx, vec![T::ZERO; g.c], vec![T::ZERO; g.c]);
     }
     let cg = g.c / g.groups;
+    let dests: Vec<SharedMut<MaybeUninit<T>>> = dx.iter_mut().map(|v| SharedMut::new(v)).collect();
+    let n_groups = dy.len() / len;
     // Per (sample, group): the per-channel partial sums of dγ and dβ.
-    let mut partial: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
-    // Each group's first pass writes all of its dx.
-    let dx = written_once(x.len(), |dx| {
-        partial = dx
-            .par_chunks_mut(len)
-            .zip(x.par_chunks(len))
-            .zip(dy.par_chunks(len))
-            .enumerate()
-            .map(|(idx, ((dxs, xs), dys))| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let stats_of_group = saved.map_or_else(|| stats(xs, g.eps), |st| st[idx]);
-                        group_backward(
-                            g,
-                            cg,
-                            (idx % g.groups) * cg,
-                            stats_of_group,
-                            gamma,
-                            beta,
-                            dxs,
-                            xs,
-                            dys,
-                        )
-                    },
-                )
-            })
-            .collect();
-    });
+    let partial: Vec<(Vec<f64>, Vec<f64>)> = (0..n_groups)
+        .into_par_iter()
+        .map(|idx| {
+            let (img, c0) = (idx / g.groups, (idx % g.groups) * cg);
+            let xs = x.group(img, c0, cg);
+            let dys = &dy[idx * len..][..len];
+            let runs: Vec<_> = x.runs(c0, cg).collect();
+            // The group's dx straight into its part, or through a copy when it straddles two.
+            let mut scratch = Vec::new();
+            let dxs: &mut [MaybeUninit<T>] = if let [(i, pc0, _, _)] = runs[..] {
+                let c = x.parts[i].1;
+                // SAFETY: channels pc0..pc0 + cg of image img of part i belong to this group
+                // alone, so no other task writes them.
+                unsafe { std::slice::from_raw_parts_mut(dests[i].get().add((img * c + pc0) * g.hw), len) }
+            } else {
+                scratch.resize(len, MaybeUninit::uninit());
+                &mut scratch
+            };
+            let sums = vectorized(
+                #[inline(always)]
+                || {
+                    let stats_of_group = saved.map_or_else(|| stats(&xs, g.eps), |st| st[idx]);
+                    group_backward(g, cg, c0, stats_of_group, gamma, beta, dxs, &xs, dys)
+                },
+            );
+            if runs.len() > 1 {
+                for (i, pc0, n, off) in runs {
+                    let c = x.parts[i].1;
+                    // SAFETY: as above, for this run of the group's channels.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(dests[i].get().add((img * c + pc0) * g.hw), n * g.hw)
+                    };
+                    dst.copy_from_slice(&scratch[off..][..n * g.hw]);
+                }
+            }
+            sums
+        })
+        .collect();
     let (mut dgamma, mut dbeta) = (vec![0.0f64; g.c], vec![0.0f64; g.c]);
     for (idx, (dg, db)) in partial.iter().enumerate() {
         let c0 = (idx % g.groups) * cg;
@@ -149,6 +248,14 @@ pub(crate) fn group_norm_backward<T: CpuFloat>(
         }
     }
     let conv = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
+    let dx = dx
+        .into_iter()
+        .map(|v| {
+            let mut v = std::mem::ManuallyDrop::new(v);
+            // SAFETY: all written (above); MaybeUninit<T> has T's layout.
+            unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
+        })
+        .collect();
     (dx, conv(dgamma), conv(dbeta))
 }
 
