@@ -117,23 +117,28 @@ fn sum_in_image_order<'a, T: CpuFloat>(len: usize, parts: impl IntoIterator<Item
 /// y[n,o,p] = Σ_c x[n,c,p]·w[c,o] + b[o]; x [N,C,P], w [C,O].
 pub(crate) fn nin<T: CpuFloat>(x: &[T], w: &[T], b: &[T], n: usize, c: usize, o: usize, p: usize) -> Vec<T> {
     let _prof = profile::scope("gemm nin/linear", 2.0 * (n * c * o * p) as f64);
-    let mut out = vec![T::ZERO; n * o * p];
-    let one = |img: usize, y: &mut [T], par: Par| {
+    per_image_outputs(n, o * p, |img, y, par| {
         for (oc, row) in y.chunks_mut(p.max(1)).enumerate() {
             row.fill(b[oc]);
         }
         let xs = Mat::rm(x, img * c * p, c, p, p);
         gemm(y, 0, p, Mat::rm_t(w, 0, o, c, o), xs, T::ONE, true, par);
-    };
-    if o * p == 0 {
+    })
+}
+
+/// A batch's output [N, len], image img's part written by `one(img, part, par)`: one image per
+/// task when the batch feeds every thread (serial products), else image by image on the pool.
+fn per_image_outputs<T: CpuFloat>(n: usize, len: usize, one: impl Fn(usize, &mut [T], Par) + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; n * len];
+    if len == 0 {
         return out;
     }
     if images_in_parallel(n) {
-        out.par_chunks_mut(o * p)
+        out.par_chunks_mut(len)
             .enumerate()
             .for_each(|(img, y)| one(img, y, Par::Serial));
     } else {
-        for (img, y) in out.chunks_mut(o * p).enumerate() {
+        for (img, y) in out.chunks_mut(len).enumerate() {
             one(img, y, Par::Pool);
         }
     }
@@ -219,20 +224,7 @@ pub(crate) fn pointwise_parts<T: CpuFloat>(
             c0 += c;
         }
     };
-    let mut out = vec![T::ZERO; n * o * p];
-    if o * p == 0 {
-        return out;
-    }
-    if images_in_parallel(n) {
-        out.par_chunks_mut(o * p)
-            .enumerate()
-            .for_each(|(img, y)| one(img, y, Par::Serial));
-    } else {
-        for (img, y) in out.chunks_mut(o * p).enumerate() {
-            one(img, y, Par::Pool);
-        }
-    }
-    out
+    per_image_outputs(n, o * p, one)
 }
 
 /// (dx of each part, dw [O, ΣC_i], db [O]) of [`pointwise_parts`]: each part's dx = W_iᵀ·dY

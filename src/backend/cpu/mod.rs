@@ -899,13 +899,8 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     ) -> Result<Tensor<Self>> {
         let _prof = profile::scope("conv2d", 0.0);
         let op = "conv1x1_parts";
-        let (shape, _) = channel_parts(op, parts)?;
-        let g = shapes::conv2d(op, &shape, w.shape(), 1, 0)?;
-        if g.kh != 1 || g.kw != 1 {
-            return Err(Error::shape(op, format!("weight {:?} is not 1×1", w.shape())));
-        }
+        let (g, xs) = conv1x1_parts_geom(op, parts, w)?;
         expect_shape(op, "bias", b.shape(), &[g.o])?;
-        let xs = parts_data(op, parts)?;
         let (ws, bs) = (data(op, w)?, data(op, b)?);
         Ok(Self::wrap(
             &[g.n, g.o, g.oh, g.ow],
@@ -920,13 +915,8 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     ) -> Result<PartsGrads<Self>> {
         let _prof = profile::scope("conv2d_backward", 0.0);
         let op = "conv1x1_parts_backward";
-        let (shape, _) = channel_parts(op, parts)?;
-        let g = shapes::conv2d(op, &shape, w.shape(), 1, 0)?;
-        if g.kh != 1 || g.kw != 1 {
-            return Err(Error::shape(op, format!("weight {:?} is not 1×1", w.shape())));
-        }
+        let (g, xs) = conv1x1_parts_geom(op, parts, w)?;
         expect_shape(op, "dy", dy.shape(), &[g.n, g.o, g.oh, g.ow])?;
-        let xs = parts_data(op, parts)?;
         let (ws, ds) = (data(op, w)?, data(op, dy)?);
         let (dx, dw, db) = self.run(|| conv::pointwise_parts_backward(&xs, ws, ds, g.n, g.o, g.p()));
         let dx = dx
@@ -1222,6 +1212,21 @@ fn channel_parts<'a, T: CpuFloat>(
         vec![n, c, h, w],
         norm::ChannelParts::new(parts_data(op, parts)?, h * w),
     ))
+}
+
+/// The geometry of a 1×1 conv of the channel concatenation of `parts`, and the parts' data.
+#[allow(clippy::type_complexity)]
+fn conv1x1_parts_geom<'a, T: CpuFloat>(
+    op: &'static str,
+    parts: &[&'a Tensor<Cpu<T>>],
+    w: &Tensor<Cpu<T>>,
+) -> Result<(shapes::Conv2d, Vec<(&'a [T], usize)>)> {
+    let (shape, _) = channel_parts(op, parts)?;
+    let g = shapes::conv2d(op, &shape, w.shape(), 1, 0)?;
+    if g.kh != 1 || g.kw != 1 {
+        return Err(Error::shape(op, format!("weight {:?} is not 1×1", w.shape())));
+    }
+    Ok((g, parts_data(op, parts)?))
 }
 
 fn norm_geom<T: CpuFloat>(
