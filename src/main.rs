@@ -208,7 +208,7 @@ assets/model/: guide-residual ve-res, non-commercial research use only, see its 
 else a sharded export in ~/.local/share/srsde-fast/model/.
 
 What it gives (rows LR | SR | HR of the bundled example): docs/images/example_strip.png —
-measured on 298 held-out faces: PSNR 24.18 dB, CS 0.9263 vs bicubic 21.10 dB, 0.9049
+measured on 298 held-out faces: PSNR 24.19 dB, CS 0.9276 vs bicubic 21.10 dB, 0.9049
 (docs/eval/).";
 
 fn main() {
