@@ -322,15 +322,26 @@ impl ResBlock {
             }
             Resample::None => {}
         }
-        // conv0 + time-embedding bias and conv1 + skip connection are one op each at inference
-        // (the same separate ops when recording for training).
+        self.after_norm0(cx, h, act_temb, || match self.shortcut() {
+            Some(c) => c.forward(cx, &x),
+            None => Ok(x.clone()),
+        })
+    }
+
+    /// The block after GroupNorm_0 (and its resampling): conv0 with the time-embedding bias in
+    /// its epilogue, GN-SiLU, dropout, conv1 with the skip connection `skip()` in its epilogue.
+    fn after_norm0<B: Backend>(
+        &self,
+        cx: &Ctx<B>,
+        h: Var<B>,
+        act_temb: &Var<B>,
+        skip: impl FnOnce() -> Result<Var<B>>,
+    ) -> Result<Var<B>> {
         let t = self.dense0().forward(cx, act_temb)?;
-        h = self.conv0().forward_fused(cx, &h, Some(&t), None)?;
-        h = self.gn1().forward(cx, &h, true)?;
-        h = cx.dropout(&h)?;
-        if let Some(c) = self.shortcut() {
-            x = c.forward(cx, &x)?;
-        }
+        let h = self.conv0().forward_fused(cx, &h, Some(&t), None)?;
+        let h = self.gn1().forward(cx, &h, true)?;
+        let h = cx.dropout(&h)?;
+        let x = skip()?;
         let s = if self.skip_rescale {
             std::f64::consts::FRAC_1_SQRT_2
         } else {
@@ -359,19 +370,8 @@ impl ResBlock {
         let Some(shortcut) = shortcut.filter(|_| in_place) else {
             return self.forward(cx, &g.concat_channels(parts)?, act_temb);
         };
-        // The ops of `forward`, in its order.
         let h = self.gn0().forward_parts(cx, parts, true)?;
-        let t = self.dense0().forward(cx, act_temb)?;
-        let h = self.conv0().forward_fused(cx, &h, Some(&t), None)?;
-        let h = self.gn1().forward(cx, &h, true)?;
-        let h = cx.dropout(&h)?;
-        let x = shortcut.forward_parts(cx, parts)?;
-        let s = if self.skip_rescale {
-            std::f64::consts::FRAC_1_SQRT_2
-        } else {
-            1.0
-        };
-        self.conv1().forward_fused(cx, &h, None, Some((&x, s, s)))
+        self.after_norm0(cx, h, act_temb, || shortcut.forward_parts(cx, parts))
     }
 }
 
