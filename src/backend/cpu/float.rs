@@ -45,6 +45,9 @@ pub trait CpuFloat:
     fn sin(self) -> Self;
     fn cos(self) -> Self;
     fn max(self, other: Self) -> Self;
+    /// self·a + b rounded once: an FMA instruction inside `simd::vectorized`, a correctly
+    /// rounded library call outside it (the same bits).
+    fn mul_add(self, a: Self, b: Self) -> Self;
     /// 1 / (1 + e^(−x)).
     fn sigmoid(self) -> Self {
         Self::ONE / (Self::ONE + (-self).exp())
@@ -105,6 +108,10 @@ macro_rules! impl_cpu_float {
             #[inline(always)]
             fn max(self, other: Self) -> Self {
                 <$t>::max(self, other)
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
             }
             #[inline(always)]
             fn sigmoid(self) -> Self {

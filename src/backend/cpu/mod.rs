@@ -467,7 +467,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let (xs, ds) = (data("silu_backward", x)?, data("silu_backward", dy)?);
         let f = |v: T, d: T| {
             let s = v.sigmoid();
-            d * s * (T::ONE + v * (T::ONE - s))
+            d * s * v.mul_add(T::ONE - s, T::ONE)
         };
         Ok(Self::wrap(x.shape(), self.run(|| map2(xs, ds, f))))
     }

@@ -130,17 +130,17 @@ pub(crate) fn group_norm_parts<T: CpuFloat>(
                         let (mean, rstd) = stats(xs, g.eps);
                         let c0 = (idx % g.groups) * cg;
                         for (j, (yc, xc)) in y.chunks_mut(g.hw).zip(xs.chunks(g.hw)).enumerate() {
-                            // y = x·a + b with a = rstd·γ, b = β − mean·rstd·γ.
+                            // y = x·a + b (one FMA) with a = rstd·γ, b = β − mean·rstd·γ.
                             let a = rstd * gamma[c0 + j].to_f64();
                             let (a, b) = (T::from_f64(a), T::from_f64(beta[c0 + j].to_f64() - mean * a));
                             if g.silu {
                                 for (o, &v) in yc.iter_mut().zip(xc) {
-                                    let z = v * a + b;
+                                    let z = v.mul_add(a, b);
                                     o.write(z * z.sigmoid());
                                 }
                             } else {
                                 for (o, &v) in yc.iter_mut().zip(xc) {
-                                    o.write(v * a + b);
+                                    o.write(v.mul_add(a, b));
                                 }
                             }
                         }
@@ -304,7 +304,7 @@ fn group_backward<T: CpuFloat>(
     let (mg, mgx) = (T::from_f64(sum_g / m), T::from_f64(sum_gx / m));
     for (d, &xv) in dxs.iter_mut().zip(xs) {
         let xhat = (xv - mean_t) * rstd_t;
-        *d = rstd_t * (*d - mg - xhat * mgx);
+        *d = rstd_t * (-xhat).mul_add(mgx, *d - mg);
     }
     (dgam, dbet)
 }
@@ -315,9 +315,9 @@ fn dz_xhat<T: CpuFloat>(xv: T, dyv: T, mean: T, rstd: T, gam: T, bet: T, silu: b
     let xhat = (xv - mean) * rstd;
     let mut dz = dyv;
     if silu {
-        let z = xhat * gam + bet;
+        let z = xhat.mul_add(gam, bet);
         let s = z.sigmoid();
-        dz = dz * s * (T::ONE + z * (T::ONE - s));
+        dz = dz * s * z.mul_add(T::ONE - s, T::ONE);
     }
     (dz, xhat)
 }

@@ -7,8 +7,11 @@
 //! inlined into a function that carries `#[target_feature(enable = …)]`, so LLVM vectorizes its
 //! loops at that width. `SRSDE_CPU_SIMD=avx2` or `=baseline` caps the level (tests, A/B runs).
 //!
-//! No fused multiply-add is ever emitted: without fast-math LLVM never contracts `a * b + c`, so
-//! every level rounds every operation the same way and gives bitwise equal results.
+//! LLVM never contracts `a * b + c` into a fused multiply-add (no fast-math), so every level rounds
+//! every operation the same way and gives bitwise equal results. Where a loop wants the fused
+//! operation (the exp polynomial, GroupNorm's affine maps) it says so with `mul_add`: one FMA
+//! instruction at both vector levels (both enable FMA; the AVX2 level needs a CPU with it), a
+//! correctly rounded library call at baseline, the same bits either way.
 //! The loops themselves are written to vectorize: fixed-width lane arrays for reductions
 //! (`[f64; LANES]`: a fixed summation order, independent of the vector width and of the thread
 //! count) and branch-free arithmetic such as [`exp_f32`].
@@ -25,11 +28,11 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     {
         match simd_level() {
             Level::Avx512 => {
-                // SAFETY: the CPU supports AVX-512F (checked by simd_level).
+                // SAFETY: the CPU supports AVX-512F and FMA (checked by simd_level).
                 return unsafe { run_avx512(f) };
             }
             Level::Avx2 => {
-                // SAFETY: the CPU supports AVX2 (checked by simd_level).
+                // SAFETY: the CPU supports AVX2 and FMA (checked by simd_level).
                 return unsafe { run_avx2(f) };
             }
             Level::Baseline => {}
@@ -39,13 +42,13 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
+#[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
@@ -64,9 +67,13 @@ fn simd_level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
         let cap = std::env::var("SRSDE_CPU_SIMD").unwrap_or_default();
-        if cap != "baseline" && cap != "avx2" && is_x86_feature_detected!("avx512f") {
+        if cap != "baseline"
+            && cap != "avx2"
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("fma")
+        {
             Level::Avx512
-        } else if cap != "baseline" && is_x86_feature_detected!("avx2") {
+        } else if cap != "baseline" && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             Level::Avx2
         } else {
             Level::Baseline
@@ -91,7 +98,9 @@ pub fn level() -> &'static str {
 /// e^x for f32, branch-free so that loops over it vectorize: x = n·ln2 + r with n = round(x·log₂e)
 /// and |r| ≤ ln2/2, e^r by Cephes' degree-6 polynomial (`expf`), 2ⁿ put into the exponent bits.
 /// Relative error ≤ 2 ulp over the clamped range [−87, 88]; inputs beyond it give e^−87 or e^88
-/// (the logistic function needs no more), NaN stays NaN.
+/// (the logistic function needs no more), NaN stays NaN. Fused multiply-adds throughout: one
+/// instruction each inside [`vectorized`] (which enables FMA), a correctly rounded library call
+/// outside it, so every route gives the same bits.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -102,17 +111,17 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let x = if x < -87.0 { -87.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let shifted = x * LOG2E + ROUND;
+    let shifted = x.mul_add(LOG2E, ROUND);
     let n = shifted - ROUND;
     let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let er = p * (r * r) + r + 1.0;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let er = p.mul_add(r * r, r) + 1.0;
     er * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
@@ -213,8 +222,13 @@ mod tests {
         let xs: Vec<f32> = (0..1000)
             .map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0)
             .collect();
+        // The exp polynomial's FMAs and an explicit one: a single instruction when vectorized, the
+        // library's correctly rounded fmaf at baseline.
         let work = || -> (Vec<f32>, f64, f64) {
-            let ys = xs.iter().map(|&v| v / (1.0 + exp_f32(-v))).collect();
+            let ys = xs
+                .iter()
+                .map(|&v| v.mul_add(1.37, -0.25) / (1.0 + exp_f32(-v)))
+                .collect();
             (
                 ys,
                 sum_f64(&xs, |v| v as f64 * v as f64),
