@@ -207,6 +207,30 @@ pub(crate) fn written_once<T: CpuFloat>(n: usize, fill: impl FnOnce(&mut [MaybeU
     out
 }
 
+/// [`written_once`] for an op with one output per length in `lens` (and a value of its own).
+pub(crate) fn written_once_each<T: CpuFloat, R>(
+    lens: &[usize],
+    fill: impl FnOnce(&mut [&mut [MaybeUninit<T>]]) -> R,
+) -> (Vec<Vec<T>>, R) {
+    let mut outs: Vec<Vec<T>> = lens.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let mut bufs: Vec<&mut [MaybeUninit<T>]> = outs
+        .iter_mut()
+        .zip(lens)
+        .map(|(out, &n)| {
+            let buf = &mut out.spare_capacity_mut()[..n];
+            poison_in_debug(buf);
+            buf
+        })
+        .collect();
+    let r = fill(&mut bufs);
+    drop(bufs);
+    for (out, &n) in outs.iter_mut().zip(lens) {
+        // SAFETY: `fill` wrote all n elements of each (its contract).
+        unsafe { out.set_len(n) };
+    }
+    (outs, r)
+}
+
 /// [`written_once`] for an op with three outputs of `n` elements each.
 pub(crate) fn written_once3<T: CpuFloat>(
     n: usize,

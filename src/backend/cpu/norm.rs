@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::conv::SharedMut;
 use super::float::CpuFloat;
 use super::simd::{block_sum, vectorized};
-use super::written_once;
+use super::{written_once, written_once_each};
 use std::borrow::Cow;
 
 /// Shape of one GroupNorm call: x [n, c, hw] split into `groups` groups of c/groups channels.
@@ -181,64 +181,64 @@ pub(crate) fn group_norm_parts_backward<T: CpuFloat>(
     saved: Option<&[(f64, f64)]>,
 ) -> (Vec<Vec<T>>, Vec<T>, Vec<T>) {
     let len = g.group_len();
-    let mut dx: Vec<Vec<MaybeUninit<T>>> = x
-        .parts
-        .iter()
-        .map(|p| {
-            let mut v = Vec::with_capacity(p.0.len());
-            // SAFETY: MaybeUninit needs no initialisation; every element is written below
-            // (each group's dx covers its channel planes, the groups cover every channel).
-            unsafe { v.set_len(p.0.len()) };
-            super::poison_in_debug(&mut v);
-            v
-        })
-        .collect();
     if len == 0 {
         let dx = x.parts.iter().map(|p| vec![T::ZERO; p.0.len()]).collect();
         return (dx, vec![T::ZERO; g.c], vec![T::ZERO; g.c]);
     }
     let cg = g.c / g.groups;
-    let dests: Vec<SharedMut<MaybeUninit<T>>> = dx.iter_mut().map(|v| SharedMut::new(v)).collect();
     let n_groups = dy.len() / len;
-    // Per (sample, group): the per-channel partial sums of dγ and dβ.
-    let partial: Vec<(Vec<f64>, Vec<f64>)> = (0..n_groups)
-        .into_par_iter()
-        .map(|idx| {
-            let (img, c0) = (idx / g.groups, (idx % g.groups) * cg);
-            let xs = x.group(img, c0, cg);
-            let dys = &dy[idx * len..][..len];
-            let runs: Vec<_> = x.runs(c0, cg).collect();
-            // The group's dx straight into its part, or through a copy when it straddles two.
-            let mut scratch = Vec::new();
-            let dxs: &mut [MaybeUninit<T>] = if let [(i, pc0, _, _)] = runs[..] {
-                let c = x.parts[i].1;
-                // SAFETY: channels pc0..pc0 + cg of image img of part i belong to this group
-                // alone, so no other task writes them.
-                unsafe { std::slice::from_raw_parts_mut(dests[i].get().add((img * c + pc0) * g.hw), len) }
-            } else {
-                scratch.resize(len, MaybeUninit::uninit());
-                &mut scratch
-            };
-            let sums = vectorized(
-                #[inline(always)]
-                || {
-                    let stats_of_group = saved.map_or_else(|| stats(&xs, g.eps), |st| st[idx]);
-                    group_backward(g, cg, c0, stats_of_group, gamma, beta, dxs, &xs, dys)
-                },
-            );
-            if runs.len() > 1 {
-                for (i, pc0, n, off) in runs {
+    let lens: Vec<usize> = x.parts.iter().map(|p| p.0.len()).collect();
+    // Each group's dx covers its channel planes, and the groups cover every channel of every part.
+    let (dx, partial) = written_once_each(&lens, |bufs| {
+        let dests: Vec<SharedMut<T>> = bufs.iter_mut().map(|b| SharedMut::uninit(b)).collect();
+        // Per (sample, group): the per-channel partial sums of dγ and dβ.
+        (0..n_groups)
+            .into_par_iter()
+            .map(|idx| {
+                let (img, c0) = (idx / g.groups, (idx % g.groups) * cg);
+                let xs = x.group(img, c0, cg);
+                let dys = &dy[idx * len..][..len];
+                let runs: Vec<_> = x.runs(c0, cg).collect();
+                // The group's dx straight into its part, or through a copy when it straddles two.
+                let mut scratch = Vec::new();
+                let dxs: &mut [MaybeUninit<T>] = if let [(i, pc0, _, _)] = runs[..] {
                     let c = x.parts[i].1;
-                    // SAFETY: as above, for this run of the group's channels.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(dests[i].get().add((img * c + pc0) * g.hw), n * g.hw)
-                    };
-                    dst.copy_from_slice(&scratch[off..][..n * g.hw]);
+                    // SAFETY: channels pc0..pc0 + cg of image img of part i belong to this group
+                    // alone, so no other task writes them.
+                    unsafe {
+                        std::slice::from_raw_parts_mut(
+                            dests[i].get().add((img * c + pc0) * g.hw) as *mut MaybeUninit<T>,
+                            len,
+                        )
+                    }
+                } else {
+                    scratch.resize(len, MaybeUninit::uninit());
+                    &mut scratch
+                };
+                let sums = vectorized(
+                    #[inline(always)]
+                    || {
+                        let stats_of_group = saved.map_or_else(|| stats(&xs, g.eps), |st| st[idx]);
+                        group_backward(g, cg, c0, stats_of_group, gamma, beta, dxs, &xs, dys)
+                    },
+                );
+                if runs.len() > 1 {
+                    for (i, pc0, n, off) in runs {
+                        let c = x.parts[i].1;
+                        // SAFETY: as above, for this run of the group's channels.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dests[i].get().add((img * c + pc0) * g.hw) as *mut MaybeUninit<T>,
+                                n * g.hw,
+                            )
+                        };
+                        dst.copy_from_slice(&scratch[off..][..n * g.hw]);
+                    }
                 }
-            }
-            sums
-        })
-        .collect();
+                sums
+            })
+            .collect::<Vec<(Vec<f64>, Vec<f64>)>>()
+    });
     let (mut dgamma, mut dbeta) = (vec![0.0f64; g.c], vec![0.0f64; g.c]);
     for (idx, (dg, db)) in partial.iter().enumerate() {
         let c0 = (idx % g.groups) * cg;
@@ -248,14 +248,6 @@ pub(crate) fn group_norm_parts_backward<T: CpuFloat>(
         }
     }
     let conv = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
-    let dx = dx
-        .into_iter()
-        .map(|v| {
-            let mut v = std::mem::ManuallyDrop::new(v);
-            // SAFETY: all written (above); MaybeUninit<T> has T's layout.
-            unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
-        })
-        .collect();
     (dx, conv(dgamma), conv(dbeta))
 }
 
