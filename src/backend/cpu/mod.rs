@@ -765,7 +765,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         silu: bool,
     ) -> Result<Tensor<Self>> {
         let _prof = profile::scope("group_norm", 0.0);
-        let g = norm_geom("group_norm", x, gamma, beta, groups, eps, silu)?;
+        let g = norm_geom("group_norm", x.shape(), gamma, beta, groups, eps, silu)?;
         let (xs, gs, bs) = (
             data("group_norm", x)?,
             data("group_norm", gamma)?,
@@ -788,7 +788,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         silu: bool,
     ) -> Result<(Tensor<Self>, Arc<norm::GroupStats>)> {
         let _prof = profile::scope("group_norm", 0.0);
-        let g = norm_geom("group_norm", x, gamma, beta, groups, eps, silu)?;
+        let g = norm_geom("group_norm", x.shape(), gamma, beta, groups, eps, silu)?;
         let (xs, gs, bs) = (
             data("group_norm", x)?,
             data("group_norm", gamma)?,
@@ -810,18 +810,9 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     ) -> Result<Grads3<Self>> {
         let _prof = profile::scope("group_norm_backward", 0.0);
         let op = "group_norm_backward";
-        let g = norm_geom(op, x, gamma, beta, groups, eps, silu)?;
+        let g = norm_geom(op, x.shape(), gamma, beta, groups, eps, silu)?;
         same_shape(op, x.shape(), dy.shape())?;
-        if saved.len() != x.shape()[0] * groups {
-            return Err(Error::shape(
-                op,
-                format!(
-                    "{} saved group statistics for {} groups",
-                    saved.len(),
-                    x.shape()[0] * groups
-                ),
-            ));
-        }
+        check_saved_stats(op, saved, x.shape(), groups)?;
         let (xs, gs, bs, ds) = (data(op, x)?, data(op, gamma)?, data(op, beta)?, data(op, dy)?);
         let gr = self.run(|| norm::group_norm_backward(&g, xs, gs, bs, ds, Some(saved)));
         Ok(grads(gr, x.shape(), gamma.shape(), beta.shape()))
@@ -838,7 +829,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
     ) -> Result<Grads3<Self>> {
         let _prof = profile::scope("group_norm_backward", 0.0);
         let op = "group_norm_backward";
-        let g = norm_geom(op, x, gamma, beta, groups, eps, silu)?;
+        let g = norm_geom(op, x.shape(), gamma, beta, groups, eps, silu)?;
         same_shape(op, x.shape(), dy.shape())?;
         let (xs, gs, bs, ds) = (data(op, x)?, data(op, gamma)?, data(op, beta)?, data(op, dy)?);
         let gr = self.run(|| norm::group_norm_backward(&g, xs, gs, bs, ds, None));
@@ -861,14 +852,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let _prof = profile::scope("group_norm", 0.0);
         let op = "group_norm_parts";
         let (shape, xp) = channel_parts(op, parts)?;
-        let (_, c, h, w) = shapes::group_norm(op, &shape, gamma.shape(), beta.shape(), groups)?;
-        let g = NormGeom {
-            c,
-            hw: h * w,
-            groups,
-            eps,
-            silu,
-        };
+        let g = norm_geom(op, &shape, gamma, beta, groups, eps, silu)?;
         let (gs, bs) = (data(op, gamma)?, data(op, beta)?);
         let (y, stats) = self.run(|| norm::group_norm_parts(&g, &xp, gs, bs));
         Ok((Self::wrap(&shape, y), Arc::new(stats)))
@@ -887,21 +871,9 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let _prof = profile::scope("group_norm_backward", 0.0);
         let op = "group_norm_parts_backward";
         let (shape, xp) = channel_parts(op, parts)?;
-        let (n, c, h, w) = shapes::group_norm(op, &shape, gamma.shape(), beta.shape(), groups)?;
+        let g = norm_geom(op, &shape, gamma, beta, groups, eps, silu)?;
         same_shape(op, &shape, dy.shape())?;
-        if saved.len() != n * groups {
-            return Err(Error::shape(
-                op,
-                format!("{} saved group statistics for {} groups", saved.len(), n * groups),
-            ));
-        }
-        let g = NormGeom {
-            c,
-            hw: h * w,
-            groups,
-            eps,
-            silu,
-        };
+        check_saved_stats(op, saved, &shape, groups)?;
         let (gs, bs, ds) = (data(op, gamma)?, data(op, beta)?, data(op, dy)?);
         let (dx, dg, db) = self.run(|| norm::group_norm_parts_backward(&g, &xp, gs, bs, ds, Some(saved)));
         let dx = dx
@@ -1245,24 +1217,26 @@ fn conv1x1_parts_geom<'a, T: CpuFloat>(
     parts: &[&'a Tensor<Cpu<T>>],
     w: &Tensor<Cpu<T>>,
 ) -> Result<(shapes::Conv2d, Vec<(&'a [T], usize)>)> {
-    let (shape, _) = channel_parts(op, parts)?;
-    let g = shapes::conv2d(op, &shape, w.shape(), 1, 0)?;
+    let (n, c, h, wd) = shapes::concat_channels(op, parts.iter().map(|x| x.shape()))?;
+    let g = shapes::conv2d(op, &[n, c, h, wd], w.shape(), 1, 0)?;
     if g.kh != 1 || g.kw != 1 {
         return Err(Error::shape(op, format!("weight {:?} is not 1×1", w.shape())));
     }
     Ok((g, parts_data(op, parts)?))
 }
 
+/// The geometry of a GroupNorm of an input of shape `x_shape` (a tensor, or the concatenation of
+/// parts), checked against γ, β and the group count.
 fn norm_geom<T: CpuFloat>(
     op: &'static str,
-    x: &Tensor<Cpu<T>>,
+    x_shape: &[usize],
     gamma: &Tensor<Cpu<T>>,
     beta: &Tensor<Cpu<T>>,
     groups: usize,
     eps: f64,
     silu: bool,
 ) -> Result<NormGeom> {
-    let (_, c, h, w) = shapes::group_norm(op, x.shape(), gamma.shape(), beta.shape(), groups)?;
+    let (_, c, h, w) = shapes::group_norm(op, x_shape, gamma.shape(), beta.shape(), groups)?;
     Ok(NormGeom {
         c,
         hw: h * w,
@@ -1270,6 +1244,23 @@ fn norm_geom<T: CpuFloat>(
         eps,
         silu,
     })
+}
+
+/// A backward's saved statistics must be the forward's: one (mean, rstd) per (sample, group).
+fn check_saved_stats(
+    op: &'static str,
+    saved: &norm::GroupStats,
+    x_shape: &[usize],
+    groups: usize,
+) -> Result<()> {
+    let want = x_shape[0] * groups;
+    if saved.len() != want {
+        return Err(Error::shape(
+            op,
+            format!("{} saved group statistics for {want} groups", saved.len()),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1300,6 +1291,40 @@ mod tests {
         }
         let (x, y) = (be.zeros(&[2, 3]).unwrap(), be.zeros(&[3, 2]).unwrap());
         assert!(be.add_into(x, &y).is_err(), "shapes must match");
+    }
+
+    #[test]
+    fn a_backward_refuses_statistics_saved_for_another_batch() {
+        let be = CpuF32::new();
+        let (gamma, beta) = (be.randn(&[8], 1, 0).unwrap(), be.randn(&[8], 1, 1).unwrap());
+        let x2 = be.randn(&[2, 8, 4, 4], 1, 2).unwrap();
+        let x3 = be.randn(&[3, 8, 4, 4], 1, 3).unwrap();
+        let (_, saved2) = be.group_norm_saving(&x2, &gamma, &beta, 4, 1e-6, true).unwrap();
+        let (_, saved3) = be.group_norm_saving(&x3, &gamma, &beta, 4, 1e-6, true).unwrap();
+        let err = be
+            .group_norm_backward_saved(&x3, &saved2, &gamma, &beta, &x3, 4, 1e-6, true)
+            .err()
+            .expect("8 statistics for 12 groups")
+            .to_string();
+        assert!(
+            err.contains("group_norm_backward") && err.contains("8 saved group statistics for 12 groups"),
+            "{err}"
+        );
+        assert!(be
+            .group_norm_backward_saved(&x3, &saved3, &gamma, &beta, &x3, 4, 1e-6, true)
+            .is_ok());
+        let parts = [&x3, &x3];
+        let (gamma16, beta16) = (be.randn(&[16], 1, 4).unwrap(), be.randn(&[16], 1, 5).unwrap());
+        let dy = be.randn(&[3, 16, 4, 4], 1, 6).unwrap();
+        let err = be
+            .group_norm_parts_backward_saved(&parts, &saved3, &gamma16, &beta16, &dy, 8, 1e-6, true)
+            .err()
+            .expect("12 statistics for 24 groups")
+            .to_string();
+        assert!(
+            err.contains("group_norm_parts_backward") && err.contains("for 24 groups"),
+            "{err}"
+        );
     }
 
     #[test]
