@@ -310,13 +310,7 @@ impl<B: Backend> Graph<B> {
         let y = self.backend.concat_channels(&vals)?;
         let sizes: Vec<usize> = xs.iter().map(|v| v.shape()[1]).collect();
         Ok(self.record(y, xs, move |be, g| {
-            let mut start = 0;
-            let mut out = Vec::with_capacity(sizes.len());
-            for &c in &sizes {
-                out.push(Some(be.slice_channels(g, start, c)?));
-                start += c;
-            }
-            Ok(out)
+            Ok(be.split_channels(g, &sizes)?.into_iter().map(Some).collect())
         }))
     }
 
@@ -568,6 +562,26 @@ mod tests {
             .iter()
             .map(|(k, t)| (k.clone(), be.to_f64(t).unwrap()))
             .collect()
+    }
+
+    /// concat_channels' gradient is the upstream gradient cut back into the parts' channels:
+    /// with L = Σ concat(a, b)², dL/da = 2a and dL/db = 2b (a part offset by a channel would get
+    /// the other's values).
+    #[test]
+    fn a_concatenation_passes_each_part_its_channels_of_the_gradient() {
+        let be = Cpu::<f64>::new();
+        let g = Graph::training(&be);
+        let a = g.param("a", &be.randn(&[2, 2, 3, 3], 1, 0).unwrap());
+        let b = g.param("b", &be.randn(&[2, 3, 3, 3], 2, 0).unwrap());
+        let cat = g.concat_channels(&[&a, &b]).unwrap();
+        let loss = g.sum_squares_per_sample(&cat).unwrap();
+        let grads = g
+            .backward(&loss, be.from_f64(&[2], &[1.0, 1.0]).unwrap())
+            .unwrap();
+        for (name, part) in [("a", &a), ("b", &b)] {
+            let want: Vec<f64> = be.to_f64(&part.value).unwrap().iter().map(|v| 2.0 * v).collect();
+            assert_eq!(be.to_f64(&grads.by_name[name]).unwrap(), want, "{name}");
+        }
     }
 
     #[test]

@@ -161,6 +161,15 @@ pub fn conv2d_fused_composed<B: Backend>(
     Ok(y)
 }
 
+/// The channel count of each of `parts` (dimension 1; 0 for a tensor of lower rank, which the
+/// ops' shape checks refuse).
+pub fn channel_counts<B: Backend>(parts: &[&Tensor<B>]) -> Vec<usize> {
+    parts
+        .iter()
+        .map(|p| p.shape().get(1).copied().unwrap_or(0))
+        .collect()
+}
+
 /// Gradients of an op over a channel concatenation's parts: each part's dx, then the weight's
 /// and the bias's (γ's and β's for a GroupNorm).
 pub struct PartsGrads<B: Backend> {
@@ -401,7 +410,7 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         let x = self.concat_channels(parts)?;
         let gr = self.group_norm_backward_saved(&x, saved, gamma, beta, dy, groups, eps, silu)?;
         Ok(PartsGrads {
-            dx: self.split_channels(&gr.dx, parts)?,
+            dx: self.split_channels(&gr.dx, &channel_counts(parts))?,
             dw: gr.dw,
             db: gr.db,
         })
@@ -424,17 +433,18 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     ) -> Result<PartsGrads<Self>> {
         let gr = self.conv2d_backward(&self.concat_channels(parts)?, w, dy, 1, 0)?;
         Ok(PartsGrads {
-            dx: self.split_channels(&gr.dx, parts)?,
+            dx: self.split_channels(&gr.dx, &channel_counts(parts))?,
             dw: gr.dw,
             db: gr.db,
         })
     }
-    /// `x` cut along its channels into tensors with the channel counts of `like`.
-    fn split_channels(&self, x: &Tensor<Self>, like: &[&Tensor<Self>]) -> Result<Vec<Tensor<Self>>> {
+    /// `x` cut along its channels into consecutive tensors of `sizes` channels each (the inverse of
+    /// `concat_channels`; its gradient).
+    fn split_channels(&self, x: &Tensor<Self>, sizes: &[usize]) -> Result<Vec<Tensor<Self>>> {
         let mut start = 0;
-        like.iter()
-            .map(|p| {
-                let c = p.shape().get(1).copied().unwrap_or(0);
+        sizes
+            .iter()
+            .map(|&c| {
                 start += c;
                 self.slice_channels(x, start - c, c)
             })
