@@ -244,8 +244,8 @@ pub(crate) fn pointwise_parts_backward<T: CpuFloat>(
         let _prof = profile::scope("conv bias-grad", 0.0);
         channel_sums(dy, n, o, p)
     };
-    let mut dx: Vec<Vec<T>> = parts.iter().map(|&(_, c)| vec![T::ZERO; n * c * p]).collect();
     if ctot * p == 0 || o == 0 {
+        let dx = parts.iter().map(|&(_, c)| vec![T::ZERO; n * c * p]).collect();
         return (dx, vec![T::ZERO; o * ctot], db);
     }
     let par_images = images_in_parallel(n);
@@ -256,15 +256,20 @@ pub(crate) fn pointwise_parts_backward<T: CpuFloat>(
             (0..n).for_each(|img| f(img, Par::Pool));
         }
     };
-    {
+    let lens: Vec<usize> = parts.iter().map(|&(_, c)| n * c * p).collect();
+    // Each part's dx is written whole by its per-image products (accumulate = false, which never
+    // read the destination): no zero-fill first.
+    let (dx, ()) = super::written_once_each(&lens, |bufs| {
         let _prof = profile::scope("gemm conv input-grad", flops);
-        let dests: Vec<SharedMut<T>> = dx.iter_mut().map(|v| SharedMut::new(v)).collect();
+        let dests: Vec<SharedMut<T>> = bufs.iter_mut().map(|b| SharedMut::uninit(b)).collect();
         for_images(&|img, par| {
             let dys = Mat::rm(dy, img * o * p, o, p, p);
             let mut c0 = 0;
             for (i, &(_, c)) in parts.iter().enumerate() {
                 if c > 0 {
-                    // SAFETY: image img's planes of part i are written by this call only.
+                    // SAFETY: image img's planes of part i are written by this call only, and
+                    // whole (a product that does not accumulate reads nothing there first; in
+                    // test builds they start NaN, so an element it missed fails the checks).
                     let dx_img =
                         unsafe { std::slice::from_raw_parts_mut(dests[i].get().add(img * c * p), c * p) };
                     gemm(
@@ -281,7 +286,7 @@ pub(crate) fn pointwise_parts_backward<T: CpuFloat>(
                 c0 += c;
             }
         });
-    }
+    });
     let _prof = profile::scope("gemm conv weight-grad", flops);
     // Image img's dWᵀ [ΣC_i, O].
     let one = |img: usize, par: Par| -> Vec<T> {
