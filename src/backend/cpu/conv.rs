@@ -126,23 +126,27 @@ pub(crate) fn nin<T: CpuFloat>(x: &[T], w: &[T], b: &[T], n: usize, c: usize, o:
     })
 }
 
-/// A batch's output [N, len], image img's part written by `one(img, part, par)`: one image per
-/// task when the batch feeds every thread (serial products), else image by image on the pool.
+/// A batch's output [N, len], image img's part written whole by `one(img, part, par)` (which
+/// must write every element before reading any: the part starts uninitialised, NaN in test
+/// builds): one image per task when the batch feeds every thread (serial products), else image
+/// by image on the pool.
 fn per_image_outputs<T: CpuFloat>(n: usize, len: usize, one: impl Fn(usize, &mut [T], Par) + Sync) -> Vec<T> {
-    let mut out = vec![T::ZERO; n * len];
     if len == 0 {
-        return out;
+        return Vec::new();
     }
-    if images_in_parallel(n) {
-        out.par_chunks_mut(len)
-            .enumerate()
-            .for_each(|(img, y)| one(img, y, Par::Serial));
-    } else {
-        for (img, y) in out.chunks_mut(len).enumerate() {
-            one(img, y, Par::Pool);
+    super::written_once(n * len, |out| {
+        // SAFETY: `one` writes each element of its part before it reads it (its contract above).
+        let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+        if images_in_parallel(n) {
+            out.par_chunks_mut(len)
+                .enumerate()
+                .for_each(|(img, y)| one(img, y, Par::Serial));
+        } else {
+            for (img, y) in out.chunks_mut(len).enumerate() {
+                one(img, y, Par::Pool);
+            }
         }
-    }
-    out
+    })
 }
 
 /// (dx [N,C,P], dw [C,O], db [O]) of `nin`. dx_img = W·dY_img; dW = Σ_img X_img·dY_imgᵀ with
