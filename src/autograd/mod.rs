@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::backend::{Backend, ConvEpilogue, Fir, UpFirDn};
+use crate::backend::{Backend, ConvEpilogue, Fir, PartsGrads, UpFirDn};
 use crate::error::{Error, Result};
 use crate::tensor::{same_shape, Tensor};
 
@@ -425,9 +425,7 @@ impl<B: Backend> Graph<B> {
         Ok(self.record(y, &inputs, move |be, g| {
             let refs: Vec<&Tensor<B>> = pv.iter().collect();
             let gr = be.group_norm_parts_backward_saved(&refs, &stats, &gv, &bv, g, groups, eps, silu)?;
-            let mut grads: Vec<Option<Tensor<B>>> = gr.dx.into_iter().map(Some).collect();
-            grads.extend([Some(gr.dw), Some(gr.db)]);
-            Ok(grads)
+            Ok(parts_input_grads(gr))
         }))
     }
 
@@ -443,9 +441,7 @@ impl<B: Backend> Graph<B> {
         Ok(self.record(y, &inputs, move |be, g| {
             let refs: Vec<&Tensor<B>> = pv.iter().collect();
             let gr = be.conv1x1_parts_backward(&refs, &wv, g)?;
-            let mut grads: Vec<Option<Tensor<B>>> = gr.dx.into_iter().map(Some).collect();
-            grads.extend([Some(gr.dw), Some(gr.db)]);
-            Ok(grads)
+            Ok(parts_input_grads(gr))
         }))
     }
 
@@ -526,6 +522,13 @@ fn apply_factors<B: Backend>(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((grads, ones))
+}
+
+/// A parts op's gradients in its recorded inputs' order: each part, then the weight and the bias.
+fn parts_input_grads<B: Backend>(gr: PartsGrads<B>) -> Vec<Option<Tensor<B>>> {
+    let mut grads: Vec<Option<Tensor<B>>> = gr.dx.into_iter().map(Some).collect();
+    grads.extend([Some(gr.dw), Some(gr.db)]);
+    grads
 }
 
 #[cfg(test)]
