@@ -102,6 +102,17 @@ fn images_in_parallel(n: usize) -> bool {
     threads > 1 && n >= threads
 }
 
+/// `f(img, par)` for every image of a batch of `n`, the results in image order: one image per
+/// task with serial products when the batch feeds every thread, else image by image with each
+/// product split over the pool (see [`images_in_parallel`]).
+fn over_images<R: Send>(n: usize, f: impl Fn(usize, Par) -> R + Sync) -> Vec<R> {
+    if images_in_parallel(n) {
+        (0..n).into_par_iter().map(|img| f(img, Par::Serial)).collect()
+    } else {
+        (0..n).map(|img| f(img, Par::Pool)).collect()
+    }
+}
+
 /// The per-image parts of a weight gradient (each `len` long) added up in image order, onto
 /// zeros: the same sum whatever the number of threads that computed the parts.
 fn sum_in_image_order<'a, T: CpuFloat>(len: usize, parts: impl IntoIterator<Item = &'a [T]>) -> Vec<T> {
@@ -252,21 +263,13 @@ pub(crate) fn pointwise_parts_backward<T: CpuFloat>(
         let dx = parts.iter().map(|&(_, c)| vec![T::ZERO; n * c * p]).collect();
         return (dx, vec![T::ZERO; o * ctot], db);
     }
-    let par_images = images_in_parallel(n);
-    let for_images = |f: &(dyn Fn(usize, Par) + Sync)| {
-        if par_images {
-            (0..n).into_par_iter().for_each(|img| f(img, Par::Serial));
-        } else {
-            (0..n).for_each(|img| f(img, Par::Pool));
-        }
-    };
     let lens: Vec<usize> = parts.iter().map(|&(_, c)| n * c * p).collect();
     // Each part's dx is written whole by its per-image products (accumulate = false, which never
     // read the destination): no zero-fill first.
     let (dx, ()) = super::written_once_each(&lens, |bufs| {
         let _prof = profile::scope("gemm conv input-grad", flops);
         let dests: Vec<SharedMut<T>> = bufs.iter_mut().map(|b| SharedMut::uninit(b)).collect();
-        for_images(&|img, par| {
+        over_images(n, |img, par| {
             let dys = Mat::rm(dy, img * o * p, o, p, p);
             let mut c0 = 0;
             for (i, &(_, c)) in parts.iter().enumerate() {
@@ -316,11 +319,7 @@ pub(crate) fn pointwise_parts_backward<T: CpuFloat>(
         }
         dwt
     };
-    let per_image: Vec<Vec<T>> = if par_images {
-        (0..n).into_par_iter().map(|img| one(img, Par::Serial)).collect()
-    } else {
-        (0..n).map(|img| one(img, Par::Pool)).collect()
-    };
+    let per_image = over_images(n, one);
     let dwt = sum_in_image_order(ctot * o, per_image.iter().map(Vec::as_slice));
     let mut dw = vec![T::ZERO; o * ctot];
     transpose(&dwt, ctot, o, &mut dw);
