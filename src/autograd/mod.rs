@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use crate::backend::{Backend, ConvEpilogue, Fir, PartsGrads, UpFirDn};
+use crate::backend::{channel_counts, Backend, ConvEpilogue, Fir, PartsGrads, UpFirDn};
 use crate::error::{Error, Result};
 use crate::tensor::{same_shape, Tensor};
 
@@ -308,7 +308,7 @@ impl<B: Backend> Graph<B> {
     pub fn concat_channels(&self, xs: &[&Var<B>]) -> Result<Var<B>> {
         let vals: Vec<&Tensor<B>> = xs.iter().map(|v| &v.value).collect();
         let y = self.backend.concat_channels(&vals)?;
-        let sizes: Vec<usize> = xs.iter().map(|v| v.shape()[1]).collect();
+        let sizes = channel_counts(&vals);
         Ok(self.record(y, xs, move |be, g| {
             Ok(be.split_channels(g, &sizes)?.into_iter().map(Some).collect())
         }))

@@ -236,25 +236,11 @@ pub(crate) fn written_once3<T: CpuFloat>(
     n: usize,
     fill: impl FnOnce(&mut [MaybeUninit<T>], &mut [MaybeUninit<T>], &mut [MaybeUninit<T>]),
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (mut a, mut b, mut c) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for buf in [&mut a, &mut b, &mut c] {
-        poison_in_debug(&mut buf.spare_capacity_mut()[..n]);
-    }
-    fill(
-        &mut a.spare_capacity_mut()[..n],
-        &mut b.spare_capacity_mut()[..n],
-        &mut c.spare_capacity_mut()[..n],
-    );
-    // SAFETY: `fill` wrote all n elements of each (its contract).
-    unsafe {
-        a.set_len(n);
-        b.set_len(n);
-        c.set_len(n);
-    }
+    let (outs, ()) = written_once_each(&[n; 3], |bufs| match bufs {
+        [a, b, c] => fill(a, b, c),
+        _ => unreachable!("three lengths, three buffers"),
+    });
+    let [a, b, c]: [Vec<T>; 3] = outs.try_into().unwrap_or_else(|_| unreachable!("three outputs"));
     (a, b, c)
 }
 

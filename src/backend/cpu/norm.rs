@@ -190,7 +190,7 @@ pub(crate) fn group_norm_parts_backward<T: CpuFloat>(
     let lens: Vec<usize> = x.parts.iter().map(|p| p.0.len()).collect();
     // Each group's dx covers its channel planes, and the groups cover every channel of every part.
     let (dx, partial) = written_once_each(&lens, |bufs| {
-        let dests: Vec<SharedMut<T>> = bufs.iter_mut().map(|b| SharedMut::uninit(b)).collect();
+        let dests: Vec<SharedMut<MaybeUninit<T>>> = bufs.iter_mut().map(|b| SharedMut::new(b)).collect();
         // Per (sample, group): the per-channel partial sums of dγ and dβ.
         (0..n_groups)
             .into_par_iter()
@@ -205,12 +205,7 @@ pub(crate) fn group_norm_parts_backward<T: CpuFloat>(
                     let c = x.parts[i].1;
                     // SAFETY: channels pc0..pc0 + cg of image img of part i belong to this group
                     // alone, so no other task writes them.
-                    unsafe {
-                        std::slice::from_raw_parts_mut(
-                            dests[i].get().add((img * c + pc0) * g.hw) as *mut MaybeUninit<T>,
-                            len,
-                        )
-                    }
+                    unsafe { std::slice::from_raw_parts_mut(dests[i].get().add((img * c + pc0) * g.hw), len) }
                 } else {
                     scratch.resize(len, MaybeUninit::uninit());
                     &mut scratch
@@ -228,7 +223,7 @@ pub(crate) fn group_norm_parts_backward<T: CpuFloat>(
                         // SAFETY: as above, for this run of the group's channels.
                         let dst = unsafe {
                             std::slice::from_raw_parts_mut(
-                                dests[i].get().add((img * c + pc0) * g.hw) as *mut MaybeUninit<T>,
+                                dests[i].get().add((img * c + pc0) * g.hw),
                                 n * g.hw,
                             )
                         };
