@@ -121,34 +121,28 @@ fn forward_separable<T: CpuFloat>(
     out.par_chunks_mut(g.oh * g.ow)
         .zip(x.par_chunks(g.h * g.w))
         .for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |(rows, tmp, acc), (y, xp)| {
+            || (Vec::new(), Vec::new()),
+            |(rows, tmp), (y, xp)| {
                 vectorized(
                     #[inline(always)]
                     || {
-                        acc.resize(g.ow, T::ZERO);
+                        // Both passes write their rows whole, straight into the destination.
                         if columns_first {
                             rows.resize(g.oh * g.w, T::ZERO);
                             for (crow, tl) in rows.chunks_mut(g.w).zip(ty) {
-                                column_sum(a, tl, xp, g.w, crow);
+                                column_sum(a, tl, xp, g.w, as_uninit(crow));
                             }
                             for (yrow, crow) in y.chunks_mut(g.ow).zip(rows.chunks(g.w)) {
-                                across.row(b, crow, acc, tmp);
-                                for (o, &v) in yrow.iter_mut().zip(acc.iter()) {
-                                    o.write(v);
-                                }
+                                across.row(b, crow, yrow, tmp);
                             }
                             return;
                         }
                         rows.resize(g.h * g.ow, T::ZERO);
                         for (xrow, hrow) in xp.chunks(g.w).zip(rows.chunks_mut(g.ow)) {
-                            across.row(b, xrow, hrow, tmp);
+                            across.row(b, xrow, as_uninit(hrow), tmp);
                         }
                         for (yrow, tl) in y.chunks_mut(g.ow).zip(ty) {
-                            column_sum(a, tl, rows, g.ow, acc);
-                            for (o, &v) in yrow.iter_mut().zip(acc.iter()) {
-                                o.write(v);
-                            }
+                            column_sum(a, tl, rows, g.ow, yrow);
                         }
                     },
                 )
@@ -159,14 +153,95 @@ fn forward_separable<T: CpuFloat>(
 /// dst = Σ over `taps` (weight index, row index) of w[tap]·src row, rows `width` long: one output
 /// row of a column pass, summed from zero in list order.
 #[inline(always)]
-fn column_sum<T: CpuFloat>(w: &[T], taps: &[(usize, usize)], src: &[T], width: usize, dst: &mut [T]) {
-    dst.fill(T::ZERO);
+fn column_sum<T: CpuFloat>(
+    w: &[T],
+    taps: &[(usize, usize)],
+    src: &[T],
+    width: usize,
+    dst: &mut [MaybeUninit<T>],
+) {
+    let mut terms = Terms::new();
     for &(t, r) in taps {
-        let (wt, row) = (w[t], &src[r * width..][..width]);
-        for (o, &v) in dst.iter_mut().zip(row) {
-            *o += wt * v;
+        terms.push(w[t], &src[r * width..][..width]);
+    }
+    terms.sum_into(dst);
+}
+
+/// The models' kernels have 4 taps, so an output sums at most 4 terms in every pass; up to this
+/// many run as one unrolled loop ([`Terms::sum_into`]).
+const UNROLLED_TERMS: usize = 4;
+
+/// The (weight, source) terms of a weighted sum of slices, dst[i] = Σ w·src[i].
+struct Terms<'s, T> {
+    terms: [(T, &'s [T]); UNROLLED_TERMS],
+    len: usize,
+    /// Terms beyond the unrolled ones (no model has them).
+    more: Vec<(T, &'s [T])>,
+}
+
+impl<'s, T: CpuFloat> Terms<'s, T> {
+    #[inline(always)]
+    fn new() -> Self {
+        Terms {
+            terms: [(T::ZERO, &[][..]); UNROLLED_TERMS],
+            len: 0,
+            more: Vec::new(),
         }
     }
+
+    #[inline(always)]
+    fn push(&mut self, w: T, src: &'s [T]) {
+        if self.len < UNROLLED_TERMS {
+            self.terms[self.len] = (w, src);
+        } else {
+            self.more.push((w, src));
+        }
+        self.len += 1;
+    }
+
+    /// dst[i] = Σ w·src[i] over the terms, summed from zero in push order (so bitwise the plain
+    /// per-output sum) and written once: one pass over dst, the sum in registers, instead of a
+    /// zero fill and a read-modify-write pass per term.
+    #[inline(always)]
+    fn sum_into(&self, dst: &mut [MaybeUninit<T>]) {
+        match self.len {
+            0 => dst.fill(MaybeUninit::new(T::ZERO)),
+            1 => self.sum_n::<1>(dst),
+            2 => self.sum_n::<2>(dst),
+            3 => self.sum_n::<3>(dst),
+            4 => self.sum_n::<4>(dst),
+            _ => {
+                for (i, d) in dst.iter_mut().enumerate() {
+                    let all = self.terms.iter().chain(&self.more);
+                    d.write(all.fold(T::ZERO, |acc, &(w, s)| acc + w * s[i]));
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn sum_n<const N: usize>(&self, dst: &mut [MaybeUninit<T>]) {
+        let len = dst.len();
+        let w: [T; N] = std::array::from_fn(|t| self.terms[t].0);
+        let src: [&[T]; N] = std::array::from_fn(|t| &self.terms[t].1[..len]);
+        for (i, d) in dst.iter_mut().enumerate() {
+            let mut acc = T::ZERO;
+            for t in 0..N {
+                // SAFETY: i < len, and every src[t] is exactly len long (sliced above). Indexed
+                // unchecked because LLVM does not vectorize the loop with N bounds checks in it.
+                acc += w[t] * unsafe { *src[t].get_unchecked(i) };
+            }
+            d.write(acc);
+        }
+    }
+}
+
+/// `s` as a slice to write into: what the summing helpers take, for buffers already initialised.
+#[inline(always)]
+fn as_uninit<T: Copy>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
+    // SAFETY: MaybeUninit<T> has T's layout, and the helpers only ever write initialised values
+    // through it, so `s` stays initialised.
+    unsafe { &mut *(s as *mut [T] as *mut [MaybeUninit<T>]) }
 }
 
 /// For each input index, the (tap, output index) pairs of the outputs that read it, in output
@@ -269,11 +344,13 @@ impl<'a> Gather<'a> {
 
     /// dst = the pass over one row `src`; `tmp` is scratch.
     #[inline(always)]
-    fn row<T: CpuFloat>(&self, w: &[T], src: &[T], dst: &mut [T], tmp: &mut Vec<T>) {
+    fn row<T: CpuFloat>(&self, w: &[T], src: &[T], dst: &mut [MaybeUninit<T>], tmp: &mut Vec<T>) {
         for &o in &self.edges {
-            dst[o] = self.lists[o]
-                .iter()
-                .fold(T::ZERO, |acc, &(t, i)| acc + w[t] * src[i]);
+            dst[o].write(
+                self.lists[o]
+                    .iter()
+                    .fold(T::ZERO, |acc, &(t, i)| acc + w[t] * src[i]),
+            );
         }
         // With a stride s > 1 the row is first split into its s phases (src[j·s + r] at
         // r·plen + j), so that every tap reads a contiguous slice.
@@ -305,33 +382,74 @@ impl<'a> Gather<'a> {
                 }
             }
         }
-        for (phase, ms, taps) in &self.runs {
-            tmp.truncate(runs_start);
-            tmp.resize(runs_start + ms.len(), T::ZERO);
-            let (split, acc) = tmp.split_at_mut(runs_start);
+        // Each run's sums: straight into dst when its outputs are consecutive (period 1), else
+        // into a block of scratch per run (in run order), spread over dst after.
+        let blocks_len = if self.period > 1 {
+            self.runs.iter().map(|r| r.1.len()).sum()
+        } else {
+            0
+        };
+        tmp.resize(runs_start + blocks_len, T::ZERO);
+        let (split, blocks) = tmp.split_at_mut(runs_start);
+        let mut rest = &mut blocks[..];
+        for (_, ms, taps) in &self.runs {
+            let mut terms = Terms::new();
             for &(t, i0) in taps {
-                let (wt, first) = (w[t], (i0 + (ms.start * s) as isize) as usize);
+                let first = (i0 + (ms.start * s) as isize) as usize;
                 let slice = if s == 1 {
                     &src[first..first + ms.len()]
                 } else {
                     let start = (first % s) * plen + first / s;
                     &split[start..start + ms.len()]
                 };
-                for (a, &v) in acc.iter_mut().zip(slice) {
-                    *a += wt * v;
+                terms.push(w[t], slice);
+            }
+            if self.period == 1 {
+                terms.sum_into(&mut dst[ms.clone()]);
+            } else {
+                let (block, tail) = std::mem::take(&mut rest).split_at_mut(ms.len());
+                terms.sum_into(as_uninit(block));
+                rest = tail;
+            }
+        }
+        if self.period > 1 {
+            self.spread(blocks, dst);
+        }
+    }
+
+    /// Writes the runs' blocks (laid out by `row`, in run order) to their outputs
+    /// o = phase + period·m. The two phases of period 2 (×2 up-sampling and its adjoint) are
+    /// interleaved where both have sums, in a loop LLVM vectorizes; the rest go one by one.
+    #[inline(always)]
+    fn spread<T: CpuFloat>(&self, blocks: &[T], dst: &mut [MaybeUninit<T>]) {
+        let p = self.period;
+        let mut both = 0..0;
+        if let [(0, r0, _), (1, r1, _)] = &self.runs[..] {
+            if p == 2 {
+                both = r0.start.max(r1.start)..r0.end.min(r1.end);
+            }
+            if !both.is_empty() {
+                let n = both.len();
+                let b0 = &blocks[both.start - r0.start..][..n];
+                let b1 = &blocks[r0.len() + both.start - r1.start..][..n];
+                let pairs = dst[2 * both.start..2 * both.end].chunks_exact_mut(2);
+                for ((pair, &e), &o) in pairs.zip(b0).zip(b1) {
+                    pair[0].write(e);
+                    pair[1].write(o);
                 }
             }
-            let tmp = &tmp[runs_start..];
-            if self.period == 1 {
-                dst[ms.clone()].copy_from_slice(tmp);
+        }
+        let mut start = 0;
+        for (phase, ms, _) in &self.runs {
+            let block = &blocks[start..][..ms.len()];
+            start += ms.len();
+            let (before, after) = if both.is_empty() {
+                (ms.clone(), 0..0)
             } else {
-                for (&v, o) in tmp.iter().zip(
-                    dst[phase + self.period * ms.start..]
-                        .iter_mut()
-                        .step_by(self.period),
-                ) {
-                    *o = v;
-                }
+                (ms.start..both.start.max(ms.start), both.end.min(ms.end)..ms.end)
+            };
+            for m in before.chain(after) {
+                dst[phase + p * m].write(block[m - ms.start]);
             }
         }
     }
@@ -409,36 +527,29 @@ fn backward_separable<T: CpuFloat>(
     dx.par_chunks_mut(g.h * g.w)
         .zip(dy.par_chunks(g.oh * g.ow))
         .for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |(rows, tmp, xbuf), (xp, yp)| {
+            || (Vec::new(), Vec::new()),
+            |(rows, tmp), (xp, yp)| {
                 vectorized(
                     #[inline(always)]
                     || {
-                        xbuf.resize(g.w, T::ZERO);
                         if rows_first {
                             // rows[oy] = the row adjoint of dY's row oy (w wide); then each dx row
                             // gathers the rows that its column taps read.
                             rows.resize(g.oh * g.w, T::ZERO);
                             for (yrow, hrow) in yp.chunks(g.ow).zip(rows.chunks_mut(g.w)) {
-                                across.row(b, yrow, hrow, tmp);
+                                across.row(b, yrow, as_uninit(hrow), tmp);
                             }
                             for (xrow, tl) in xp.chunks_mut(g.w).zip(&down_t) {
-                                column_sum(a, tl, rows, g.w, xbuf);
-                                for (d, &v) in xrow.iter_mut().zip(xbuf.iter()) {
-                                    d.write(v);
-                                }
+                                column_sum(a, tl, rows, g.w, xrow);
                             }
                             return;
                         }
                         rows.resize(g.h * g.ow, T::ZERO);
                         for (hrow, tl) in rows.chunks_mut(g.ow).zip(&down_t) {
-                            column_sum(a, tl, yp, g.ow, hrow);
+                            column_sum(a, tl, yp, g.ow, as_uninit(hrow));
                         }
                         for (xrow, hrow) in xp.chunks_mut(g.w).zip(rows.chunks(g.ow)) {
-                            across.row(b, hrow, xbuf, tmp);
-                            for (d, &v) in xrow.iter_mut().zip(xbuf.iter()) {
-                                d.write(v);
-                            }
+                            across.row(b, hrow, xrow, tmp);
                         }
                     },
                 )
@@ -561,7 +672,7 @@ mod tests {
                     .map(|l| l.iter().fold(0.0f32, |acc, &(t, i)| acc + b[t] * src[i]))
                     .collect();
                 let (mut fast, mut tmp) = (vec![f32::NAN; ow], Vec::new());
-                Gather::new(&lists).row(&b, &src, &mut fast, &mut tmp);
+                Gather::new(&lists).row(&b, &src, as_uninit(&mut fast), &mut tmp);
                 assert_eq!(fast, plain, "{geom:?} width {w}");
             }
         }
