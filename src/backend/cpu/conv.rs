@@ -3,6 +3,7 @@
 //! the column buffer stays small (a few MB) however large the image is.
 use rayon::prelude::*;
 
+use super::amx;
 use super::float::CpuFloat;
 use super::matmul::{gemm, gemm_unchecked, Mat, Par};
 use super::profile;
@@ -742,19 +743,59 @@ fn conv2d_direct<T: CpuFloat>(
     } else {
         1
     };
-    let per = o.div_ceil(oblocks);
+    let on_tiles = amx::route(g);
+    let mut per = o.div_ceil(oblocks);
+    if on_tiles {
+        // The tiles take output channels 16 at a time.
+        per = per.next_multiple_of(16);
+    }
     let oblocks = o.div_ceil(per);
     let slab_rows = band + g.kh - 1;
     let plane = slab_rows * wp;
     let img_in = g.c * g.h * g.w;
+    // SAFETY: T is f32 (direct_applies checked).
+    let (x32, w32) = unsafe {
+        (
+            std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
+            std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()),
+        )
+    };
+    let tile_weights = on_tiles.then(|| amx::ConvWeights::new(g, w32, alpha.to_f32()));
     (0..g.n * bands * oblocks).into_par_iter().for_each_init(
-        || (Vec::<f32>::new(), Vec::<usize>::new(), Vec::<f32>::new()),
-        |(slab, boff, tmp), task| {
+        || {
+            (
+                Vec::<f32>::new(),
+                Vec::<usize>::new(),
+                Vec::<f32>::new(),
+                Vec::<u16>::new(),
+            )
+        },
+        |(slab, boff, tmp, pair_slab), task| {
             let (img, rest) = (task / (bands * oblocks), task % (bands * oblocks));
             let (bi, ob) = (rest / oblocks, rest % oblocks);
             let (oy0, oy1) = (bi * band, ((bi + 1) * band).min(g.oh));
             let (o0, o1) = (ob * per, ((ob + 1) * per).min(o));
             let rows = oy1 - oy0;
+            if let Some(wts) = &tile_weights {
+                let pair_plane = amx::fill_pair_slab(g, &x32[img * img_in..][..img_in], oy0, rows, pair_slab);
+                prefill(img, oy0 * g.ow, rows * g.ow, o0, o1);
+                // SAFETY: on_tiles checked the CPU, the permission and the shape; the task owns
+                // rows oy0..oy1 of channels o0..o1 (multiples of 16: per is) of image img.
+                unsafe {
+                    amx::conv_band(
+                        g,
+                        wts,
+                        pair_slab,
+                        pair_plane,
+                        rows,
+                        (o0, o1),
+                        out.get().add(img * o * g.p() + oy0 * g.ow) as *mut f32,
+                        g.p(),
+                        prefilled,
+                    )
+                };
+                return;
+            }
             fill_slab(g, &x[img * img_in..][..img_in], oy0, rows, plane, slab);
             tap_offsets(g, plane, boff);
             prefill(img, oy0 * g.ow, rows * g.ow, o0, o1);

@@ -20,6 +20,7 @@
 //! - `upfirdn2d` precomputes per-axis tap lists (zero-insert, pad/crop, flipped FIR, decimate);
 //!   its backward scatters along the same lists, so it is the exact adjoint.
 //! - Random numbers come from `crate::rng` (Philox), element i at counter offset + i.
+mod amx;
 mod attention;
 mod conv;
 mod fir;
