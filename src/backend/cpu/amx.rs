@@ -18,6 +18,7 @@ use std::arch::asm;
 use std::sync::OnceLock;
 
 use super::conv::ConvGeom;
+use super::simd::{block_sum, vectorized};
 
 /// Whether this CPU has AMX-BF16 and the OS lets this process use the tiles (asked once).
 pub(crate) fn available() -> bool {
@@ -176,47 +177,66 @@ pub(crate) fn fill_pair_slab(
     let slab_rows = rows + g.kh - 1;
     let pair_plane = slab_rows * wp * 2;
     slab.resize(g.c / 2 * pair_plane, 0);
-    for (pair, plane) in slab.chunks_exact_mut(pair_plane).enumerate() {
-        for (sr, row) in plane.chunks_exact_mut(wp * 2).enumerate() {
-            let iy = (oy0 + sr) as isize - g.pad as isize;
-            if iy < 0 || iy >= g.h as isize {
-                row.fill(0);
-                continue;
+    vectorized(
+        #[inline(always)]
+        || {
+            for (pair, plane) in slab.chunks_exact_mut(pair_plane).enumerate() {
+                for (sr, row) in plane.chunks_exact_mut(wp * 2).enumerate() {
+                    let iy = (oy0 + sr) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        row.fill(0);
+                        continue;
+                    }
+                    let at = |c: usize| &x_img[(c * g.h + iy as usize) * g.w..][..g.w];
+                    let (even, odd) = (at(2 * pair), at(2 * pair + 1));
+                    let (left, rest) = row.split_at_mut(2 * g.pad);
+                    let (mid, right) = rest.split_at_mut(2 * g.w);
+                    left.fill(0);
+                    for ((d, &e), &o) in mid.chunks_exact_mut(2).zip(even).zip(odd) {
+                        d[0] = bf16_bits(e);
+                        d[1] = bf16_bits(o);
+                    }
+                    right.fill(0);
+                }
             }
-            let at = |c: usize| &x_img[(c * g.h + iy as usize) * g.w..][..g.w];
-            let (even, odd) = (at(2 * pair), at(2 * pair + 1));
-            let (left, rest) = row.split_at_mut(2 * g.pad);
-            let (mid, right) = rest.split_at_mut(2 * g.w);
-            left.fill(0);
-            for ((d, &e), &o) in mid.chunks_exact_mut(2).zip(even).zip(odd) {
-                d[0] = bf16_bits(e);
-                d[1] = bf16_bits(o);
-            }
-            right.fill(0);
-        }
-    }
+        },
+    );
     pair_plane
 }
 
-/// The 64-byte tile configuration (palette 1): tiles 0–3 are C (16 rows of 16 f32), 4 is A (16
-/// rows of kb bf16), 5 is B (kb/2 rows of 16 bf16 pairs).
+/// The 64-byte tile configuration (palette 1): (rows, bytes per row) of tiles 0–7.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
 impl TileConfig {
-    fn new(kb: usize) -> Self {
+    fn new(shapes: [(usize, usize); 8]) -> Self {
         let mut cfg = [0u8; 64];
         cfg[0] = 1;
-        let mut set = |tile: usize, rows: usize, bytes_per_row: usize| {
+        for (tile, (rows, bytes_per_row)) in shapes.into_iter().enumerate() {
             cfg[16 + 2 * tile..][..2].copy_from_slice(&(bytes_per_row as u16).to_le_bytes());
             cfg[48 + tile] = rows as u8;
-        };
-        for c in 0..4 {
-            set(c, TILE, TILE * 4);
         }
-        set(4, TILE, kb * 2);
-        set(5, kb / 2, TILE * 4);
         TileConfig(cfg)
+    }
+
+    /// The forward's: tiles 0–3 are C (16 rows of 16 f32), 4 is A (16 rows of kb bf16), 5 is B
+    /// (kb/2 rows of 16 bf16 pairs).
+    fn forward(kb: usize) -> Self {
+        let c = (TILE, TILE * 4);
+        Self::new([c, c, c, c, (TILE, kb * 2), (kb / 2, TILE * 4), (0, 0), (0, 0)])
+    }
+
+    /// The weight gradient's: every tile 16 rows of 64 bytes (C: 16 f32; A: 32 bf16; B: 16 pairs).
+    fn weight_grad() -> Self {
+        Self::new([(TILE, 64); 8])
+    }
+
+    /// Loads this configuration into the calling thread's tile unit.
+    ///
+    /// # Safety
+    /// The CPU has AMX and the process the permission ([`available`]).
+    unsafe fn load(&self) {
+        asm!("ldtilecfg [{}]", in(reg) self.0.as_ptr(), options(nostack, readonly));
     }
 }
 
@@ -306,8 +326,7 @@ pub(crate) unsafe fn conv_band(
     debug_assert!(o0.is_multiple_of(TILE) && o1.is_multiple_of(TILE) && applies(g));
     let wp = g.w + 2 * g.pad;
     let (kb, taps) = (wts.kb, g.kh * g.kw);
-    let cfg = TileConfig::new(kb);
-    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    TileConfig::forward(kb).load();
     let (a_stride, b_stride, c_stride) = (kb * 2, pair_plane * 2, ldc * 4);
     for r in 0..rows {
         for col0 in (0..g.ow).step_by(4 * TILE) {
@@ -333,6 +352,201 @@ pub(crate) unsafe fn conv_band(
                 }
                 for s in 0..strips {
                     c_store(s, c_at(s), c_stride);
+                }
+            }
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+macro_rules! tile_dot_ab {
+    ($c:literal, $a:literal, $b:literal) => {
+        asm!(
+            concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
+            options(nostack, nomem)
+        )
+    };
+}
+
+/// Bytes of bf16 operands a weight-gradient band converts (its input in two pair layouts and its
+/// dY): the band stays in L2 while the tiles sweep it once per tap.
+const WEIGHT_GRAD_BAND_BYTES: usize = 1 << 20;
+
+/// The buffers of [`weight_grad_image`], reused from band to band.
+#[derive(Default)]
+pub(crate) struct WeightGradBuffers {
+    // 32-bit words: the pair layouts are built by a 32-bit transpose, which wants them aligned.
+    lines: Vec<u32>,
+    lines_odd: Vec<u32>,
+    even: Vec<u32>,
+    odd: Vec<u32>,
+    dy: Vec<u16>,
+}
+
+/// `v` resized to `words` 32-bit words, as 2·`words` bf16 slots.
+fn bf16_slots(v: &mut Vec<u32>, words: usize) -> &mut [u16] {
+    v.resize(words, 0);
+    // SAFETY: u16 has no invalid values and a weaker alignment than u32; the view covers v's
+    // words exactly and borrows v mutably.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u16, 2 * words) }
+}
+
+/// Adds one image's weight gradient of a stride-1 conv into `acc` ([tap][O][C] f32, C
+/// contiguous) and its bias gradient into `db` (f64 per output channel), on the tiles:
+/// C[o][c] += Σ_q dY[o][q]·x[c][q + shift(tap)] with the output positions q as the inner
+/// dimension. In a band's padded coordinates (q = row·wp + column, the columns past the output's
+/// zero in dY) every tap is one shift of the input, so A tiles are dY rows (32 positions of 16
+/// channels) and B tiles 16 position pairs × 16 input channels of the input in pair layout —
+/// `even[pair][c][2]` = x[c] at 2·pair and 2·pair + 1, `odd` the same one position on, for the odd
+/// shifts. Each tile quadruple (2 × 16 output channels by 2 × 16 input channels) accumulates a
+/// whole band in the tile registers.
+///
+/// # Safety
+/// [`available`]; `route(g)` holds; `acc` is taps·O·C long, `db` O long.
+pub(crate) unsafe fn weight_grad_image(
+    g: &ConvGeom,
+    x_img: &[f32],
+    dy_img: &[f32],
+    acc: &mut [f32],
+    db: &mut [f64],
+    bufs: &mut WeightGradBuffers,
+) {
+    let (c, o, taps) = (g.c, g.o, g.kh * g.kw);
+    debug_assert!(acc.len() == taps * o * c && db.len() == o && applies(g));
+    let wp = g.w + 2 * g.pad;
+    let max_shift = (g.kh - 1) * wp + g.kw - 1;
+    let band = (WEIGHT_GRAD_BAND_BYTES / ((4 * c + 2 * o) * wp)).clamp(1, g.oh);
+    TileConfig::weight_grad().load();
+    for oy0 in (0..g.oh).step_by(band) {
+        let rows = band.min(g.oh - oy0);
+        let span = (rows * wp).next_multiple_of(32);
+        // Positions the B tiles read: up to span − 1 + max_shift, + 1 in the odd layout.
+        let pairs = (span + max_shift + 2).div_ceil(2);
+        let npos = 2 * pairs + 2;
+        // The band's input, channel-major and zero-padded: lines[ch][q], and lines_odd[ch][q] =
+        // lines[ch][q + 1].
+        let lines = bf16_slots(&mut bufs.lines, c * npos / 2);
+        let lines_odd = bf16_slots(&mut bufs.lines_odd, c * npos / 2);
+        vectorized(
+            #[inline(always)]
+            || {
+                for (ch, (line, odd)) in lines
+                    .chunks_exact_mut(npos)
+                    .zip(lines_odd.chunks_exact_mut(npos))
+                    .enumerate()
+                {
+                    for (sr, row) in line.chunks_mut(wp).enumerate() {
+                        let iy = (oy0 + sr) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize || row.len() < wp {
+                            row.fill(0);
+                            continue;
+                        }
+                        let src = &x_img[(ch * g.h + iy as usize) * g.w..][..g.w];
+                        let (left, rest) = row.split_at_mut(g.pad);
+                        let (mid, right) = rest.split_at_mut(g.w);
+                        left.fill(0);
+                        for (d, &v) in mid.iter_mut().zip(src) {
+                            *d = bf16_bits(v);
+                        }
+                        right.fill(0);
+                    }
+                    odd[..npos - 1].copy_from_slice(&line[1..]);
+                    odd[npos - 1] = 0;
+                }
+            },
+        );
+        // The two pair layouts: [pair][ch] of 32-bit words (a bf16 pair each), transposes of the
+        // lines read as [ch][pair] words (a copy of bits).
+        bufs.even.resize(pairs * c, 0);
+        bufs.odd.resize(pairs * c, 0);
+        for (from, to) in [(&bufs.lines, &mut bufs.even), (&bufs.lines_odd, &mut bufs.odd)] {
+            // SAFETY: `from` holds c rows of npos/2 words, `to` pairs rows of c words
+            // (pairs ≤ npos/2); the buffers are distinct. A transpose copies bits.
+            unsafe {
+                super::sgemm::transpose(
+                    from.as_ptr() as *const f32,
+                    npos / 2,
+                    c,
+                    pairs,
+                    to.as_mut_ptr() as *mut f32,
+                    c,
+                )
+            };
+        }
+        // dY in the band's coordinates (zeros past each output row and past the band), and the
+        // bias gradient from the same rows.
+        bufs.dy.resize(o * span, 0);
+        vectorized(
+            #[inline(always)]
+            || {
+                for (oc, row) in bufs.dy.chunks_exact_mut(span).enumerate() {
+                    for (r, seg) in row.chunks_mut(wp).enumerate() {
+                        if r >= rows {
+                            seg.fill(0);
+                            continue;
+                        }
+                        let src = &dy_img[(oc * g.oh + oy0 + r) * g.ow..][..g.ow];
+                        let (valid, rest) = seg.split_at_mut(g.ow.min(seg.len()));
+                        for (d, &v) in valid.iter_mut().zip(src) {
+                            *d = bf16_bits(v);
+                        }
+                        rest.fill(0);
+                    }
+                    db[oc] += block_sum(&dy_img[(oc * g.oh + oy0) * g.ow..][..rows * g.ow], |v| v);
+                }
+            },
+        );
+        let (dy, a_stride, b_stride, c_stride) = (bufs.dy.as_ptr(), span * 2, c * 4, c * 4);
+        let acc = acc.as_mut_ptr();
+        for t in 0..taps {
+            let shift = t / g.kw * wp + t % g.kw;
+            let (xs, pair0) = if shift.is_multiple_of(2) {
+                (bufs.even.as_ptr() as *const u16, shift / 2)
+            } else {
+                (bufs.odd.as_ptr() as *const u16, (shift - 1) / 2)
+            };
+            for ob in (0..o).step_by(2 * TILE) {
+                let two_o = ob + TILE < o;
+                for cb in (0..c).step_by(2 * TILE) {
+                    let two_c = cb + TILE < c;
+                    let c_at = |i: usize, j: usize| acc.add((t * o + ob + TILE * i) * c + cb + TILE * j);
+                    tile_load!(0, c_at(0, 0), c_stride);
+                    if two_c {
+                        tile_load!(1, c_at(0, 1), c_stride);
+                    }
+                    if two_o {
+                        tile_load!(2, c_at(1, 0), c_stride);
+                    }
+                    if two_o && two_c {
+                        tile_load!(3, c_at(1, 1), c_stride);
+                    }
+                    for q0 in (0..span).step_by(32) {
+                        tile_load!(4, dy.add(ob * span + q0), a_stride);
+                        let b = xs.add(((pair0 + q0 / 2) * c + cb) * 2);
+                        tile_load!(6, b, b_stride);
+                        tile_dot_ab!(0, 4, 6);
+                        if two_c {
+                            tile_load!(7, b.add(TILE * 2), b_stride);
+                            tile_dot_ab!(1, 4, 7);
+                        }
+                        if two_o {
+                            tile_load!(5, dy.add((ob + TILE) * span + q0), a_stride);
+                            tile_dot_ab!(2, 5, 6);
+                            if two_c {
+                                tile_dot_ab!(3, 5, 7);
+                            }
+                        }
+                    }
+                    tile_store!(0, c_at(0, 0), c_stride);
+                    if two_c {
+                        tile_store!(1, c_at(0, 1), c_stride);
+                    }
+                    if two_o {
+                        tile_store!(2, c_at(1, 0), c_stride);
+                    }
+                    if two_o && two_c {
+                        tile_store!(3, c_at(1, 1), c_stride);
+                    }
                 }
             }
         }
@@ -490,7 +704,73 @@ mod tests {
         let e_dx = rel(&be.to_f32(&on_tiles.dx).unwrap(), &as64(&plain.dx));
         assert!(e_dx < 1e-2 && e_dx > 1e-5, "dx: {e_dx:e}");
         let e_dw = rel(&be.to_f32(&on_tiles.dw).unwrap(), &as64(&plain.dw));
-        assert!(e_dw < 1e-2, "dw: {e_dw:e}");
+        assert!(e_dw < 1e-2 && e_dw > 1e-5, "dw: {e_dw:e}");
+    }
+
+    /// dW on the tiles against an f64 sum of the same bf16-rounded operands, and db against the
+    /// f32 route, for shapes that use one and two tiles of output and of input channels, one and
+    /// several bands, and a batch of one and of three.
+    #[test]
+    fn the_weight_gradient_on_the_tiles_is_the_bf16_operands_exact_sum() {
+        if !available() {
+            println!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+            return;
+        }
+        let be = CpuF32::new();
+        for &(n, c, h, o) in &[
+            (3usize, 16usize, 16usize, 16usize),
+            (1, 48, 32, 32),
+            (2, 32, 128, 16),
+            (1, 64, 64, 48),
+        ] {
+            let (xv, dyv) = (draw(n * c * h * h, 9), draw(n * o * h * h, 10));
+            let x = be.from_f32(&[n, c, h, h], &xv).unwrap();
+            let w = be.from_f32(&[o, c, 3, 3], &draw(o * c * 9, 11)).unwrap();
+            let dy = be.from_f32(&[n, o, h, h], &dyv).unwrap();
+            let on_tiles = forced(|| be.conv2d_backward(&x, &w, &dy, 1, 1)).unwrap();
+            let plain = be.conv2d_backward(&x, &w, &dy, 1, 1).unwrap();
+            let mut exact = vec![0.0f64; o * c * 9];
+            for img in 0..n {
+                for oc in 0..o {
+                    for ic in 0..c {
+                        for t in 0..9 {
+                            let (ky, kx) = (t / 3, t % 3);
+                            let mut s = 0.0;
+                            for y in 0..h {
+                                for xx in 0..h {
+                                    let (iy, ix) = (y + ky, xx + kx);
+                                    if iy < 1 || ix < 1 || iy > h || ix > h {
+                                        continue;
+                                    }
+                                    let xq = bf(xv[((img * c + ic) * h + iy - 1) * h + ix - 1]);
+                                    s += bf(dyv[((img * o + oc) * h + y) * h + xx]) * xq;
+                                }
+                            }
+                            exact[(oc * c + ic) * 9 + t] += s;
+                        }
+                    }
+                }
+            }
+            let dw = be.to_f32(&on_tiles.dw).unwrap();
+            let e_kernel = rel(&dw, &exact);
+            let f32_dw: Vec<f64> = be.to_f32(&plain.dw).unwrap().iter().map(|&v| v as f64).collect();
+            let e_bf16 = rel(&dw, &f32_dw);
+            let f32_db: Vec<f64> = be.to_f32(&plain.db).unwrap().iter().map(|&v| v as f64).collect();
+            let e_db = rel(&be.to_f32(&on_tiles.db).unwrap(), &f32_db);
+            let shape = format!("[{n},{c},{h},{h}] -> {o}");
+            println!(
+                "{shape}: dW {e_kernel:.1e} against the exact sum, {e_bf16:.1e} against f32; db {e_db:.1e}"
+            );
+            assert!(
+                e_kernel < 2e-6,
+                "{shape}: dW {e_kernel:e} against the bf16 operands' exact sum"
+            );
+            assert!(
+                e_bf16 < 1e-2 && e_bf16 > 1e-5,
+                "{shape}: dW {e_bf16:e} against the f32 route"
+            );
+            assert!(e_db < 1e-6, "{shape}: db {e_db:e}");
+        }
     }
 
     #[test]

@@ -1031,6 +1031,52 @@ fn weight_grad_direct<T: CpuFloat>(
     }
 }
 
+/// (dW, db) of a stride-1 conv on the AMX tiles ([`amx::weight_grad_image`], bf16 operands): one
+/// image per task when the batch feeds every thread, the images' parts added in image order.
+fn weight_bias_grad_tiles<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    let (c, o, p, taps) = (g.c, g.o, g.p(), g.kh * g.kw);
+    let img_in = c * g.h * g.w;
+    // SAFETY: T is f32 (direct_applies checked before any caller gets here).
+    let (x, dy) = unsafe {
+        (
+            std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
+            std::slice::from_raw_parts(dy.as_ptr() as *const f32, dy.len()),
+        )
+    };
+    let parts = over_images(g.n, |img, _| {
+        let (mut acc, mut db) = (vec![0.0f32; taps * o * c], vec![0.0f64; o]);
+        let mut bufs = amx::WeightGradBuffers::default();
+        // SAFETY: amx::route(g) held; acc and db have the lengths weight_grad_image wants.
+        unsafe {
+            amx::weight_grad_image(
+                g,
+                &x[img * img_in..][..img_in],
+                &dy[img * o * p..][..o * p],
+                &mut acc,
+                &mut db,
+                &mut bufs,
+            )
+        };
+        (acc, db)
+    });
+    // [tap][O][C] per image → dW [O, C, kh, kw], summed in image order.
+    let mut dw = vec![T::ZERO; o * c * taps];
+    let mut db = vec![0.0f64; o];
+    for (acc, dbi) in &parts {
+        for t in 0..taps {
+            for oc in 0..o {
+                for ic in 0..c {
+                    dw[(oc * c + ic) * taps + t] += T::from_f32(acc[(t * o + oc) * c + ic]);
+                }
+            }
+        }
+        for (d, v) in db.iter_mut().zip(dbi) {
+            *d += v;
+        }
+    }
+    (dw, db.into_iter().map(T::from_f64).collect())
+}
+
 /// (dW, db) of a stride-1 conv through [`weight_grad_direct`]: one image per task when the batch
 /// feeds every thread (each image's [K + 1, O] summed in image order), else image by image on the
 /// whole pool.
@@ -1038,6 +1084,9 @@ fn weight_bias_grad_direct<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec
     let (k, o, p) = (g.k(), g.o, g.p());
     let img_in = g.c * g.h * g.w;
     let _prof = profile::scope("gemm conv weight-grad", 2.0 * (g.n * o * k * p) as f64);
+    if amx::route(g) {
+        return weight_bias_grad_tiles(g, x, dy);
+    }
     let one = |img: usize, dwb_t: &mut [T], accumulate: bool, par: Par| {
         let (x_img, dy_img) = (&x[img * img_in..][..img_in], &dy[img * o * p..][..o * p]);
         weight_grad_direct(g, x_img, dy_img, dwb_t, accumulate, par)
