@@ -41,15 +41,27 @@ enum DeviceArg {
     Cuda,
 }
 
-/// GEMM arithmetic of the CUDA backend (storage and master weights stay f32).
+/// GEMM arithmetic (storage and master weights stay f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum PrecisionArg {
-    /// Exact f32 (SIMT).
+    /// Exact f32 (CUDA SIMT, CPU vector FMA).
     F32,
-    /// TF32 tensor cores, f32 accumulate.
+    /// TF32 tensor cores, f32 accumulate (CUDA only).
     Tf32,
-    /// bf16 tensor cores, f32 accumulate.
+    /// bf16 operands, f32 accumulate: CUDA tensor cores, or on the CPU the AMX tiles of Intel
+    /// Xeons from Sapphire Rapids on (the convolutions).
     Bf16,
+}
+
+/// The CPU backend in `precision`: f32, or bf16 on the AMX tiles (an error where there are none).
+fn cpu_in(be: CpuF32, precision: PrecisionArg) -> Result<CpuF32> {
+    match precision {
+        PrecisionArg::F32 => Ok(be),
+        PrecisionArg::Bf16 => Ok(be.with_bf16_tiles(true)?),
+        PrecisionArg::Tf32 => {
+            bail!("--precision tf32 needs the CUDA backend (the CPU has f32 and, with AMX, bf16)")
+        }
+    }
 }
 
 impl PrecisionArg {
@@ -114,7 +126,8 @@ enum Cmd {
         /// images/s and, on CUDA, the peak device memory.
         #[arg(long)]
         train: bool,
-        /// CUDA GEMM precision to time [default: every one this build supports].
+        /// GEMM precision to time [default: every one this build and device support — on the CPU
+        /// f32, and bf16 where the CPU has AMX tiles].
         #[arg(long, value_enum)]
         precision: Option<PrecisionArg>,
     },
@@ -130,8 +143,9 @@ enum Cmd {
         /// Where to train: the whole step (forward, backward, Adam, EMA) runs on that backend.
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
-        /// CUDA GEMM precision: tf32/bf16 run the convolutions on tensor cores, with f32 master
-        /// weights, gradients and optimiser state (the CPU computes in f32 only).
+        /// GEMM precision: tf32/bf16 run the convolutions on CUDA tensor cores, bf16 on the CPU on
+        /// AMX tiles (Intel Xeon Sapphire Rapids or later), with f32 master weights, gradients and
+        /// optimiser state.
         #[arg(long, value_enum, default_value = "f32")]
         precision: PrecisionArg,
     },
@@ -166,8 +180,8 @@ enum Cmd {
         opts: srsde_fast::upscale::UpscaleOptions,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
-        /// CUDA GEMM precision: tf32/bf16 run the convolutions on tensor cores (faster, less exact;
-        /// recorded in every output's provenance). The CPU computes in f32.
+        /// GEMM precision: tf32/bf16 run the convolutions on CUDA tensor cores, bf16 on the CPU on AMX
+        /// tiles (faster, less exact; recorded in every output's provenance).
         #[arg(long, value_enum, default_value = "f32")]
         precision: PrecisionArg,
     },
@@ -280,13 +294,18 @@ fn run(cli: Cli) -> Result<()> {
             precision,
         } => match pick_device(device)? {
             Picked::Cpu(be) => {
-                if precision.is_some_and(|p| p != PrecisionArg::F32) {
-                    bail!("--precision tf32/bf16 needs the CUDA backend");
-                }
-                if train {
-                    bench_train(&be, &preset, batch, iters)?
-                } else {
-                    bench_on(&be, &preset, batch, iters, pc_step)?
+                let chosen = match precision {
+                    Some(p) => vec![p],
+                    None if CpuF32::bf16_tiles_available() => vec![PrecisionArg::F32, PrecisionArg::Bf16],
+                    None => vec![PrecisionArg::F32],
+                };
+                for p in chosen {
+                    let be = cpu_in(be.clone(), p)?;
+                    if train {
+                        bench_train(&be, &preset, batch, iters)?
+                    } else {
+                        bench_on(&be, &preset, batch, iters, pc_step)?
+                    }
                 }
             }
             Picked::Cuda(be) => {
@@ -385,8 +404,12 @@ fn run(cli: Cli) -> Result<()> {
             let opts = args.options();
             let summary = match pick_device(device)? {
                 Picked::Cpu(be) => {
-                    if precision != PrecisionArg::F32 {
-                        bail!("--precision {precision:?} needs the CUDA backend (the CPU trains in f32)");
+                    let be = cpu_in(be, precision)?;
+                    if precision == PrecisionArg::Bf16 {
+                        eprintln!(
+                            "training on {} (bf16 convolutions, f32 master weights)",
+                            be.name()
+                        );
                     }
                     srsde_fast::train::run::train(&be, &opts, &stop)?
                 }
@@ -424,12 +447,7 @@ fn run(cli: Cli) -> Result<()> {
             precision,
         } => {
             let report = match pick_device(device)? {
-                Picked::Cpu(be) => {
-                    if precision != PrecisionArg::F32 {
-                        bail!("--precision {precision:?} needs the CUDA backend (the CPU computes in f32)");
-                    }
-                    srsde_fast::upscale::run(&opts, &be)?
-                }
+                Picked::Cpu(be) => srsde_fast::upscale::run(&opts, &cpu_in(be, precision)?)?,
                 Picked::Cuda(be) => {
                     let p = precision.precision();
                     if !be.supports(p) {

@@ -229,7 +229,8 @@ impl Provenance {
             "--device".into(),
             self.device.backend.clone(),
         ]);
-        if self.device.backend == "cuda" {
+        // The CPU's default is f32; bf16 (AMX tiles) has to be asked for again.
+        if self.device.backend == "cuda" || self.device.precision != "f32" {
             a.extend(["--precision".into(), self.device.precision.clone()]);
         }
         if self.model.source != "embedded" {

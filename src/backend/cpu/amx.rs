@@ -1,7 +1,7 @@
 //! The stride-1 convolutions on AMX tiles (Intel Sapphire Rapids and later): bf16 operands, f32
-//! accumulation — the precision the CUDA backend's bf16 GEMMs train with. Opt-in with
-//! `SRSDE_CPU_GEMM=amx` (every other product keeps the f32 AVX-512 kernels); CPUs without AMX,
-//! or a kernel without the OS's permission to use its tiles, run the f32 convolutions as before.
+//! accumulation — the precision the CUDA backend's bf16 GEMMs train with. Opt-in per backend
+//! (`Cpu::with_bf16_tiles`, `--precision bf16 --device cpu`); every other product keeps the f32
+//! kernels, and the f32 route stays the default and the one the golden tests pin.
 //!
 //! One task of [`super::conv`]'s direct convolution (an image, a band of output rows, a block of
 //! output channels) converts the input rows its band reads to bf16 once, channel pairs
@@ -24,36 +24,6 @@ use super::simd::{block_sum, vectorized};
 pub(crate) fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| cpu_has_amx_bf16() && request_tile_permission())
-}
-
-/// Whether the convolutions run on the tiles: `SRSDE_CPU_GEMM=amx` on a CPU that has them.
-pub(crate) fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("SRSDE_CPU_GEMM").is_ok_and(|v| v == "amx") && available())
-}
-
-/// Whether a conv of geometry `g` runs on the tiles: [`enabled`] (or forced, in tests) and the
-/// shape [`applies`].
-pub(crate) fn route(g: &ConvGeom) -> bool {
-    #[cfg(test)]
-    let on = enabled() || (FORCED.with(|f| f.get()) && available());
-    #[cfg(not(test))]
-    let on = enabled();
-    on && applies(g)
-}
-
-#[cfg(test)]
-thread_local! {
-    static FORCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with the tiles on for the convolutions this thread starts (where the CPU has them).
-#[cfg(test)]
-pub(crate) fn forced<R>(f: impl FnOnce() -> R) -> R {
-    FORCED.with(|c| c.set(true));
-    let r = f();
-    FORCED.with(|c| c.set(false));
-    r
 }
 
 fn cpu_has_amx_bf16() -> bool {
@@ -402,7 +372,7 @@ fn bf16_slots(v: &mut Vec<u32>, words: usize) -> &mut [u16] {
 /// whole band in the tile registers.
 ///
 /// # Safety
-/// [`available`]; `route(g)` holds; `acc` is taps·O·C long, `db` O long.
+/// [`available`]; [`applies`]`(g)`; `acc` is taps·O·C long, `db` O long.
 pub(crate) unsafe fn weight_grad_image(
     g: &ConvGeom,
     x_img: &[f32],
@@ -627,6 +597,7 @@ mod tests {
             return;
         }
         let be = CpuF32::new();
+        let on_tiles = CpuF32::new().with_bf16_tiles(true).unwrap();
         for &(n, c, h, o) in &[
             (2usize, 16usize, 16usize, 16usize),
             (1, 48, 32, 32),
@@ -647,7 +618,7 @@ mod tests {
                     channel_bias: residual.then_some(&cb),
                     residual: residual.then_some((&r, s, s)),
                 };
-                let tiles = forced(|| be.conv2d_fused(&x, &w, Some(&b), 1, 1, &epi)).unwrap();
+                let tiles = on_tiles.conv2d_fused(&x, &w, Some(&b), 1, 1, &epi).unwrap();
                 let tiles = be.to_f32(&tiles).unwrap();
                 let f32_route = be
                     .to_f32(&be.conv2d_fused(&x, &w, Some(&b), 1, 1, &epi).unwrap())
@@ -688,11 +659,12 @@ mod tests {
             return;
         }
         let be = CpuF32::new();
+        let on_tiles = CpuF32::new().with_bf16_tiles(true).unwrap();
         let (n, c, h, o) = (2, 32, 32, 16);
         let x = be.from_f32(&[n, c, h, h], &draw(n * c * h * h, 6)).unwrap();
         let w = be.from_f32(&[o, c, 3, 3], &draw(o * c * 9, 7)).unwrap();
         let dy = be.from_f32(&[n, o, h, h], &draw(n * o * h * h, 8)).unwrap();
-        let on_tiles = forced(|| be.conv2d_backward(&x, &w, &dy, 1, 1)).unwrap();
+        let grads = on_tiles.conv2d_backward(&x, &w, &dy, 1, 1).unwrap();
         let plain = be.conv2d_backward(&x, &w, &dy, 1, 1).unwrap();
         let as64 = |t| {
             be.to_f32(t)
@@ -701,9 +673,9 @@ mod tests {
                 .map(|&v| v as f64)
                 .collect::<Vec<f64>>()
         };
-        let e_dx = rel(&be.to_f32(&on_tiles.dx).unwrap(), &as64(&plain.dx));
+        let e_dx = rel(&be.to_f32(&grads.dx).unwrap(), &as64(&plain.dx));
         assert!(e_dx < 1e-2 && e_dx > 1e-5, "dx: {e_dx:e}");
-        let e_dw = rel(&be.to_f32(&on_tiles.dw).unwrap(), &as64(&plain.dw));
+        let e_dw = rel(&be.to_f32(&grads.dw).unwrap(), &as64(&plain.dw));
         assert!(e_dw < 1e-2 && e_dw > 1e-5, "dw: {e_dw:e}");
     }
 
@@ -717,6 +689,7 @@ mod tests {
             return;
         }
         let be = CpuF32::new();
+        let on_tiles = CpuF32::new().with_bf16_tiles(true).unwrap();
         for &(n, c, h, o) in &[
             (3usize, 16usize, 16usize, 16usize),
             (1, 48, 32, 32),
@@ -727,7 +700,7 @@ mod tests {
             let x = be.from_f32(&[n, c, h, h], &xv).unwrap();
             let w = be.from_f32(&[o, c, 3, 3], &draw(o * c * 9, 11)).unwrap();
             let dy = be.from_f32(&[n, o, h, h], &dyv).unwrap();
-            let on_tiles = forced(|| be.conv2d_backward(&x, &w, &dy, 1, 1)).unwrap();
+            let grads = on_tiles.conv2d_backward(&x, &w, &dy, 1, 1).unwrap();
             let plain = be.conv2d_backward(&x, &w, &dy, 1, 1).unwrap();
             let mut exact = vec![0.0f64; o * c * 9];
             for img in 0..n {
@@ -751,12 +724,12 @@ mod tests {
                     }
                 }
             }
-            let dw = be.to_f32(&on_tiles.dw).unwrap();
+            let dw = be.to_f32(&grads.dw).unwrap();
             let e_kernel = rel(&dw, &exact);
             let f32_dw: Vec<f64> = be.to_f32(&plain.dw).unwrap().iter().map(|&v| v as f64).collect();
             let e_bf16 = rel(&dw, &f32_dw);
             let f32_db: Vec<f64> = be.to_f32(&plain.db).unwrap().iter().map(|&v| v as f64).collect();
-            let e_db = rel(&be.to_f32(&on_tiles.db).unwrap(), &f32_db);
+            let e_db = rel(&be.to_f32(&grads.db).unwrap(), &f32_db);
             let shape = format!("[{n},{c},{h},{h}] -> {o}");
             println!(
                 "{shape}: dW {e_kernel:.1e} against the exact sum, {e_bf16:.1e} against f32; db {e_db:.1e}"
@@ -771,6 +744,28 @@ mod tests {
             );
             assert!(e_db < 1e-6, "{shape}: db {e_db:e}");
         }
+    }
+
+    /// The backend takes the tiles where the CPU has them and says why not where it does not;
+    /// the f64 backend never takes them.
+    #[test]
+    fn a_backend_takes_the_tiles_only_where_they_exist() {
+        match CpuF32::new().with_bf16_tiles(true) {
+            Ok(be) => {
+                assert!(available());
+                assert_eq!(be.precision_name(), "bf16");
+                assert!(be.name().contains("AMX"), "{}", be.name());
+            }
+            Err(e) => {
+                assert!(!available());
+                assert!(e.to_string().contains("AMX"), "{e}");
+                println!("this CPU has no AMX tiles: {e}");
+            }
+        }
+        assert_eq!(CpuF32::new().precision_name(), "f32");
+        assert!(crate::backend::cpu::Cpu::<f64>::new()
+            .with_bf16_tiles(true)
+            .is_err());
     }
 
     #[test]

@@ -562,9 +562,10 @@ pub(crate) fn conv2d<T: CpuFloat>(
     w: &[T],
     b: Option<&[T]>,
     epi: Epilogue<'_, T>,
+    tiles: bool,
 ) -> Vec<T> {
     // The column tiles are built inside the GEMM tasks (in cache), so this kind includes im2col.
-    conv2d_profiled("gemm conv forward", g, x, w, b, epi)
+    conv2d_profiled("gemm conv forward", g, x, w, b, epi, tiles)
 }
 
 /// [`conv2d`], its time and FLOPs counted under the profile kind `kind`.
@@ -575,6 +576,7 @@ fn conv2d_profiled<T: CpuFloat>(
     w: &[T],
     b: Option<&[T]>,
     epi: Epilogue<'_, T>,
+    tiles: bool,
 ) -> Vec<T> {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let _prof = profile::scope(kind, 2.0 * (g.n * o * k * p) as f64);
@@ -586,13 +588,14 @@ fn conv2d_profiled<T: CpuFloat>(
     // no zero-fill pass first (at 128×128 that pass costs as much memory traffic as the output).
     super::written_once(len, |out| {
         if len > 0 {
-            conv2d_into(g, x, w, b, epi, prefilled, SharedMut::uninit(out));
+            conv2d_into(g, x, w, b, epi, prefilled, tiles, SharedMut::uninit(out));
         }
     })
 }
 
 /// The body of [`conv2d_profiled`]: writes every output element through `out_ptr`, which
 /// holds no values yet.
+#[allow(clippy::too_many_arguments)] // the conv's operands, its epilogue and its route
 fn conv2d_into<T: CpuFloat>(
     g: &ConvGeom,
     x: &[T],
@@ -600,6 +603,7 @@ fn conv2d_into<T: CpuFloat>(
     b: Option<&[T]>,
     epi: Epilogue<'_, T>,
     prefilled: bool,
+    amx_tiles: bool,
     out_ptr: SharedMut<T>,
 ) {
     let (k, p, o) = (g.k(), g.p(), g.o);
@@ -636,7 +640,16 @@ fn conv2d_into<T: CpuFloat>(
         }
     };
     if direct_applies::<T>(g) {
-        conv2d_direct(g, x, w, alpha, &prefill, prefilled, out_ptr);
+        conv2d_direct(
+            g,
+            x,
+            w,
+            alpha,
+            &prefill,
+            prefilled,
+            amx_tiles && amx::applies(g),
+            out_ptr,
+        );
         return;
     }
     // One task: output channels [o0, o1) of (image, tile), from a ready column tile `cols`.
@@ -721,6 +734,7 @@ fn conv2d_direct<T: CpuFloat>(
     alpha: T,
     prefill: &(dyn Fn(usize, usize, usize, usize, usize) + Sync),
     prefilled: bool,
+    on_tiles: bool,
     out: SharedMut<T>,
 ) {
     let (k, o) = (g.k(), g.o);
@@ -743,7 +757,6 @@ fn conv2d_direct<T: CpuFloat>(
     } else {
         1
     };
-    let on_tiles = amx::route(g);
     let mut per = o.div_ceil(oblocks);
     if on_tiles {
         // The tiles take output channels 16 at a time.
@@ -1046,7 +1059,7 @@ fn weight_bias_grad_tiles<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec<
     let parts = over_images(g.n, |img, _| {
         let (mut acc, mut db) = (vec![0.0f32; taps * o * c], vec![0.0f64; o]);
         let mut bufs = amx::WeightGradBuffers::default();
-        // SAFETY: amx::route(g) held; acc and db have the lengths weight_grad_image wants.
+        // SAFETY: the caller checked amx::applies(g) on a backend with tiles (so amx::available()); acc and db have the lengths weight_grad_image wants.
         unsafe {
             amx::weight_grad_image(
                 g,
@@ -1080,11 +1093,11 @@ fn weight_bias_grad_tiles<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec<
 /// (dW, db) of a stride-1 conv through [`weight_grad_direct`]: one image per task when the batch
 /// feeds every thread (each image's [K + 1, O] summed in image order), else image by image on the
 /// whole pool.
-fn weight_bias_grad_direct<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+fn weight_bias_grad_direct<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T], tiles: bool) -> (Vec<T>, Vec<T>) {
     let (k, o, p) = (g.k(), g.o, g.p());
     let img_in = g.c * g.h * g.w;
     let _prof = profile::scope("gemm conv weight-grad", 2.0 * (g.n * o * k * p) as f64);
-    if amx::route(g) {
+    if tiles && amx::applies(g) {
         return weight_bias_grad_tiles(g, x, dy);
     }
     let one = |img: usize, dwb_t: &mut [T], accumulate: bool, par: Par| {
@@ -1153,14 +1166,15 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
     x: &[T],
     w: &[T],
     dy: &[T],
+    tiles: bool,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
     let as_conv = input_grad_by_conv(g);
     if p > 0 && as_conv && direct_applies::<T>(g) {
         // dx as a forward conv; dW and db from one GEMM over the slab: no im2col.
-        let dx = input_grad_as_conv(g, w, dy);
-        let (dw, db) = weight_bias_grad_direct(g, x, dy);
+        let dx = input_grad_as_conv(g, w, dy, tiles);
+        let (dw, db) = weight_bias_grad_direct(g, x, dy, tiles);
         return (dx, dw, db);
     }
     let mut dw = vec![T::ZERO; o * k];
@@ -1179,7 +1193,7 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
         }
     };
     let dx = if as_conv {
-        let dx = input_grad_as_conv(g, w, dy);
+        let dx = input_grad_as_conv(g, w, dy, tiles);
         backward(None, &mut dw);
         dx
     } else if g.pointwise() {
@@ -1215,7 +1229,7 @@ fn input_grad_by_conv(g: &ConvGeom) -> bool {
 /// an input pixel fed, weighted by the tap that fed it. Same products as Wᵀ·dY + col2im, but the
 /// columns are gathered (im2col, a copy) instead of scattered (col2im, a read-add-write of 9×
 /// the image), and the forward's tiled, parallel GEMM path runs it.
-fn input_grad_as_conv<T: CpuFloat>(g: &ConvGeom, w: &[T], dy: &[T]) -> Vec<T> {
+fn input_grad_as_conv<T: CpuFloat>(g: &ConvGeom, w: &[T], dy: &[T], tiles: bool) -> Vec<T> {
     let (kh, kw, taps) = (g.kh, g.kw, g.kh * g.kw);
     let mut flipped = vec![T::ZERO; w.len()];
     for o in 0..g.o {
@@ -1253,6 +1267,7 @@ fn input_grad_as_conv<T: CpuFloat>(g: &ConvGeom, w: &[T], dy: &[T]) -> Vec<T> {
         &flipped,
         None,
         Epilogue::default(),
+        tiles,
     )
 }
 
@@ -1616,7 +1631,7 @@ mod tests {
             let (mut dx2, mut dw2) = (vec![0.0; x.len()], vec![0.0; w.len()]);
             pool.install(|| conv2d_backward_images(&g, &x, &w, &dy, Some(&mut dx2), &mut dw2));
             // The public entry: dx as a forward conv of dy for stride 1, else by col2im.
-            let (dx3, dw3, db3) = pool.install(|| conv2d_backward(&g, &x, &w, &dy));
+            let (dx3, dw3, db3) = pool.install(|| conv2d_backward(&g, &x, &w, &dy, false));
             assert_eq!(input_grad_by_conv(&g), k == 3 && stride == 1);
             // db = Σ over images and positions of dY (on the direct route, a row of the GEMM).
             let p = g.oh * g.ow;
@@ -1635,7 +1650,8 @@ mod tests {
             // Batch 1 takes the pool-split route.
             let g1 = ConvGeom { n: 1, ..g };
             let img_in = c * h * w_;
-            let (dx1, dw1, db1) = pool.install(|| conv2d_backward(&g1, &x[..img_in], &w, &dy[..o * p]));
+            let (dx1, dw1, db1) =
+                pool.install(|| conv2d_backward(&g1, &x[..img_in], &w, &dy[..o * p], false));
             let (want_dx1, want_dw1) = reference(&g1, &x[..img_in], &w, &dy[..o * p]);
             assert!(
                 rel(&dx1, &want_dx1) < 1e-5 && rel(&dw1, &want_dw1) < 1e-5 && rel(&db1, &bias_ref(1)) < 1e-5,
@@ -1667,7 +1683,7 @@ mod tests {
             let (x, w, b) = (rnd(n * 5 * 11 * 9), rnd(7 * 5 * k * k), rnd(7));
             let (cb, res) = (rnd(n * 7), rnd(n * 7 * g.oh * g.ow));
             let (alpha, beta) = (0.7f32, -1.3f32);
-            let plain = pool.install(|| conv2d(&g, &x, &w, Some(&b), Epilogue::default()));
+            let plain = pool.install(|| conv2d(&g, &x, &w, Some(&b), Epilogue::default(), false));
             let p = g.oh * g.ow;
             let want: Vec<f64> = (0..plain.len())
                 .map(|i| {
@@ -1679,15 +1695,15 @@ mod tests {
                 chan_bias: Some(&cb),
                 residual: Some((&res, alpha, beta)),
             };
-            let fused = pool.install(|| conv2d(&g, &x, &w, Some(&b), epi));
+            let fused = pool.install(|| conv2d(&g, &x, &w, Some(&b), epi, false));
             assert!(rel(&fused, &want) < 1e-6, "n {n} k {k}: {}", rel(&fused, &want));
             // Channel bias alone, no conv bias.
-            let plain = pool.install(|| conv2d(&g, &x, &w, None, Epilogue::default()));
+            let plain = pool.install(|| conv2d(&g, &x, &w, None, Epilogue::default(), false));
             let epi = Epilogue {
                 chan_bias: Some(&cb),
                 residual: None,
             };
-            let fused = pool.install(|| conv2d(&g, &x, &w, None, epi));
+            let fused = pool.install(|| conv2d(&g, &x, &w, None, epi, false));
             let want: Vec<f64> = (0..plain.len())
                 .map(|i| plain[i] as f64 + cb[(i / (7 * p)) * 7 + (i / p) % 7] as f64)
                 .collect();
@@ -1713,7 +1729,7 @@ mod tests {
         ] {
             let g = shapes::conv2d("test", &[n, c, h, w], &[o, c, k, k], stride, pad).unwrap();
             let (x, wt, b) = (rnd(n * c * h * w), rnd(o * c * k * k), rnd(o));
-            let got = pool.install(|| conv2d(&g, &x, &wt, Some(&b), Epilogue::default()));
+            let got = pool.install(|| conv2d(&g, &x, &wt, Some(&b), Epilogue::default(), false));
             let mut want = vec![0.0f64; got.len()];
             for img in 0..n {
                 for oc in 0..o {

@@ -51,6 +51,8 @@ use crate::tensor::{same_shape, Tensor};
 pub struct Cpu<T> {
     /// `None`: rayon's global pool.
     pool: Option<Arc<rayon::ThreadPool>>,
+    /// The convolutions run on AMX tiles in bf16 ([`Cpu::with_bf16_tiles`]).
+    tiles: bool,
     _elem: PhantomData<fn() -> T>,
 }
 
@@ -61,6 +63,7 @@ impl<T> Clone for Cpu<T> {
     fn clone(&self) -> Self {
         Cpu {
             pool: self.pool.clone(),
+            tiles: self.tiles,
             _elem: PhantomData,
         }
     }
@@ -101,6 +104,7 @@ impl<T: CpuFloat> Cpu<T> {
         keep_freed_memory();
         Cpu {
             pool: None,
+            tiles: false,
             _elem: PhantomData,
         }
     }
@@ -114,8 +118,35 @@ impl<T: CpuFloat> Cpu<T> {
         keep_freed_memory();
         Ok(Cpu {
             pool: Some(Arc::new(pool)),
+            tiles: false,
             _elem: PhantomData,
         })
+    }
+
+    /// This backend with its convolutions on AMX tiles in bf16 (`on`), or in f32: bf16 operands
+    /// and f32 accumulation, as the CUDA backend's bf16 GEMMs — `--precision bf16` on the CPU.
+    /// Only the convolutions whose channels and widths are multiples of 16 move; every other op
+    /// stays f32. An error on a CPU (or OS) without AMX-BF16, or for the f64 backend.
+    pub fn with_bf16_tiles(mut self, on: bool) -> Result<Self> {
+        if on && T::NAME != "f32" {
+            return Err(Error::Backend(
+                "bf16 tiles: the f64 CPU backend computes in f64 only".into(),
+            ));
+        }
+        if on && !amx::available() {
+            return Err(Error::Backend(
+                "--precision bf16 on the CPU runs the convolutions on AMX tiles, which this CPU (or OS) \
+                 does not offer (Intel Xeon Sapphire Rapids or later, Linux 5.16 or later); use f32"
+                    .into(),
+            ));
+        }
+        self.tiles = on;
+        Ok(self)
+    }
+
+    /// Whether this CPU can run [`Cpu::with_bf16_tiles`].
+    pub fn bf16_tiles_available() -> bool {
+        amx::available()
     }
 
     /// Threads this backend computes with.
@@ -375,11 +406,21 @@ impl<T: CpuFloat> Backend for Cpu<T> {
 
     fn name(&self) -> String {
         let t = self.threads();
-        format!(
-            "cpu ({t} thread{}{})",
-            if t == 1 { "" } else { "s" },
-            if T::NAME == "f32" { "" } else { ", f64" }
-        )
+        let kind = if T::NAME != "f32" {
+            ", f64"
+        } else if self.tiles {
+            ", convolutions on AMX tiles"
+        } else {
+            ""
+        };
+        format!("cpu ({t} thread{}{kind})", if t == 1 { "" } else { "s" })
+    }
+    fn precision_name(&self) -> &'static str {
+        if self.tiles {
+            "bf16"
+        } else {
+            "f32"
+        }
     }
     fn is_cpu(&self) -> bool {
         true
@@ -657,7 +698,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let (xs, ws) = (data(op, x)?, data(op, w)?);
         Ok(Self::wrap(
             &[g.n, g.o, g.oh, g.ow],
-            self.run(|| conv::conv2d(&g, xs, ws, bs, conv::Epilogue::default())),
+            self.run(|| conv::conv2d(&g, xs, ws, bs, conv::Epilogue::default(), self.tiles)),
         ))
     }
     /// The epilogue goes into the GEMM's output rows before the product is added (one pass over
@@ -697,7 +738,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         };
         Ok(Self::wrap(
             &out_shape,
-            self.run(|| conv::conv2d(&g, xs, ws, bs, epilogue)),
+            self.run(|| conv::conv2d(&g, xs, ws, bs, epilogue, self.tiles)),
         ))
     }
     type ConvSaved = Tensor<Self>;
@@ -737,7 +778,7 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let g = shapes::conv2d(op, x.shape(), w.shape(), stride, pad)?;
         expect_shape(op, "dy", dy.shape(), &[g.n, g.o, g.oh, g.ow])?;
         let (xs, ws, ds) = (data(op, x)?, data(op, w)?, data(op, dy)?);
-        let gr = self.run(|| conv::conv2d_backward(&g, xs, ws, ds));
+        let gr = self.run(|| conv::conv2d_backward(&g, xs, ws, ds, self.tiles));
         Ok(grads(gr, x.shape(), w.shape(), &[g.o]))
     }
 
