@@ -41,7 +41,13 @@ cp "$BIN" "$RUN_DIR/srsde-fast.bin.tmp" && mv "$RUN_DIR/srsde-fast.bin.tmp" "$RU
 
 common=(--data "$DATA" --out "$RUN_DIR" --steps 100000000 --max-minutes "$MINUTES"
         --ckpt-every 25 --val-every 100 --grid-every 0 --log-every 5 --device "$DEVICE")
-[ "$DEVICE" = cuda ] && common+=(--precision "${PRECISION:-bf16}")
+# PRECISION: on a GPU bf16 by default; on the CPU f32 by default, bf16 runs the convolutions on
+# AMX tiles (Intel Xeon Sapphire Rapids or later).
+if [ "$DEVICE" = cuda ]; then
+    common+=(--precision "${PRECISION:-bf16}")
+elif [ -n "${PRECISION:-}" ]; then
+    common+=(--precision "$PRECISION")
+fi
 if [ -n "${LR_DECAY:-}" ]; then
     common+=(--lr-decay "$LR_DECAY")
     [ -n "${LR_FINAL:-}" ] && common+=(--lr-final "$LR_FINAL")
