@@ -768,6 +768,22 @@ mod tests {
             .is_err());
     }
 
+    /// Whole networks on the tiles against the f32 CPU (random weights, batch 2): within the
+    /// bound the CUDA self-test sets its bf16 tensor-core networks (2e-2).
+    #[test]
+    fn whole_networks_on_the_tiles_stay_within_the_bf16_bound() {
+        let Ok(on_tiles) = CpuF32::new().with_bf16_tiles(true) else {
+            println!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+            return;
+        };
+        for preset in ["ve-res", "ve-tiny"] {
+            let e = crate::bench::network_parity(&on_tiles, preset, 2, 5).unwrap();
+            println!("{preset}: output {e:.1e} from the f32 network's");
+            assert!(e < 2e-2 && e.is_finite(), "{preset}: {e:e}");
+            assert!(e > 1e-6, "{preset}: the tiles did not run ({e:e})");
+        }
+    }
+
     #[test]
     fn bf16_rounding_is_to_nearest_even() {
         // 1 + 2^-8 is halfway between two bf16 values (ties to the even 1.0); a bit more rounds up.
