@@ -191,6 +191,9 @@ enum Cmd {
         opts: srsde_fast::eval::run::EvalOptions,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceArg,
+        /// GEMM precision, as for `upscale` (recorded in the report's device line).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: PrecisionArg,
     },
 }
 
@@ -458,10 +461,20 @@ fn run(cli: Cli) -> Result<()> {
             };
             report.into_result()?;
         }
-        Cmd::Eval { opts, device } => {
+        Cmd::Eval {
+            opts,
+            device,
+            precision,
+        } => {
             let summary = match pick_device(device)? {
-                Picked::Cpu(be) => srsde_fast::eval::run::run(&opts, &be)?,
-                Picked::Cuda(be) => srsde_fast::eval::run::run(&opts, &be)?,
+                Picked::Cpu(be) => srsde_fast::eval::run::run(&opts, &cpu_in(be, precision)?)?,
+                Picked::Cuda(be) => {
+                    let p = precision.precision();
+                    if !be.supports(p) {
+                        bail!("this build has no {p} tensor-core kernels");
+                    }
+                    srsde_fast::eval::run::run(&opts, &be.with_precision(p))?
+                }
             };
             if !summary.skipped.is_empty() {
                 bail!(
