@@ -227,10 +227,11 @@ macro_rules! tile_store {
              options(nostack))
     };
 }
-macro_rules! tile_dot {
-    ($c:literal) => {
+/// C tile c += A tile a · B tile b.
+macro_rules! tile_dot_ab {
+    ($c:literal, $a:literal, $b:literal) => {
         asm!(
-            concat!("tdpbf16ps tmm", $c, ", tmm4, tmm5"),
+            concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
             options(nostack, nomem)
         )
     };
@@ -255,10 +256,10 @@ unsafe fn c_init(s: usize, p: *const f32, stride: usize, load: bool) {
 #[inline(always)]
 unsafe fn c_dot(s: usize) {
     match s {
-        0 => tile_dot!(0),
-        1 => tile_dot!(1),
-        2 => tile_dot!(2),
-        _ => tile_dot!(3),
+        0 => tile_dot_ab!(0, 4, 5),
+        1 => tile_dot_ab!(1, 4, 5),
+        2 => tile_dot_ab!(2, 4, 5),
+        _ => tile_dot_ab!(3, 4, 5),
     }
 }
 
@@ -327,15 +328,6 @@ pub(crate) unsafe fn conv_band(
         }
     }
     asm!("tilerelease", options(nostack, nomem));
-}
-
-macro_rules! tile_dot_ab {
-    ($c:literal, $a:literal, $b:literal) => {
-        asm!(
-            concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
-            options(nostack, nomem)
-        )
-    };
 }
 
 /// Bytes of bf16 operands a weight-gradient band converts (its input in two pair layouts and its

@@ -639,17 +639,9 @@ fn conv2d_into<T: CpuFloat>(
             }
         }
     };
-    if direct_applies::<T>(g) {
-        conv2d_direct(
-            g,
-            x,
-            w,
-            alpha,
-            &prefill,
-            prefilled,
-            amx_tiles && amx::applies(g),
-            out_ptr,
-        );
+    let on_tiles = tiles_apply::<T>(g, amx_tiles);
+    if on_tiles || direct_applies::<T>(g) {
+        conv2d_direct(g, x, w, alpha, &prefill, prefilled, on_tiles, out_ptr);
         return;
     }
     // One task: output channels [o0, o1) of (image, tile), from a ready column tile `cols`.
@@ -710,6 +702,12 @@ fn direct_applies<T: 'static>(g: &ConvGeom) -> bool {
         && !g.pointwise()
 }
 
+/// Whether a conv runs on the AMX tiles: asked for (`tiles`, the backend's bf16 setting), f32, and
+/// a shape the tiles take. Independent of the f32 kernels' instruction set (`SRSDE_CPU_GEMM`).
+fn tiles_apply<T: 'static>(g: &ConvGeom, tiles: bool) -> bool {
+    tiles && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && amx::applies(g)
+}
+
 /// From this output width on, [`conv2d_direct`] computes each output row in pieces written
 /// straight into the output; narrower images would give the kernels strips too narrow to keep
 /// their accumulators busy (16×16: 158 vs 202 GFLOP/s), so their panels run across rows.
@@ -766,7 +764,7 @@ fn conv2d_direct<T: CpuFloat>(
     let slab_rows = band + g.kh - 1;
     let plane = slab_rows * wp;
     let img_in = g.c * g.h * g.w;
-    // SAFETY: T is f32 (direct_applies checked).
+    // SAFETY: T is f32 (direct_applies or tiles_apply checked).
     let (x32, w32) = unsafe {
         (
             std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
@@ -1049,7 +1047,7 @@ fn weight_grad_direct<T: CpuFloat>(
 fn weight_bias_grad_tiles<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     let (c, o, p, taps) = (g.c, g.o, g.p(), g.kh * g.kw);
     let img_in = c * g.h * g.w;
-    // SAFETY: T is f32 (direct_applies checked before any caller gets here).
+    // SAFETY: T is f32 (tiles_apply checked before any caller gets here).
     let (x, dy) = unsafe {
         (
             std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
@@ -1097,7 +1095,7 @@ fn weight_bias_grad_direct<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T], tiles: 
     let (k, o, p) = (g.k(), g.o, g.p());
     let img_in = g.c * g.h * g.w;
     let _prof = profile::scope("gemm conv weight-grad", 2.0 * (g.n * o * k * p) as f64);
-    if tiles && amx::applies(g) {
+    if tiles_apply::<T>(g, tiles) {
         return weight_bias_grad_tiles(g, x, dy);
     }
     let one = |img: usize, dwb_t: &mut [T], accumulate: bool, par: Par| {
@@ -1171,7 +1169,7 @@ pub(crate) fn conv2d_backward<T: CpuFloat>(
     let (k, p, o) = (g.k(), g.p(), g.o);
     let img_in = g.c * g.h * g.w;
     let as_conv = input_grad_by_conv(g);
-    if p > 0 && as_conv && direct_applies::<T>(g) {
+    if p > 0 && as_conv && (direct_applies::<T>(g) || tiles_apply::<T>(g, tiles)) {
         // dx as a forward conv; dW and db from one GEMM over the slab: no im2col.
         let dx = input_grad_as_conv(g, w, dy, tiles);
         let (dw, db) = weight_bias_grad_direct(g, x, dy, tiles);
