@@ -537,6 +537,16 @@ mod tests {
         r
     }
 
+    /// An f32 backend and one with the tiles, or None (and a line saying the test skipped) on a
+    /// CPU without them.
+    fn f32_and_tiles() -> Option<(CpuF32, CpuF32)> {
+        let Ok(on_tiles) = CpuF32::new().with_bf16_tiles(true) else {
+            println!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+            return None;
+        };
+        Some((CpuF32::new(), on_tiles))
+    }
+
     fn bf(x: f32) -> f64 {
         bf16_value(bf16_bits(x)) as f64
     }
@@ -584,12 +594,9 @@ mod tests {
     /// in blocks of 16 and of 32.
     #[test]
     fn convolutions_on_the_tiles_match_the_f32_convolutions_to_bf16_precision() {
-        if !available() {
-            println!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+        let Some((be, on_tiles)) = f32_and_tiles() else {
             return;
-        }
-        let be = CpuF32::new();
-        let on_tiles = CpuF32::new().with_bf16_tiles(true).unwrap();
+        };
         for &(n, c, h, o) in &[
             (2usize, 16usize, 16usize, 16usize),
             (1, 48, 32, 32),
@@ -646,12 +653,9 @@ mod tests {
     /// are unchanged (f32 kernels).
     #[test]
     fn the_input_gradient_on_the_tiles_matches_the_f32_one_to_bf16_precision() {
-        if !available() {
-            println!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+        let Some((be, on_tiles)) = f32_and_tiles() else {
             return;
-        }
-        let be = CpuF32::new();
-        let on_tiles = CpuF32::new().with_bf16_tiles(true).unwrap();
+        };
         let (n, c, h, o) = (2, 32, 32, 16);
         let x = be.from_f32(&[n, c, h, h], &draw(n * c * h * h, 6)).unwrap();
         let w = be.from_f32(&[o, c, 3, 3], &draw(o * c * 9, 7)).unwrap();
@@ -676,12 +680,9 @@ mod tests {
     /// several bands, and a batch of one and of three.
     #[test]
     fn the_weight_gradient_on_the_tiles_is_the_bf16_operands_exact_sum() {
-        if !available() {
-            println!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+        let Some((be, on_tiles)) = f32_and_tiles() else {
             return;
-        }
-        let be = CpuF32::new();
-        let on_tiles = CpuF32::new().with_bf16_tiles(true).unwrap();
+        };
         for &(n, c, h, o) in &[
             (3usize, 16usize, 16usize, 16usize),
             (1, 48, 32, 32),
@@ -764,8 +765,7 @@ mod tests {
     /// bound the CUDA self-test sets its bf16 tensor-core networks (2e-2).
     #[test]
     fn whole_networks_on_the_tiles_stay_within_the_bf16_bound() {
-        let Ok(on_tiles) = CpuF32::new().with_bf16_tiles(true) else {
-            println!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+        let Some((_, on_tiles)) = f32_and_tiles() else {
             return;
         };
         for preset in ["ve-res", "ve-tiny"] {
