@@ -17,7 +17,7 @@
 use std::arch::asm;
 use std::sync::OnceLock;
 
-use super::conv::ConvGeom;
+use super::conv::{padded_row, ConvGeom};
 use super::simd::{block_sum, vectorized};
 
 /// Whether this CPU has AMX-BF16 and the OS lets this process use the tiles (asked once).
@@ -57,20 +57,16 @@ fn request_tile_permission() -> bool {
     false
 }
 
-/// f32 → bf16 bits, rounded to nearest even (NaN stays a quiet NaN): a loop of these vectorizes.
+/// f32 → bf16 bits, rounded to nearest even (NaN stays a quiet NaN): `half`'s conversion.
 #[inline(always)]
 pub(crate) fn bf16_bits(x: f32) -> u16 {
-    let u = x.to_bits();
-    if x.is_nan() {
-        return ((u >> 16) | 0x40) as u16;
-    }
-    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+    half::bf16::from_f32(x).to_bits()
 }
 
 /// The value of bf16 bits.
 #[cfg(test)]
 pub(crate) fn bf16_value(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
+    half::bf16::from_bits(b).to_f32()
 }
 
 /// Output channels per A and C tile, and output columns per C and B tile.
@@ -403,14 +399,12 @@ pub(crate) unsafe fn weight_grad_image(
                             row.fill(0);
                             continue;
                         }
-                        let src = &x_img[(ch * g.h + iy as usize) * g.w..][..g.w];
-                        let (left, rest) = row.split_at_mut(g.pad);
-                        let (mid, right) = rest.split_at_mut(g.w);
-                        left.fill(0);
-                        for (d, &v) in mid.iter_mut().zip(src) {
-                            *d = bf16_bits(v);
-                        }
-                        right.fill(0);
+                        padded_row(
+                            row,
+                            g.pad,
+                            &x_img[(ch * g.h + iy as usize) * g.w..][..g.w],
+                            bf16_bits,
+                        );
                     }
                     odd[..npos - 1].copy_from_slice(&line[1..]);
                     odd[npos - 1] = 0;
@@ -447,12 +441,7 @@ pub(crate) unsafe fn weight_grad_image(
                             seg.fill(0);
                             continue;
                         }
-                        let src = &dy_img[(oc * g.oh + oy0 + r) * g.ow..][..g.ow];
-                        let (valid, rest) = seg.split_at_mut(g.ow.min(seg.len()));
-                        for (d, &v) in valid.iter_mut().zip(src) {
-                            *d = bf16_bits(v);
-                        }
-                        rest.fill(0);
+                        padded_row(seg, 0, &dy_img[(oc * g.oh + oy0 + r) * g.ow..][..g.ow], bf16_bits);
                     }
                     db[oc] += block_sum(&dy_img[(oc * g.oh + oy0) * g.ow..][..rows * g.ow], |v| v);
                 }

@@ -702,6 +702,17 @@ fn direct_applies<T: 'static>(g: &ConvGeom) -> bool {
         && !g.pointwise()
 }
 
+/// `s` as the f32 slice it is: for the paths that run only when T is f32 (the AMX route).
+/// Panics for any other T.
+fn as_f32<T: 'static>(s: &[T]) -> &[f32] {
+    assert!(
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(),
+        "an f32-only path called with another element type"
+    );
+    // SAFETY: T is f32 (checked above): same layout, same length.
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) }
+}
+
 /// Whether a conv runs on the AMX tiles: asked for (`tiles`, the backend's bf16 setting), f32, and
 /// a shape the tiles take. Independent of the f32 kernels' instruction set (`SRSDE_CPU_GEMM`).
 fn tiles_apply<T: 'static>(g: &ConvGeom, tiles: bool) -> bool {
@@ -764,14 +775,7 @@ fn conv2d_direct<T: CpuFloat>(
     let slab_rows = band + g.kh - 1;
     let plane = slab_rows * wp;
     let img_in = g.c * g.h * g.w;
-    // SAFETY: T is f32 (direct_applies or tiles_apply checked).
-    let (x32, w32) = unsafe {
-        (
-            std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
-            std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()),
-        )
-    };
-    let tile_weights = on_tiles.then(|| amx::ConvWeights::new(g, w32, alpha.to_f32()));
+    let tile_weights = on_tiles.then(|| amx::ConvWeights::new(g, as_f32(w), alpha.to_f32()));
     (0..g.n * bands * oblocks).into_par_iter().for_each_init(
         || {
             (
@@ -788,7 +792,8 @@ fn conv2d_direct<T: CpuFloat>(
             let (o0, o1) = (ob * per, ((ob + 1) * per).min(o));
             let rows = oy1 - oy0;
             if let Some(wts) = &tile_weights {
-                let pair_plane = amx::fill_pair_slab(g, &x32[img * img_in..][..img_in], oy0, rows, pair_slab);
+                let pair_plane =
+                    amx::fill_pair_slab(g, &as_f32(x)[img * img_in..][..img_in], oy0, rows, pair_slab);
                 prefill(img, oy0 * g.ow, rows * g.ow, o0, o1);
                 // SAFETY: on_tiles checked the CPU, the permission and the shape; the task owns
                 // rows oy0..oy1 of channels o0..o1 (multiples of 16: per is) of image img.
@@ -929,17 +934,30 @@ fn fill_slab<T: CpuFloat>(
                 row.fill(0.0);
                 continue;
             }
-            let src = &x_img[(c * g.h + iy as usize) * g.w..][..g.w];
-            let (left, rest) = row.split_at_mut(g.pad);
-            let (mid, right) = rest.split_at_mut(g.w);
-            left.fill(0.0);
-            for (d, &v) in mid.iter_mut().zip(src) {
-                *d = v.to_f32();
-            }
-            right.fill(0.0);
+            padded_row(row, g.pad, &x_img[(c * g.h + iy as usize) * g.w..][..g.w], |v| {
+                v.to_f32()
+            });
         }
     }
     slab[g.c * plane..].fill(0.0);
+}
+
+/// One zero-padded slab row: `pad` zeros, `src` converted by `convert`, zeros to the row's end
+/// (the f32 slabs here, the bf16 ones of the AMX route).
+#[inline(always)]
+pub(crate) fn padded_row<S: Copy, D: Copy + Default>(
+    row: &mut [D],
+    pad: usize,
+    src: &[S],
+    convert: impl Fn(S) -> D,
+) {
+    let (left, rest) = row.split_at_mut(pad);
+    let (mid, right) = rest.split_at_mut(src.len());
+    left.fill(D::default());
+    for (d, &v) in mid.iter_mut().zip(src) {
+        *d = convert(v);
+    }
+    right.fill(D::default());
 }
 
 /// Where each tap (c, ky, kx), in the weights' order, starts in a slab: c·plane + ky·wp + kx.
@@ -1047,17 +1065,12 @@ fn weight_grad_direct<T: CpuFloat>(
 fn weight_bias_grad_tiles<T: CpuFloat>(g: &ConvGeom, x: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     let (c, o, p, taps) = (g.c, g.o, g.p(), g.kh * g.kw);
     let img_in = c * g.h * g.w;
-    // SAFETY: T is f32 (tiles_apply checked before any caller gets here).
-    let (x, dy) = unsafe {
-        (
-            std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
-            std::slice::from_raw_parts(dy.as_ptr() as *const f32, dy.len()),
-        )
-    };
+    let (x, dy) = (as_f32(x), as_f32(dy));
     let parts = over_images(g.n, |img, _| {
         let (mut acc, mut db) = (vec![0.0f32; taps * o * c], vec![0.0f64; o]);
         let mut bufs = amx::WeightGradBuffers::default();
-        // SAFETY: the caller checked amx::applies(g) on a backend with tiles (so amx::available()); acc and db have the lengths weight_grad_image wants.
+        // SAFETY: the caller checked tiles_apply (amx::applies(g) on a backend that has the
+        // tiles, so amx::available()); acc and db have the lengths weight_grad_image wants.
         unsafe {
             amx::weight_grad_image(
                 g,
