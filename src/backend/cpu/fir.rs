@@ -642,7 +642,17 @@ mod tests {
 
     #[test]
     fn the_gathered_rows_are_bitwise_the_plain_per_output_sums() {
-        let b = [0.125f32, 0.375, 0.375, 0.125];
+        // The models' 4 taps (the unrolled sums) and 6 (more terms than are unrolled).
+        for b in [
+            &[0.125f32, 0.375, 0.375, 0.125][..],
+            &[0.05, 0.1, 0.35, 0.3, 0.15, 0.05],
+        ] {
+            rows_match_plain_sums(b);
+        }
+    }
+
+    fn rows_match_plain_sums(b: &[f32]) {
+        let k = b.len();
         for geom in [
             UpFirDn {
                 up: 2,
@@ -664,16 +674,16 @@ mod tests {
             },
         ] {
             for w in [3, 16, 33, 128] {
-                let ow = geom.out_size(w, 4);
+                let ow = geom.out_size(w, k);
                 let src: Vec<f32> = (0..w).map(|i| ((i * 7919 % 211) as f32 / 37.0).sin()).collect();
-                let lists = taps(w, ow, 4, geom);
+                let lists = taps(w, ow, k, geom);
                 let plain: Vec<f32> = lists
                     .iter()
                     .map(|l| l.iter().fold(0.0f32, |acc, &(t, i)| acc + b[t] * src[i]))
                     .collect();
                 let (mut fast, mut tmp) = (vec![f32::NAN; ow], Vec::new());
-                Gather::new(&lists).row(&b, &src, as_uninit(&mut fast), &mut tmp);
-                assert_eq!(fast, plain, "{geom:?} width {w}");
+                Gather::new(&lists).row(b, &src, as_uninit(&mut fast), &mut tmp);
+                assert_eq!(fast, plain, "{geom:?} width {w}, {k} taps");
             }
         }
     }
