@@ -64,6 +64,15 @@ fn cpu_in(be: CpuF32, precision: PrecisionArg) -> Result<CpuF32> {
     }
 }
 
+/// The CUDA backend in `precision` (an error where this build has no kernels for it).
+fn cuda_in(be: &Cuda, precision: PrecisionArg) -> Result<Cuda> {
+    let p = precision.precision();
+    if !be.supports(p) {
+        bail!("this build has no {p} tensor-core kernels");
+    }
+    Ok(be.with_precision(p))
+}
+
 impl PrecisionArg {
     fn precision(self) -> Precision {
         match self {
@@ -417,12 +426,13 @@ fn run(cli: Cli) -> Result<()> {
                     srsde_fast::train::run::train(&be, &opts, &stop)?
                 }
                 Picked::Cuda(be) => {
-                    let p = precision.precision();
-                    if !be.supports(p) {
-                        bail!("this build has no {p} tensor-core kernels");
-                    }
-                    eprintln!("training on {} ({p} GEMMs, f32 master weights)", be.device_name());
-                    srsde_fast::train::run::train(&be.with_precision(p), &opts, &stop)?
+                    let be = cuda_in(&be, precision)?;
+                    eprintln!(
+                        "training on {} ({} GEMMs, f32 master weights)",
+                        be.device_name(),
+                        precision.precision()
+                    );
+                    srsde_fast::train::run::train(&be, &opts, &stop)?
                 }
             };
             println!("{summary}");
@@ -451,13 +461,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let report = match pick_device(device)? {
                 Picked::Cpu(be) => srsde_fast::upscale::run(&opts, &cpu_in(be, precision)?)?,
-                Picked::Cuda(be) => {
-                    let p = precision.precision();
-                    if !be.supports(p) {
-                        bail!("this build has no {p} tensor-core kernels");
-                    }
-                    srsde_fast::upscale::run(&opts, &be.with_precision(p))?
-                }
+                Picked::Cuda(be) => srsde_fast::upscale::run(&opts, &cuda_in(&be, precision)?)?,
             };
             report.into_result()?;
         }
@@ -468,13 +472,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let summary = match pick_device(device)? {
                 Picked::Cpu(be) => srsde_fast::eval::run::run(&opts, &cpu_in(be, precision)?)?,
-                Picked::Cuda(be) => {
-                    let p = precision.precision();
-                    if !be.supports(p) {
-                        bail!("this build has no {p} tensor-core kernels");
-                    }
-                    srsde_fast::eval::run::run(&opts, &be.with_precision(p))?
-                }
+                Picked::Cuda(be) => srsde_fast::eval::run::run(&opts, &cuda_in(&be, precision)?)?,
             };
             if !summary.skipped.is_empty() {
                 bail!(
