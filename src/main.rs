@@ -238,7 +238,10 @@ measured on 298 held-out faces: PSNR 24.19 dB, CS 0.9276 vs bicubic 21.10 dB, 0.
 (docs/eval/).";
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    // The command runs on a worker of the CPU backend's thread pool, so that each op's parallel
+    // work starts on this thread instead of waking the pool and sleeping until it is done.
+    if let Err(e) = srsde_fast::backend::cpu::on_worker(|| run(cli)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
