@@ -91,6 +91,10 @@ impl Drop for Scope {
     }
 }
 
+/// Held by the tests that switch the (process-wide) profile on and read its table.
+#[cfg(test)]
+pub(crate) static TEST_LOCK: Mutex<()> = Mutex::new(());
+
 /// Adds `secs` of wall time (and `flops`) to `name` directly, as a nested part of the open scope:
 /// for work measured inside parallel tasks and apportioned to the caller's wall time.
 pub fn record(name: &'static str, secs: f64, flops: f64) {
@@ -109,13 +113,14 @@ pub fn record(name: &'static str, secs: f64, flops: f64) {
     s.flops += flops;
 }
 
-/// The GEMM kinds of the table (the rest is "non-GEMM" time; attention, a small share at 16×16,
-/// counts there with its softmax).
-pub const GEMM_KINDS: [&str; 4] = [
+/// The GEMM kinds of the table (the rest is "non-GEMM" time; attention's softmax and scratch stay
+/// with the attention ops, its matrix products are "gemm attention").
+pub const GEMM_KINDS: [&str; 5] = [
     "gemm conv forward",
     "gemm conv input-grad",
     "gemm conv weight-grad",
     "gemm nin/linear",
+    "gemm attention",
 ];
 
 /// The profile as a table: op, calls, ms per step, share, GFLOP/s; then the GEMM total and the
@@ -171,6 +176,7 @@ mod tests {
 
     #[test]
     fn nested_scopes_count_self_time_and_flops() {
+        let _serial = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         enable(true);
         {
             let _outer = scope("test outer", 0.0);
