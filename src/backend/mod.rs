@@ -113,6 +113,11 @@ pub(crate) fn validate_ema(shadow: &[usize], p: &[usize], decay: f64) -> Result<
 /// [`Backend::adam_update_many`]'s result.
 pub type AdamUpdate<B> = (Tensor<B>, Tensor<B>, Tensor<B>);
 
+/// Shared references to the tensors of a list of mutable ones.
+pub(crate) fn shared_refs<'a, B: Backend>(ts: &'a [&mut Tensor<B>]) -> Vec<&'a Tensor<B>> {
+    ts.iter().map(|t| &**t).collect()
+}
+
 /// Checks of the list ops ([`Backend::adam_update_many`], [`Backend::ema_update_many`]): every
 /// list holds one tensor per parameter, so all lengths are equal.
 pub(crate) fn validate_list_lengths(op: &'static str, lens: &[usize]) -> Result<()> {
@@ -546,6 +551,44 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
             .zip(params)
             .map(|(s, p)| self.ema_update(s, p, decay))
             .collect()
+    }
+    /// One training step's optimiser work in place: [`Backend::adam_update_many`] of the
+    /// parameters, then [`Backend::ema_update_many`] of `shadows` towards the updated parameters
+    /// with `decay`, each tensor replaced by its update, bit for bit those two ops. A backend may
+    /// update buffers that no other tensor shares where they are, in one pass (the CPU does); the
+    /// default runs the two list ops. On an error nothing is replaced.
+    #[allow(clippy::too_many_arguments)] // the two list ops' arguments
+    fn adam_ema_update_many(
+        &self,
+        params: &mut [&mut Tensor<Self>],
+        grads: &[&Tensor<Self>],
+        m: &mut [&mut Tensor<Self>],
+        v: &mut [&mut Tensor<Self>],
+        shadows: &mut [&mut Tensor<Self>],
+        hp: &AdamStep,
+        decay: f64,
+    ) -> Result<()> {
+        let op = "adam_ema_update_many";
+        validate_list_lengths(op, &[params.len(), grads.len(), m.len(), v.len(), shadows.len()])?;
+        let refs = shared_refs::<Self>;
+        let updated = self.adam_update_many(&refs(params), grads, &refs(m), &refs(v), hp)?;
+        let new_params: Vec<&Tensor<Self>> = updated.iter().map(|u| &u.0).collect();
+        let new_shadows = self.ema_update_many(&refs(shadows), &new_params, decay)?;
+        if updated.len() != params.len() || new_shadows.len() != shadows.len() {
+            return Err(crate::error::Error::Backend(format!(
+                "{op}: {} updates and {} shadows for {} parameters",
+                updated.len(),
+                new_shadows.len(),
+                params.len()
+            )));
+        }
+        for (i, (p2, m2, v2)) in updated.into_iter().enumerate() {
+            (*params[i], *m[i], *v[i]) = (p2, m2, v2);
+        }
+        for (s, s2) in shadows.iter_mut().zip(new_shadows) {
+            **s = s2;
+        }
+        Ok(())
     }
     /// Σx² of each tensor (accumulated in f64), delivered to the host in one transfer: the terms
     /// of a global gradient norm with a single device synchronisation. The CPU backend sums each

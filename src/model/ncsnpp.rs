@@ -302,6 +302,31 @@ impl<B: Backend> Ncsnpp<B> {
             .map(|(n, t)| Ok((n.clone(), HostTensor::from_device(&self.backend, t)?)))
             .collect()
     }
+    /// Runs `f` on the weights themselves, e.g. an optimiser that updates them in place (their
+    /// buffers then have no other owner to copy for); the names and shapes must stay as they were
+    /// (else an error, and the network keeps what `f` left).
+    pub fn update_weights<R>(
+        &mut self,
+        f: impl FnOnce(&mut BTreeMap<String, Tensor<B>>) -> Result<R>,
+    ) -> Result<R> {
+        let before: Vec<(String, Vec<usize>)> = self
+            .weights
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+            .collect();
+        let r = f(&mut self.weights)?;
+        let same = before.len() == self.weights.len()
+            && before
+                .iter()
+                .zip(&self.weights)
+                .all(|((n, s), (n2, t))| n == n2 && s[..] == *t.shape());
+        if !same {
+            return Err(Error::Other(
+                "update_weights: the names or shapes of the weights changed".into(),
+            ));
+        }
+        Ok(r)
+    }
     /// Replace the weights (same names and shapes).
     pub fn set_weights(&mut self, weights: BTreeMap<String, Tensor<B>>) -> Result<()> {
         for (n, t) in &self.weights {

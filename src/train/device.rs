@@ -105,32 +105,7 @@ impl<B: Backend> DeviceAdam<B> {
         grads: &HashMap<String, Tensor<B>>,
         completed: u64,
     ) -> Result<AdamReport> {
-        let mut gs = Vec::with_capacity(self.m.len());
-        for (name, m) in &self.m {
-            let g = grads
-                .get(name)
-                .ok_or_else(|| Error::Other(format!("optimizer: no gradient for `{name}`")))?;
-            let p = params
-                .get(name)
-                .ok_or_else(|| Error::Other(format!("optimizer: no parameter `{name}`")))?;
-            if g.shape() != m.shape() || p.shape() != m.shape() {
-                return Err(Error::shape("adam", format!("`{name}`: shapes differ")));
-            }
-            gs.push(g);
-        }
-        let c = &self.config;
-        // As optim::global_norm: per-tensor f64 sums (fixed lanes) in name order, summed, square root.
-        let norm = be.squared_norms(&gs)?.iter().sum::<f64>().sqrt();
-        let scale = optim::clip_scale(norm, c.grad_clip);
-        let lr = optim::scheduled_lr(c, completed);
-        let hp = AdamStep {
-            lr,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            step: self.steps + 1,
-            grad_scale: scale,
-        };
+        let (gs, hp, report) = self.prepare(be, params, grads, completed)?;
         // One list update over all parameters (a few launches on a device), in name order.
         let ps: Vec<&Tensor<B>> = self.m.keys().map(|name| &params[name]).collect();
         let ms: Vec<&Tensor<B>> = self.m.values().collect();
@@ -157,11 +132,97 @@ impl<B: Backend> DeviceAdam<B> {
             *self.v.get_mut(name).expect("checked above") = v2;
         }
         self.steps += 1;
-        Ok(AdamReport {
+        Ok(report)
+    }
+
+    /// [`DeviceAdam::step`] and then [`DeviceEma::update`] towards the updated parameters, in one
+    /// backend call that updates the tensors in place where nothing else holds them
+    /// (`Backend::adam_ema_update_many`): the same bits as the two calls. Returns the Adam report
+    /// and the EMA decay used. An EMA over other parameters than Adam's takes the two calls.
+    pub fn step_with_ema(
+        &mut self,
+        be: &B,
+        params: &mut BTreeMap<String, Tensor<B>>,
+        grads: &HashMap<String, Tensor<B>>,
+        completed: u64,
+        ema: &mut DeviceEma<B>,
+    ) -> Result<(AdamReport, f64)> {
+        if !ema.shadow.keys().eq(self.m.keys()) || !self.v.keys().eq(self.m.keys()) {
+            let report = self.step(be, params, grads, completed)?;
+            let decay = ema.update(be, params)?;
+            return Ok((report, decay));
+        }
+        let (gs, hp, report) = self.prepare(be, params, grads, completed)?;
+        let decay = ema.next_decay();
+        // The parameters Adam updates, in its (name) order: both maps are sorted by name.
+        let mut ps: Vec<&mut Tensor<B>> = params
+            .iter_mut()
+            .filter(|(name, _)| self.m.contains_key(*name))
+            .map(|(_, p)| p)
+            .collect();
+        let mut ms: Vec<&mut Tensor<B>> = self.m.values_mut().collect();
+        let mut vs: Vec<&mut Tensor<B>> = self.v.values_mut().collect();
+        let mut ss: Vec<&mut Tensor<B>> = ema.shadow.values_mut().collect();
+        if ps.len() != ms.len() || vs.len() != ms.len() {
+            return Err(Error::Other(format!(
+                "optimizer: {} parameters and {} second moments for {} first moments",
+                ps.len(),
+                vs.len(),
+                ms.len()
+            )));
+        }
+        be.adam_ema_update_many(&mut ps, &gs, &mut ms, &mut vs, &mut ss, &hp, decay)?;
+        self.steps += 1;
+        ema.updates += 1;
+        Ok((report, decay))
+    }
+
+    /// What a step needs before the update: each parameter's gradient in name order (checked
+    /// against the parameter's and moments' shapes), the clip and schedule as an [`AdamStep`],
+    /// and the report of the step.
+    #[allow(clippy::type_complexity)]
+    fn prepare<'g>(
+        &self,
+        be: &B,
+        params: &BTreeMap<String, Tensor<B>>,
+        grads: &'g HashMap<String, Tensor<B>>,
+        completed: u64,
+    ) -> Result<(Vec<&'g Tensor<B>>, AdamStep, AdamReport)> {
+        let mut gs = Vec::with_capacity(self.m.len());
+        for (name, m) in &self.m {
+            let g = grads
+                .get(name)
+                .ok_or_else(|| Error::Other(format!("optimizer: no gradient for `{name}`")))?;
+            let p = params
+                .get(name)
+                .ok_or_else(|| Error::Other(format!("optimizer: no parameter `{name}`")))?;
+            if g.shape() != m.shape() || p.shape() != m.shape() {
+                return Err(Error::shape("adam", format!("`{name}`: shapes differ")));
+            }
+            gs.push(g);
+        }
+        let c = &self.config;
+        // As optim::global_norm: per-tensor f64 sums (fixed lanes) in name order, summed, square root.
+        let norm = be.squared_norms(&gs)?.iter().sum::<f64>().sqrt();
+        let scale = optim::clip_scale(norm, c.grad_clip);
+        let lr = optim::scheduled_lr(c, completed);
+        let hp = AdamStep {
             lr,
-            grad_norm: norm,
-            clip_scale: scale,
-        })
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            step: self.steps + 1,
+            grad_scale: scale,
+        };
+        Ok((
+            gs,
+            hp,
+            AdamReport {
+                lr,
+                grad_norm: norm,
+                clip_scale: scale,
+            },
+        ))
     }
 }
 
@@ -260,6 +321,10 @@ mod tests {
         x.iter().collect()
     }
 
+    fn mutable<B: Backend>(ts: &mut [Tensor<B>]) -> Vec<&mut Tensor<B>> {
+        ts.iter_mut().collect()
+    }
+
     fn hp() -> AdamStep {
         AdamStep {
             lr: 2e-4,
@@ -337,5 +402,113 @@ mod tests {
         assert!(be.ema_update_many(&refs(&s), &refs(&p), 1.5).is_err());
         assert!(be.adam_update_many(&[], &[], &[], &[], &hp()).unwrap().is_empty());
         assert!(be.ema_update_many(&[], &[], 0.9).unwrap().is_empty());
+    }
+
+    /// `adam_ema_update_many` gives the bits of `adam_update_many` followed by `ema_update_many`
+    /// towards the updated parameters; it updates unshared buffers in place (same allocation) and
+    /// leaves tensors that share a buffer with the ones it was given untouched; a bad list
+    /// replaces nothing.
+    #[test]
+    fn in_place_adam_and_ema_are_the_two_list_ops() {
+        let be = CpuF32::new();
+        let shapes: [&[usize]; 4] = [&[3, 2], &[0], &[9000], &[1]];
+        let host: [Vec<Vec<f32>>; 5] = std::array::from_fn(|k| {
+            let scale = [0.1, 1.0, 0.05, 0.01, 0.3][k];
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, sh)| {
+                    let d = draw(sh.iter().product(), scale, (10 * k + i) as u64);
+                    if k == 3 {
+                        d.iter().map(|x| x.abs()).collect()
+                    } else {
+                        d
+                    }
+                })
+                .collect()
+        });
+        let make = |k: usize| -> Vec<Tensor<CpuF32>> {
+            shapes
+                .iter()
+                .zip(&host[k])
+                .map(|(sh, d)| be.from_f32(sh, d).unwrap())
+                .collect()
+        };
+        let [p, g, m, v, s]: [Vec<Tensor<CpuF32>>; 5] = std::array::from_fn(make);
+        let adam = be
+            .adam_update_many(&refs(&p), &refs(&g), &refs(&m), &refs(&v), &hp())
+            .unwrap();
+        let new_p: Vec<&Tensor<CpuF32>> = adam.iter().map(|u| &u.0).collect();
+        let ema = be.ema_update_many(&refs(&s), &new_p, 0.97).unwrap();
+
+        for shared in [false, true] {
+            let [mut p2, g2, mut m2, mut v2, mut s2]: [Vec<Tensor<CpuF32>>; 5] = std::array::from_fn(make);
+            // Shared: other tensors hold the same buffers (as the EMA's shadow and the weights at
+            // the start of a run); they must keep their values.
+            let held = shared.then(|| (p2.clone(), m2.clone(), v2.clone(), s2.clone()));
+            let before: Vec<*const f32> = p2.iter().map(|t| t.buf().as_ptr()).collect();
+            be.adam_ema_update_many(
+                &mut mutable(&mut p2),
+                &refs(&g2),
+                &mut mutable(&mut m2),
+                &mut mutable(&mut v2),
+                &mut mutable(&mut s2),
+                &hp(),
+                0.97,
+            )
+            .unwrap();
+            for i in 0..shapes.len() {
+                assert_eq!(p2[i].shape(), shapes[i]);
+                assert_eq!(
+                    bits(&be, &p2[i]),
+                    bits(&be, &adam[i].0),
+                    "p' of {i}, shared {shared}"
+                );
+                assert_eq!(
+                    bits(&be, &m2[i]),
+                    bits(&be, &adam[i].1),
+                    "m' of {i}, shared {shared}"
+                );
+                assert_eq!(
+                    bits(&be, &v2[i]),
+                    bits(&be, &adam[i].2),
+                    "v' of {i}, shared {shared}"
+                );
+                assert_eq!(
+                    bits(&be, &s2[i]),
+                    bits(&be, &ema[i]),
+                    "shadow of {i}, shared {shared}"
+                );
+                let in_place = p2[i].buf().as_ptr() == before[i];
+                if shapes[i].iter().product::<usize>() > 0 {
+                    assert_eq!(
+                        in_place, !shared,
+                        "tensor {i}: in place {in_place}, shared {shared}"
+                    );
+                }
+            }
+            if let Some((hp_, hm, hv, hs)) = held {
+                for (k, ts) in [(0, hp_), (2, hm), (3, hv), (4, hs)] {
+                    for (i, t) in ts.iter().enumerate() {
+                        assert_eq!(be.to_f32(t).unwrap(), host[k][i], "held tensor {k}/{i} changed");
+                    }
+                }
+            }
+        }
+
+        // A list of another length replaces nothing.
+        let [mut p3, g3, mut m3, mut v3, mut s3]: [Vec<Tensor<CpuF32>>; 5] = std::array::from_fn(make);
+        let err = be.adam_ema_update_many(
+            &mut mutable(&mut p3),
+            &refs(&g3),
+            &mut mutable(&mut m3),
+            &mut mutable(&mut v3),
+            &mut mutable(&mut s3)[1..],
+            &hp(),
+            0.97,
+        );
+        assert!(err.is_err());
+        assert_eq!(be.to_f32(&p3[2]).unwrap(), host[0][2]);
+        assert_eq!(be.to_f32(&s3[0]).unwrap(), host[4][0]);
     }
 }

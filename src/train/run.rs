@@ -185,11 +185,14 @@ impl<B: Backend> Trainer<B> {
         if let Some(name) = self.adam.names().find(|n| !grads.by_name.contains_key(*n)) {
             return Err(Error::Other(format!("no gradient reached `{name}`")));
         }
-        let mut weights = self.model.net.weights().clone();
-        let a = self.adam.step(&be, &mut weights, &grads.by_name, self.step)?;
+        // Adam and the EMA on the network's own weights: where no other tensor holds a buffer,
+        // the backend updates it in place.
+        let (adam, ema, step) = (&mut self.adam, &mut self.ema, self.step);
+        let (a, ema_decay) = self
+            .model
+            .net
+            .update_weights(|w| adam.step_with_ema(&be, w, &grads.by_name, step, ema))?;
         drop(grads);
-        self.model.net.set_weights(weights)?;
-        let ema_decay = self.ema.update(&be, self.model.net.weights())?;
         self.step += 1;
         Ok(StepReport {
             step: self.step,

@@ -1168,6 +1168,85 @@ impl<T: CpuFloat> Backend for Cpu<T> {
             })
             .collect())
     }
+    /// In place, Adam and the EMA in one pass over every parameter (chunks of all tensors in one
+    /// parallel loop): each element of p, g, m, v and the shadow read once and p, m, v and the
+    /// shadow written back where they were, instead of three fresh outputs for Adam and one for
+    /// the EMA. A buffer that another tensor shares is copied first (that tensor keeps its
+    /// values). Same per-element functions as the two list ops, so the same bits.
+    fn adam_ema_update_many(
+        &self,
+        params: &mut [&mut Tensor<Self>],
+        grads: &[&Tensor<Self>],
+        m: &mut [&mut Tensor<Self>],
+        v: &mut [&mut Tensor<Self>],
+        shadows: &mut [&mut Tensor<Self>],
+        hp: &AdamStep,
+        decay: f64,
+    ) -> Result<()> {
+        let _prof = profile::scope("adam_ema_update", 0.0);
+        let op = "adam_ema_update_many";
+        let n = params.len();
+        super::validate_list_lengths(op, &[n, grads.len(), m.len(), v.len(), shadows.len()])?;
+        let mut gs = Vec::with_capacity(n);
+        for i in 0..n {
+            hp.validate(params[i].shape(), grads[i].shape(), m[i].shape(), v[i].shape())?;
+            super::validate_ema(shadows[i].shape(), params[i].shape(), decay)?;
+            let g = data(op, grads[i])?;
+            for t in [&*params[i], &*m[i], &*v[i], &*shadows[i]] {
+                check_len(op, t.shape(), data(op, t)?.len())?;
+            }
+            check_len(op, grads[i].shape(), g.len())?;
+            gs.push(g);
+        }
+        let c = optim::AdamConsts::<T>::new(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.step);
+        let (scale, k) = (T::from_f64(hp.grad_scale), T::from_f64(1.0 - decay));
+        // Every tensor's buffer, made unshared (Arc::make_mut copies a shared one).
+        let take = |ts: &mut [&mut Tensor<Self>]| -> Vec<(Vec<usize>, Arc<Vec<T>>)> {
+            ts.iter_mut()
+                .map(|t| {
+                    let t = std::mem::replace(&mut **t, Tensor::from_buf(vec![0], Arc::new(Vec::new())));
+                    (t.shape().to_vec(), t.into_buf())
+                })
+                .collect()
+        };
+        let (mut pb, mut mb, mut vb, mut sb) = (take(params), take(m), take(v), take(shadows));
+        {
+            let mut chunks = Vec::new();
+            for ((((p, mm), vv), sh), g) in pb.iter_mut().zip(&mut mb).zip(&mut vb).zip(&mut sb).zip(&gs) {
+                let (p, mm, vv, sh) = (
+                    Arc::make_mut(&mut p.1),
+                    Arc::make_mut(&mut mm.1),
+                    Arc::make_mut(&mut vv.1),
+                    Arc::make_mut(&mut sh.1),
+                );
+                chunks.extend(
+                    p.chunks_mut(CHUNK)
+                        .zip(g.chunks(CHUNK))
+                        .zip(mm.chunks_mut(CHUNK))
+                        .zip(vv.chunks_mut(CHUNK))
+                        .zip(sh.chunks_mut(CHUNK)),
+                );
+            }
+            self.run(|| {
+                chunks.into_par_iter().for_each(|((((p, g), mm), vv), sh)| {
+                    simd::vectorized(
+                        #[inline(always)]
+                        || optim::adam_ema_update_in_place(p, g, mm, vv, sh, scale, &c, k),
+                    )
+                })
+            });
+        }
+        let put = |ts: &mut [&mut Tensor<Self>], bufs: Vec<(Vec<usize>, Arc<Vec<T>>)>| {
+            for (t, (shape, buf)) in ts.iter_mut().zip(bufs) {
+                **t = Tensor::from_buf(shape, buf);
+            }
+        };
+        put(params, pb);
+        put(m, mb);
+        put(v, vb);
+        put(shadows, sb);
+        Ok(())
+    }
     fn ema_update(&self, shadow: &Tensor<Self>, p: &Tensor<Self>, decay: f64) -> Result<Tensor<Self>> {
         let mut one = self.ema_update_many(&[shadow], &[p], decay)?;
         Ok(one.pop().expect("one shadow for one parameter"))

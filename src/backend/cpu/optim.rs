@@ -114,6 +114,30 @@ pub(crate) fn adam_update_into<T: CpuFloat>(
     }
 }
 
+/// Adam of one chunk in place, then the EMA of its shadow towards the updated parameter: the
+/// element functions of [`adam_update_into`] and [`ema_update_into`] (`k` = 1 − decay, rounded),
+/// so the same bits as the two passes, in one.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn adam_ema_update_in_place<T: CpuFloat>(
+    p: &mut [T],
+    g: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    shadow: &mut [T],
+    grad_scale: T,
+    c: &AdamConsts<T>,
+    k: T,
+) {
+    let n = p.len();
+    let (g, m, v, shadow) = (&g[..n], &mut m[..n], &mut v[..n], &mut shadow[..n]);
+    for i in 0..n {
+        let (pi, mi, vi) = adam_element(p[i], g[i], m[i], v[i], grad_scale, c);
+        (p[i], m[i], v[i]) = (pi, mi, vi);
+        shadow[i] = ema_element(shadow[i], pi, k);
+    }
+}
+
 /// One EMA update: s ← s − (1 − decay)·(s − p).
 pub fn ema_update<T: CpuFloat>(shadow: &mut [T], p: &[T], decay: f64) {
     let k = T::from_f64(1.0 - decay);
