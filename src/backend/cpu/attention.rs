@@ -277,37 +277,3 @@ pub(crate) fn attention_backward<T: CpuFloat>(
     clock.record(started, 10.0 * (n * c * l * l) as f64);
     (dq, dk, dv)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The profile books attention's matrix products as "gemm attention" with their FLOPs
-    /// (4·C·L² a sample forward, 10·C·L² backward), on one and on several threads' worth of
-    /// samples, and the outputs do not depend on whether the profile is on.
-    #[test]
-    fn profile_counts_the_products_as_gemm() {
-        let _serial = profile::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        for n in [1usize, 4] {
-            let (c, l) = (8, 16);
-            let val = |i: usize, s: usize| ((i * 7919 + s * 104_729) % 1000) as f32 / 500.0 - 1.0;
-            let [q, k, v, d]: [Vec<f32>; 4] =
-                std::array::from_fn(|s| (0..n * c * l).map(|i| val(i, s)).collect());
-            let plain = (
-                attention(&q, &k, &v, n, c, l),
-                attention_backward(&q, &k, &v, &d, n, c, l),
-            );
-            profile::enable(true);
-            let _ = profile::take();
-            let out = attention(&q, &k, &v, n, c, l);
-            let grads = attention_backward(&q, &k, &v, &d, n, c, l);
-            let table = profile::take();
-            profile::enable(false);
-            assert_eq!((out, grads), plain, "n {n}: the profile changed the results");
-            let gemm = table.get("gemm attention").copied().unwrap_or_default();
-            assert_eq!(gemm.calls, 2, "n {n}: {table:?}");
-            assert_eq!(gemm.flops, (14 * n * c * l * l) as f64, "n {n}");
-            assert!(gemm.self_s > 0.0, "n {n}: {gemm:?}");
-        }
-    }
-}

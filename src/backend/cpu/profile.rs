@@ -91,10 +91,6 @@ impl Drop for Scope {
     }
 }
 
-/// Held by the tests that switch the (process-wide) profile on and read its table.
-#[cfg(test)]
-pub(crate) static TEST_LOCK: Mutex<()> = Mutex::new(());
-
 /// Adds `secs` of wall time (and `flops`) to `name` directly, as a nested part of the open scope:
 /// for work measured inside parallel tasks and apportioned to the caller's wall time.
 pub fn record(name: &'static str, secs: f64, flops: f64) {
@@ -176,7 +172,6 @@ mod tests {
 
     #[test]
     fn nested_scopes_count_self_time_and_flops() {
-        let _serial = TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         enable(true);
         {
             let _outer = scope("test outer", 0.0);
