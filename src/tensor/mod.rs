@@ -48,6 +48,11 @@ impl<B: Backend> Tensor<B> {
     pub fn buf(&self) -> &B::Buf {
         &self.buf
     }
+    /// The buffer itself, for an op that updates a tensor it was handed mutably in place (a CPU
+    /// buffer shared with other tensors is copied first: `Arc::make_mut`).
+    pub fn buf_mut(&mut self) -> &mut B::Buf {
+        &mut self.buf
+    }
     /// The buffer, giving up the tensor (for ops that reuse an operand's storage).
     pub fn into_buf(self) -> B::Buf {
         self.buf

@@ -154,7 +154,9 @@ impl<B: Backend> DeviceAdam<B> {
         }
         let (gs, hp, report) = self.prepare(be, params, grads, completed)?;
         let decay = ema.next_decay();
-        // The parameters Adam updates, in its (name) order: both maps are sorted by name.
+        // The parameters Adam updates, in its (name) order: both maps are sorted by name, and
+        // `prepare` found every one of Adam's names among them, so the four lists line up (v and
+        // the shadow have Adam's names: checked above).
         let mut ps: Vec<&mut Tensor<B>> = params
             .iter_mut()
             .filter(|(name, _)| self.m.contains_key(*name))
@@ -163,14 +165,6 @@ impl<B: Backend> DeviceAdam<B> {
         let mut ms: Vec<&mut Tensor<B>> = self.m.values_mut().collect();
         let mut vs: Vec<&mut Tensor<B>> = self.v.values_mut().collect();
         let mut ss: Vec<&mut Tensor<B>> = ema.shadow.values_mut().collect();
-        if ps.len() != ms.len() || vs.len() != ms.len() {
-            return Err(Error::Other(format!(
-                "optimizer: {} parameters and {} second moments for {} first moments",
-                ps.len(),
-                vs.len(),
-                ms.len()
-            )));
-        }
         be.adam_ema_update_many(&mut ps, &gs, &mut ms, &mut vs, &mut ss, &hp, decay)?;
         self.steps += 1;
         ema.updates += 1;

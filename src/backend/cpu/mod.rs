@@ -237,6 +237,12 @@ impl<T: CpuFloat> Cpu<T> {
 }
 
 /// The elements of `x`, checking that the buffer matches the shape.
+/// A tensor's elements to update in place: its buffer, copied into the tensor first when other
+/// tensors share it (they keep the old values).
+fn unshared<T: CpuFloat>(x: &mut Tensor<Cpu<T>>) -> &mut [T] {
+    Arc::make_mut(x.buf_mut()).as_mut_slice()
+}
+
 fn data<'a, T: CpuFloat>(op: &'static str, x: &'a Tensor<Cpu<T>>) -> Result<&'a [T]> {
     let d = x.buf().as_slice();
     if d.len() != x.numel() {
@@ -1198,64 +1204,45 @@ impl<T: CpuFloat> Backend for Cpu<T> {
         let op = "adam_ema_update_many";
         let n = params.len();
         super::validate_list_lengths(op, &[n, grads.len(), m.len(), v.len(), shadows.len()])?;
+        // Everything checked before any tensor changes (`data` checks each buffer's length).
         let mut gs = Vec::with_capacity(n);
         for i in 0..n {
             hp.validate(params[i].shape(), grads[i].shape(), m[i].shape(), v[i].shape())?;
             super::validate_ema(shadows[i].shape(), params[i].shape(), decay)?;
-            let g = data(op, grads[i])?;
             for t in [&*params[i], &*m[i], &*v[i], &*shadows[i]] {
-                check_len(op, t.shape(), data(op, t)?.len())?;
+                data(op, t)?;
             }
-            check_len(op, grads[i].shape(), g.len())?;
-            gs.push(g);
+            gs.push(data(op, grads[i])?);
         }
         let c = optim::AdamConsts::<T>::new(hp.lr, hp.beta1, hp.beta2, hp.eps, hp.step);
         let (scale, k) = (T::from_f64(hp.grad_scale), T::from_f64(1.0 - decay));
-        // Every tensor's buffer, made unshared (Arc::make_mut copies a shared one).
-        let take = |ts: &mut [&mut Tensor<Self>]| -> Vec<(Vec<usize>, Arc<Vec<T>>)> {
-            ts.iter_mut()
-                .map(|t| {
-                    let t = std::mem::replace(&mut **t, Tensor::from_buf(vec![0], Arc::new(Vec::new())));
-                    (t.shape().to_vec(), t.into_buf())
-                })
-                .collect()
-        };
-        let (mut pb, mut mb, mut vb, mut sb) = (take(params), take(m), take(v), take(shadows));
+        // Every tensor's buffer made unshared (Arc::make_mut copies a shared one into the tensor,
+        // leaving the other holders theirs), cut into the chunks of one parallel loop.
+        let mut chunks = Vec::new();
+        for ((((p, mm), vv), sh), g) in params
+            .iter_mut()
+            .zip(m.iter_mut())
+            .zip(v.iter_mut())
+            .zip(shadows.iter_mut())
+            .zip(&gs)
         {
-            let mut chunks = Vec::new();
-            for ((((p, mm), vv), sh), g) in pb.iter_mut().zip(&mut mb).zip(&mut vb).zip(&mut sb).zip(&gs) {
-                let (p, mm, vv, sh) = (
-                    Arc::make_mut(&mut p.1),
-                    Arc::make_mut(&mut mm.1),
-                    Arc::make_mut(&mut vv.1),
-                    Arc::make_mut(&mut sh.1),
-                );
-                chunks.extend(
-                    p.chunks_mut(CHUNK)
-                        .zip(g.chunks(CHUNK))
-                        .zip(mm.chunks_mut(CHUNK))
-                        .zip(vv.chunks_mut(CHUNK))
-                        .zip(sh.chunks_mut(CHUNK)),
-                );
-            }
-            self.run(|| {
-                chunks.into_par_iter().for_each(|((((p, g), mm), vv), sh)| {
-                    simd::vectorized(
-                        #[inline(always)]
-                        || optim::adam_ema_update_in_place(p, g, mm, vv, sh, scale, &c, k),
-                    )
-                })
-            });
+            let (p, mm, vv, sh) = (unshared(p), unshared(mm), unshared(vv), unshared(sh));
+            chunks.extend(
+                p.chunks_mut(CHUNK)
+                    .zip(g.chunks(CHUNK))
+                    .zip(mm.chunks_mut(CHUNK))
+                    .zip(vv.chunks_mut(CHUNK))
+                    .zip(sh.chunks_mut(CHUNK)),
+            );
         }
-        let put = |ts: &mut [&mut Tensor<Self>], bufs: Vec<(Vec<usize>, Arc<Vec<T>>)>| {
-            for (t, (shape, buf)) in ts.iter_mut().zip(bufs) {
-                **t = Tensor::from_buf(shape, buf);
-            }
-        };
-        put(params, pb);
-        put(m, mb);
-        put(v, vb);
-        put(shadows, sb);
+        self.run(|| {
+            chunks.into_par_iter().for_each(|((((p, g), mm), vv), sh)| {
+                simd::vectorized(
+                    #[inline(always)]
+                    || optim::adam_ema_update_in_place(p, g, mm, vv, sh, scale, &c, k),
+                )
+            })
+        });
         Ok(())
     }
     fn ema_update(&self, shadow: &Tensor<Self>, p: &Tensor<Self>, decay: f64) -> Result<Tensor<Self>> {
