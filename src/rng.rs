@@ -11,13 +11,26 @@ const W1: u32 = 0xBB67_AE85;
 
 /// Ten Philox rounds on one 128-bit counter.
 pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
-    let (mut c, mut k) = (counter, key);
+    philox_lanes(counter.map(|w| [w]), key).map(|[w]| w)
+}
+
+/// Ten Philox rounds on N counters at once, word-major (`c[w][lane]`): N = 1 is
+/// [`philox4x32`]; wider, each word's lanes are one vector for a caller compiled for wide vectors.
+#[allow(clippy::needless_range_loop)] // one lane index across the four words: the loop that vectorizes
+#[inline(always)]
+fn philox_lanes<const N: usize>(mut c: [[u32; N]; 4], key: [u32; 2]) -> [[u32; N]; 4] {
+    let mut k = key;
     for _ in 0..10 {
-        let p0 = (M0 as u64) * (c[0] as u64);
-        let p1 = (M1 as u64) * (c[2] as u64);
-        let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
-        let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
-        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0];
+        let mut next = [[0u32; N]; 4];
+        for l in 0..N {
+            let p0 = (M0 as u64) * (c[0][l] as u64);
+            let p1 = (M1 as u64) * (c[2][l] as u64);
+            next[0][l] = ((p1 >> 32) as u32) ^ c[1][l] ^ k[0];
+            next[1][l] = p1 as u32;
+            next[2][l] = ((p0 >> 32) as u32) ^ c[3][l] ^ k[1];
+            next[3][l] = p0 as u32;
+        }
+        c = next;
         k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
     }
     c
@@ -43,8 +56,14 @@ pub fn uniform(seed: u64, index: u64) -> f32 {
 /// Standard normal: Box–Muller on words 0 and 1, computed in f32.
 pub fn normal(seed: u64, index: u64) -> f32 {
     let w = words(seed, index);
-    let u1 = uniform_open0(w[0]);
-    let u2 = (w[1] >> 8) as f32 * (1.0 / 16777216.0);
+    box_muller(w[0], w[1])
+}
+
+/// Box–Muller on two output words, in f32.
+#[inline(always)]
+fn box_muller(w0: u32, w1: u32) -> f32 {
+    let u1 = uniform_open0(w0);
+    let u2 = (w1 >> 8) as f32 * (1.0 / 16777216.0);
     (-2.0f32 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
@@ -58,39 +77,26 @@ pub fn fill_normal(out: &mut [f32], seed: u64, offset: u64) {
 /// Counters drawn together by [`fill_normal_lanes`].
 const LANES: usize = 16;
 
-/// [`fill_normal`], the same bits, with the Philox rounds of 16 counters at a time in lane
-/// arrays, so that a caller compiled for wide vectors (the CPU backend's `simd::vectorized`)
-/// runs them as vector multiplies; Box–Muller stays per element (the library's `ln` and `cos`).
-#[allow(clippy::needless_range_loop)] // one lane index across the counter words: the loops that vectorize
+/// [`fill_normal`], the same bits, with the Philox rounds of 16 counters at a time
+/// ([`philox_lanes`]), so that a caller compiled for wide vectors (the CPU backend's
+/// `simd::vectorized`) runs them as vector multiplies; Box–Muller stays per element (the library's
+/// `ln` and `cos`).
 #[inline(always)]
 pub fn fill_normal_lanes(out: &mut [f32], seed: u64, offset: u64) {
     let key = [seed as u32, (seed >> 32) as u32];
     let mut chunks = out.chunks_exact_mut(LANES);
     let mut base = offset;
     for chunk in &mut chunks {
-        let mut c: [[u32; LANES]; 4] = [[0; LANES]; 4];
-        for l in 0..LANES {
-            let index = base.wrapping_add(l as u64);
-            (c[0][l], c[1][l]) = (index as u32, (index >> 32) as u32);
-        }
-        let mut k = key;
-        for _ in 0..10 {
-            let mut next: [[u32; LANES]; 4] = [[0; LANES]; 4];
-            for l in 0..LANES {
-                let p0 = (M0 as u64) * (c[0][l] as u64);
-                let p1 = (M1 as u64) * (c[2][l] as u64);
-                next[0][l] = ((p1 >> 32) as u32) ^ c[1][l] ^ k[0];
-                next[1][l] = p1 as u32;
-                next[2][l] = ((p0 >> 32) as u32) ^ c[3][l] ^ k[1];
-                next[3][l] = p0 as u32;
-            }
-            c = next;
-            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
-        }
+        let index: [u64; LANES] = std::array::from_fn(|l| base.wrapping_add(l as u64));
+        let counters = [
+            index.map(|i| i as u32),
+            index.map(|i| (i >> 32) as u32),
+            [0; LANES],
+            [0; LANES],
+        ];
+        let c = philox_lanes(counters, key);
         for (l, o) in chunk.iter_mut().enumerate() {
-            let u1 = uniform_open0(c[0][l]);
-            let u2 = (c[1][l] >> 8) as f32 * (1.0 / 16777216.0);
-            *o = (-2.0f32 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+            *o = box_muller(c[0][l], c[1][l]);
         }
         base = base.wrapping_add(LANES as u64);
     }
