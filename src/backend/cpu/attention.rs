@@ -56,12 +56,8 @@ impl GemmClock {
     /// Records the products' share of the wall time since `started` as "gemm attention" (the
     /// rest stays with the calling op's scope: softmax, scratch, the tasks' overhead).
     fn record(&self, started: Instant, flops: f64) {
-        if !self.on {
-            return;
-        }
         let (gemm, busy) = *self.secs.lock().unwrap_or_else(|e| e.into_inner());
-        let wall = started.elapsed().as_secs_f64();
-        profile::record("gemm attention", wall * gemm / busy.max(1e-12), flops);
+        profile::record_shares(started, busy, &[("gemm attention", gemm, flops)]);
     }
 }
 

@@ -1516,22 +1516,18 @@ fn transpose_strided<T: CpuFloat>(
 /// Shares the wall time since `started` out among the backward's parts in proportion to their
 /// measured (thread-)seconds, so the profile's rows add up to the caller's wall time.
 fn record_backward_parts(g: &ConvGeom, started: std::time::Instant, parts: [f64; 4]) {
-    if !profile::is_enabled() {
-        return;
-    }
-    let wall = started.elapsed().as_secs_f64();
-    let busy: f64 = parts.iter().sum::<f64>().max(1e-12);
     let gemm_flops = 2.0 * (g.n * g.o * g.k() * g.p()) as f64;
     let input_grad_flops = if parts[2] > 0.0 { gemm_flops } else { 0.0 };
-    let names = [
-        ("conv backward im2col", 0.0),
-        ("gemm conv weight-grad", gemm_flops),
-        ("gemm conv input-grad", input_grad_flops),
-        ("conv backward col2im", 0.0),
-    ];
-    for ((name, flops), part) in names.into_iter().zip(parts) {
-        profile::record(name, wall * part / busy, flops);
-    }
+    profile::record_shares(
+        started,
+        parts.iter().sum(),
+        &[
+            ("conv backward im2col", parts[0], 0.0),
+            ("gemm conv weight-grad", parts[1], gemm_flops),
+            ("gemm conv input-grad", parts[2], input_grad_flops),
+            ("conv backward col2im", parts[3], 0.0),
+        ],
+    );
 }
 
 #[cfg(test)]

@@ -109,6 +109,20 @@ pub fn record(name: &'static str, secs: f64, flops: f64) {
     s.flops += flops;
 }
 
+/// Work measured inside parallel tasks, booked against the caller's wall time: each part's
+/// (`name`, thread-seconds, `flops`) gets the share of the wall time since `started` that its
+/// seconds are of `busy` (all the tasks' measured seconds), through [`record`]; what `busy` holds
+/// beyond the parts stays with the open scope.
+pub fn record_shares(started: Instant, busy: f64, parts: &[(&'static str, f64, f64)]) {
+    if !is_enabled() {
+        return;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    for &(name, secs, flops) in parts {
+        record(name, wall * secs / busy.max(1e-12), flops);
+    }
+}
+
 /// The GEMM kinds of the table (the rest is "non-GEMM" time; attention's softmax and scratch stay
 /// with the attention ops, its matrix products are "gemm attention").
 pub const GEMM_KINDS: [&str; 5] = [
